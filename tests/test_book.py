@@ -1,0 +1,234 @@
+"""The book's own contract: notebook policy, a build that fails on broken input, a browser check that fails on a
+page that did not render, and a cheap ``import refimpl``.
+
+Each "fails on X" test builds a minimal book (or page) that has exactly one defect and checks that the real tool
+the test command runs reports it, with a clean twin as the control.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from tools import book_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _notebook(path: Path, cells: list, *, executed: bool = False) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = cells
+    if executed:
+        for c in nb.cells:
+            if c.cell_type == "code":
+                c.execution_count = 1
+                c.outputs = [nbformat.v4.new_output("stream", name="stdout", text="hi\n")]
+    nbformat.write(nb, path)
+    return path
+
+
+# --- the committed notebooks ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nb", book_policy.toc_notebooks(), ids=lambda p: p.name)
+def test_committed_notebook_has_no_outputs(nb: Path) -> None:
+    assert book_policy.output_problems(nb) == []
+
+
+@pytest.mark.parametrize("nb", book_policy.toc_notebooks(), ids=lambda p: p.name)
+def test_committed_notebook_uses_the_python3_kernel(nb: Path) -> None:
+    spec = json.loads(nb.read_text())["metadata"]["kernelspec"]
+    assert spec["name"] == "python3", f"{nb.name}: kernelspec name must be python3 (works on a fresh machine)"
+
+
+@pytest.mark.parametrize("nb", book_policy.toc_notebooks(), ids=lambda p: p.name)
+def test_committed_notebook_follows_the_exercise_convention(nb: Path) -> None:
+    assert book_policy.exercise_problems(nb) == []
+
+
+def test_every_chapter_notebook_is_in_the_toc() -> None:
+    in_toc = set(book_policy.toc_notebooks())
+    on_disk = set((ROOT / "chapters").glob("*.ipynb"))
+    assert on_disk == in_toc, f"not in _toc.yml: {sorted(p.name for p in on_disk - in_toc)}"
+
+
+def test_every_toc_entry_exists() -> None:
+    for entry in book_policy.toc_files():
+        assert any((ROOT / f"{entry}{s}").exists() for s in (".ipynb", ".md")), f"_toc.yml names missing {entry}"
+
+
+# --- the policy checks themselves ----------------------------------------------------------------------------
+
+
+def test_output_check_reports_a_notebook_with_outputs(tmp_path: Path) -> None:
+    clean = _notebook(tmp_path / "clean.ipynb", [nbformat.v4.new_code_cell("1 + 1")])
+    dirty = _notebook(tmp_path / "dirty.ipynb", [nbformat.v4.new_code_cell("1 + 1")], executed=True)
+    assert book_policy.output_problems(clean) == []
+    assert book_policy.output_problems(dirty) == [
+        "dirty.ipynb: cell 0 has outputs",
+        "dirty.ipynb: cell 0 has an execution count",
+    ]
+
+
+def test_exercise_check_reports_each_violation(tmp_path: Path) -> None:
+    md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
+    good_solution = code("# Solution to exercise 1\nassert 2 + 2 == 4", metadata={"tags": ["hide-cell"]})
+    good = _notebook(tmp_path / "good.ipynb", [md("## Exercises"), md("### Exercise 1\nAdd."), good_solution])
+    assert book_policy.exercise_problems(good) == []
+    untagged = code("# Solution to exercise 1\nassert True")
+    no_assert = code("# Solution to exercise 1\nx = 4", metadata={"tags": ["hide-cell"]})
+    for cell, expected in [(untagged, "not tagged hide-cell"), (no_assert, "checks nothing")]:
+        bad = _notebook(tmp_path / "bad.ipynb", [md("## Exercises"), md("### Exercise 1"), cell])
+        problems = book_policy.exercise_problems(bad)
+        assert len(problems) == 1 and expected in problems[0], problems
+
+
+# --- the tools fail on broken input ---------------------------------------------------------------------------
+
+
+def test_nbval_fails_when_a_claim_in_a_cell_fails(tmp_path: Path) -> None:
+    md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
+    ok = _notebook(tmp_path / "ok.ipynb", [md("# ok"), code("x = 2\nassert x > 1, 'claim holds'")])
+    bad = _notebook(tmp_path / "bad.ipynb", [md("# bad"), code("x = 2\nassert x > 3, 'claim fails'")])
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax", "--nbval-current-env"]
+    assert subprocess.run([*args, str(ok)], cwd=tmp_path, capture_output=True).returncode == 0
+    failed = subprocess.run([*args, str(bad)], cwd=tmp_path, capture_output=True, text=True)
+    assert failed.returncode != 0 and "claim fails" in failed.stdout
+
+
+def _mini_book(tmp_path: Path, page: str, notebook_cell: str = "1 + 1") -> Path:
+    """A copy of this book's configuration around one markdown page and one notebook."""
+    book = tmp_path / "book"
+    (book / "chapters").mkdir(parents=True)
+    shutil.copy(ROOT / "_config.yml", book / "_config.yml")
+    shutil.copytree(ROOT / "_ext", book / "_ext")
+    (book / "_vendor" / "static").mkdir(parents=True)  # html_static_path must exist; no JS needed here
+    shutil.copy(ROOT / "references.bib", book / "references.bib")
+    (book / "_toc.yml").write_text("format: jb-book\nroot: chapters/intro\nchapters:\n  - file: chapters/nb\n")
+    (book / "chapters" / "intro.md").write_text(page)
+    md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
+    _notebook(book / "chapters" / "nb.ipynb", [md("# A notebook"), code(notebook_cell)])
+    return book
+
+
+def _build(book: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "jupyter-book"), "build", str(book), "-W", "-n", "--keep-going"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+GOOD_PAGE = "# Intro\n\nThe roofline {cite:p}`williams2009roofline`.\n\n```{bibliography}\n```\n"
+
+
+@pytest.mark.slow
+def test_book_build_passes_on_a_clean_book(tmp_path: Path) -> None:
+    result = _build(_mini_book(tmp_path, GOOD_PAGE))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_book_build_fails_on_an_unknown_citation_key(tmp_path: Path) -> None:
+    page = GOOD_PAGE.replace("williams2009roofline", "nosuchkey1999")
+    result = _build(_mini_book(tmp_path, page))
+    assert result.returncode != 0
+    assert "nosuchkey1999" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_book_build_fails_on_a_failing_cell(tmp_path: Path) -> None:
+    result = _build(_mini_book(tmp_path, GOOD_PAGE, notebook_cell="assert 1 == 2, 'a failing claim'"))
+    assert result.returncode != 0
+    assert "a failing claim" in result.stdout + result.stderr
+
+
+# --- the browser check ------------------------------------------------------------------------------------------
+
+PAGE = """<!doctype html><html><head><meta charset="utf-8">{head}</head>
+<body><article><h1>A page</h1><p>Some text long enough to count as an article.</p>{body}</article></body></html>"""
+PNG_1x1 = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360f8ffff3f0005fe02fea7d6a4f40000000049454e44ae426082"
+)
+
+
+def _site(tmp_path: Path, **pages: str) -> Path:
+    site = tmp_path / "site"
+    (site / "chapters").mkdir(parents=True)
+    (site / "chapters" / "dot.png").write_bytes(PNG_1x1)
+    for name, body in pages.items():
+        (site / "chapters" / f"{name}.html").write_text(PAGE.format(head="", body=body))
+    return site
+
+
+@pytest.mark.slow
+def test_browser_check_passes_a_good_page_and_fails_each_defect(tmp_path: Path) -> None:
+    from tools.check_browser import check_pages
+
+    site = _site(
+        tmp_path,
+        good='<img src="dot.png" alt="dot">',
+        missing_image='<img src="nothere.png" alt="gone">',
+        raw_math='<div class="math notranslate nohighlight">\\[x^2\\]</div>',
+        error_output='<div class="cell_output"><div class="output traceback"><pre>Traceback: boom</pre></div></div>',
+        external='<script src="https://cdn.example.org/lib.js"></script>',
+        js_error="<script>undefined_function();</script>",
+    )
+    report = check_pages(site)
+    assert report["chapters/good.html"] == []
+    expect = {
+        "missing_image": "image did not load",
+        "raw_math": "MathJax did not load",
+        "error_output": "error/stderr output",
+        "external": "request outside the book",
+        "js_error": "JavaScript error",
+    }
+    for name, phrase in expect.items():
+        problems = report[f"chapters/{name}.html"]
+        assert any(phrase in p for p in problems), (name, problems)
+
+
+# --- the package ----------------------------------------------------------------------------------------------
+
+
+def test_import_refimpl_is_cheap() -> None:
+    code = "import sys, refimpl; print(sorted(m for m in ('torch', 'numpy', 'matplotlib') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"import refimpl pulled in heavy modules: {out}"
+
+
+def test_submodules_load_lazily() -> None:
+    code = textwrap.dedent(
+        """
+        import sys, refimpl
+        assert 'refimpl.display' not in sys.modules
+        refimpl.display.use_book_style
+        assert 'refimpl.display' in sys.modules
+        try:
+            refimpl.no_such_module
+        except AttributeError as e:
+            print(e)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "no attribute 'no_such_module'" in out
+
+
+def test_readme_commands_are_what_ci_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "make book" in readme and "make test" in readme
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.strip().splitlines()[-1] == "make test"
+    assert os.access(ROOT / ".ci" / "run", os.X_OK)

@@ -1,0 +1,72 @@
+"""refimpl.display (source display, book style) and refimpl._checks (boundary validation)."""
+
+from __future__ import annotations
+
+import matplotlib as mpl
+import pytest
+import torch
+
+from refimpl import _checks
+from refimpl.display import BOOK_STYLE, show_source, source_of, use_book_style
+
+
+def test_show_source_renders_the_real_source_as_highlighted_html() -> None:
+    shown = show_source(_checks.check_int)
+    html = shown._repr_html_()
+    assert "refimpl._checks.check_int" in html
+    assert "def" in html and "check_int" in html and "style=" in html  # inline Pygments styles
+    assert repr(shown) == source_of(_checks.check_int)
+    assert repr(shown).startswith("def check_int(")
+
+
+def test_show_source_of_a_method_is_dedented() -> None:
+    from refimpl.display import SourceCode
+
+    code = source_of(SourceCode._repr_html_)
+    assert code.startswith("def _repr_html_")
+
+
+def test_show_source_rejects_objects_without_source() -> None:
+    with pytest.raises(TypeError, match="obj must be a Python function"):
+        show_source(len)
+
+
+def test_use_book_style_sets_the_rcparams() -> None:
+    with mpl.rc_context():
+        use_book_style()
+        for key, value in BOOK_STYLE.items():
+            if key != "axes.prop_cycle":
+                assert mpl.rcParams[key] == value or list(mpl.rcParams[key]) == list(value), key
+        assert mpl.rcParams["font.size"] >= 10  # readable at the book's width
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: _checks.check_int("n", 1.5), TypeError, "n must be an int, got float 1.5"),
+        (lambda: _checks.check_int("n", True), TypeError, "n must be an int"),
+        (lambda: _checks.check_positive_int("block_size", 0), ValueError, "block_size must be >= 1, got 0"),
+        (lambda: _checks.check_int("k", 9, max_value=8), ValueError, "k must be <= 8, got 9"),
+        (lambda: _checks.check_float("alpha", 1.5, max_value=1.0), ValueError, "alpha must be <= 1.0, got 1.5"),
+        (lambda: _checks.check_float("cf", 0.0, min_value=0.0, min_inclusive=False), ValueError, "cf must be > 0"),
+        (lambda: _checks.check_float("x", float("nan")), ValueError, "x must be finite"),
+        (lambda: _checks.check_choice("bits", 3, (2, 4, 8)), ValueError, "bits must be one of 2, 4, 8; got 3"),
+        (lambda: _checks.check_tensor("q", [1, 2]), TypeError, "q must be a torch.Tensor, got list"),
+        (lambda: _checks.check_tensor("q", torch.zeros(2, 3), ndim=4), ValueError, "q must have 4 dimensions"),
+        (lambda: _checks.check_tensor("q", torch.zeros(2), floating=True, ndim=1), None, None),
+        (lambda: _checks.check_tensor("i", torch.zeros(2, dtype=torch.long), floating=True), TypeError, "floating"),
+    ],
+)
+def test_checks_name_the_argument_and_the_expectation(call, error, message) -> None:
+    if error is None:
+        call()
+        return
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_check_same_device_names_each_tensor() -> None:
+    _checks.check_same_device(q=torch.zeros(1), k=torch.zeros(1))
+    meta = torch.zeros(1, device="meta")
+    with pytest.raises(ValueError, match="q on cpu, k on meta"):
+        _checks.check_same_device(q=torch.zeros(1), k=meta)
