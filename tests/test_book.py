@@ -106,13 +106,20 @@ def test_nbval_fails_when_a_claim_in_a_cell_fails(tmp_path: Path) -> None:
     assert failed.returncode != 0 and "claim fails" in failed.stdout
 
 
-def _mini_book(tmp_path: Path, page: str, notebook_cell: str = "1 + 1") -> Path:
-    """A copy of this book's configuration around one markdown page and one notebook."""
+def _mini_book(tmp_path: Path, page: str, notebook_cell: str = "1 + 1", *, vendored: bool = False) -> Path:
+    """A copy of this book's configuration around one markdown page and one notebook.
+
+    ``vendored=True`` copies the vendored JavaScript (fetched by tools/fetch_vendor.sh) so pages can render.
+    """
     book = tmp_path / "book"
     (book / "chapters").mkdir(parents=True)
     shutil.copy(ROOT / "_config.yml", book / "_config.yml")
     shutil.copytree(ROOT / "_ext", book / "_ext")
-    (book / "_vendor" / "static").mkdir(parents=True)  # html_static_path must exist; no JS needed here
+    if vendored:
+        subprocess.run([str(ROOT / "tools" / "fetch_vendor.sh")], check=True, capture_output=True)
+        shutil.copytree(ROOT / "_vendor" / "static", book / "_vendor" / "static")
+    else:
+        (book / "_vendor" / "static").mkdir(parents=True)  # html_static_path must exist; no JS needed here
     shutil.copy(ROOT / "references.bib", book / "references.bib")
     (book / "_toc.yml").write_text("format: jb-book\nroot: chapters/intro\nchapters:\n  - file: chapters/nb\n")
     (book / "chapters" / "intro.md").write_text(page)
@@ -198,6 +205,21 @@ def test_browser_check_passes_a_good_page_and_fails_each_defect(tmp_path: Path) 
     for name, phrase in expect.items():
         problems = report[f"chapters/{name}.html"]
         assert any(phrase in p for p in problems), (name, problems)
+
+
+@pytest.mark.slow
+def test_a_built_page_with_maths_and_a_widget_renders_offline(tmp_path: Path) -> None:
+    """MathJax 3 and the ipywidgets HTML manager, both served from the build, work together with no network."""
+    from tools.check_browser import check_pages
+
+    widget = "import ipywidgets\nipywidgets.IntSlider(value=3, description='$n$')"
+    book = _mini_book(tmp_path, GOOD_PAGE + "\nAn equation $E = mc^2$.\n", notebook_cell=widget, vendored=True)
+    result = _build(book)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    html = (book / "_build" / "html" / "chapters" / "nb.html").read_text()
+    assert "application/vnd.jupyter.widget-view+json" in html, "the widget's state was not saved in the page"
+    report = check_pages(book / "_build" / "html")
+    assert report == {"chapters/intro.html": [], "chapters/nb.html": []}
 
 
 # --- the package ----------------------------------------------------------------------------------------------

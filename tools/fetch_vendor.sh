@@ -7,7 +7,7 @@ MATHJAX=mathjax@3.2.2
 REQUIREJS=requirejs@2.3.8
 HTML_MANAGER=@jupyter-widgets/html-manager@1.0.15
 dest=_vendor/static/vendor
-stamp="_vendor/.stamp-$MATHJAX-$REQUIREJS-${HTML_MANAGER//\//_}"
+stamp="_vendor/.stamp-v2-$MATHJAX-$REQUIREJS-${HTML_MANAGER//\//_}"
 if [ -f "$stamp" ] && [ -f "$dest/mathjax/tex-chtml.js" ]; then
   exit 0
 fi
@@ -19,8 +19,9 @@ unpack _vendor/npm/requirejs-*.tgz _vendor/npm/requirejs
 unpack _vendor/npm/jupyter-widgets-html-manager-*.tgz _vendor/npm/html-manager
 cp -r _vendor/npm/mathjax/es5 "$dest/mathjax"
 cp _vendor/npm/requirejs/require.js "$dest/require.min.js"
-# embed-amd.js loads its fonts (font-awesome) relative to itself: copy the whole dist/ minus source maps
-mkdir -p "$dest/html-manager"
-find _vendor/npm/html-manager/dist -maxdepth 1 -type f ! -name "*.map" -exec cp {} "$dest/html-manager/" \;
+# embed-amd.js loads its fonts relative to its RequireJS module path: keep the npm layout, minus source maps
+widgets="$dest/npm/@jupyter-widgets/html-manager/dist"
+mkdir -p "$widgets"
+find _vendor/npm/html-manager/dist -maxdepth 1 -type f ! -name "*.map" -exec cp {} "$widgets/" \;
 touch "$stamp"
 echo "vendored JavaScript in $dest"

@@ -1,0 +1,36 @@
+"""KIVI: tuning-free asymmetric 2-bit quantization of the KV cache (Liu et al., ICML 2024).
+
+* :mod:`refimpl.kivi.quant` - asymmetric group quantization (per channel / per token) and bit packing;
+* :mod:`refimpl.kivi.cache` - the streaming cache (:class:`KIVICache`) that plugs into the book's LLM.
+"""
+
+from refimpl.kivi.cache import KIVICache, QuantizedStream, bits_per_element, num_quantized
+from refimpl.kivi.quant import (
+    AXES,
+    BITS,
+    QuantizedTensor,
+    dequantize,
+    dequantize_groups,
+    fake_quantize,
+    pack_codes,
+    quantize,
+    quantize_groups,
+    unpack_codes,
+)
+
+__all__ = [
+    "AXES",
+    "BITS",
+    "KIVICache",
+    "QuantizedStream",
+    "QuantizedTensor",
+    "bits_per_element",
+    "dequantize",
+    "dequantize_groups",
+    "fake_quantize",
+    "num_quantized",
+    "pack_codes",
+    "quantize",
+    "quantize_groups",
+    "unpack_codes",
+]

@@ -1,0 +1,42 @@
+"""SmolLM2-135M in plain PyTorch: GGUF loading, tokenizer, decoder, KV-cache interface, perplexity harness.
+
+=============================  ===============================================================
+``refimpl.llm.gguf_file``      find/verify the GGUF file, read its metadata, dequantize weights
+``refimpl.llm.config``         :class:`LlamaConfig`, the model's shapes
+``refimpl.llm.tokenizer``      byte-level BPE rebuilt from the file's vocabulary and merges
+``refimpl.llm.model``          the decoder (:class:`Llama`) and :func:`load_model`
+``refimpl.llm.cache``          the KV-cache interface (:class:`KVCache`) and :class:`FullCache`
+``refimpl.llm.generate``       :func:`generate`: greedy / temperature + top-p sampling, streaming
+``refimpl.llm.perplexity``     :func:`evaluate`: perplexity of a cache policy, step by step
+``refimpl.llm.corpus``         the fixed evaluation corpus (CPython's pydoc topics)
+=============================  ===============================================================
+
+Command line: ``python -m refimpl.llm generate "PROMPT"`` and ``python -m refimpl.llm perplexity FILE``.
+"""
+
+from refimpl.llm.cache import CACHE_NAMES, FullCache, KVCache, grouped_attention, make_caches
+from refimpl.llm.config import LlamaConfig
+from refimpl.llm.generate import generate, generate_ids
+from refimpl.llm.gguf_file import find_gguf, read_config
+from refimpl.llm.model import Llama, load_model
+from refimpl.llm.perplexity import PerplexityResult, evaluate, evaluate_one_shot
+from refimpl.llm.tokenizer import Tokenizer
+
+__all__ = [
+    "CACHE_NAMES",
+    "FullCache",
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
+    "PerplexityResult",
+    "Tokenizer",
+    "evaluate",
+    "evaluate_one_shot",
+    "find_gguf",
+    "generate",
+    "generate_ids",
+    "grouped_attention",
+    "load_model",
+    "make_caches",
+    "read_config",
+]

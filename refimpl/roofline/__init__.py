@@ -1,0 +1,81 @@
+"""The roofline cost model of the book: hardware ceilings, operators, and a transformer analyzer.
+
+Williams, Waterman and Patterson (2009) bound a kernel's performance by ``min(peak FLOP/s, bandwidth x
+arithmetic intensity)``. This package applies it to LLM inference as "LLM Inference Unveiled" (Yuan et al. 2024)
+does, with tested formulas:
+
+* :mod:`~refimpl.roofline.hardware` - ceilings from datasheets (``data/hardware.yaml``) or measured (``"cpu"``);
+* :mod:`~refimpl.roofline.ops` - operators as (FLOPs, bytes read, bytes written), intensity, bound, time;
+* :mod:`~refimpl.roofline.models` - Llama-2-7B, Llama-3-8B, SmolLM2-135M (from its GGUF file), Mixtral-8x7B;
+* :mod:`~refimpl.roofline.analyzer` - per-operator prefill/decode analysis, memory footprint, max batch;
+* :mod:`~refimpl.roofline.measure` - streaming copy and matmul micro-benchmarks (imports torch; loaded lazily).
+
+Command line: ``python -m refimpl.roofline --model llama-2-7b --hardware a100-40gb --batch 1 --seq 1024``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from refimpl.roofline.analyzer import (
+    Analysis,
+    MemoryFootprint,
+    analyze,
+    expected_experts_touched,
+    kv_cache_bytes,
+    layer_operators,
+    max_batch,
+    memory_footprint,
+    weight_bytes,
+)
+from refimpl.roofline.hardware import Hardware, dtype_bits, list_hardware, load_hardware, normalize_dtype
+from refimpl.roofline.models import ModelConfig, get_model, list_models
+from refimpl.roofline.ops import (
+    Operator,
+    OperatorCost,
+    arithmetic_intensity,
+    attainable_performance,
+    bound,
+    evaluate,
+    ridge_point,
+    roofline_time,
+)
+
+__all__ = [
+    "Analysis",
+    "Hardware",
+    "MemoryFootprint",
+    "ModelConfig",
+    "Operator",
+    "OperatorCost",
+    "analyze",
+    "arithmetic_intensity",
+    "attainable_performance",
+    "bound",
+    "dtype_bits",
+    "evaluate",
+    "expected_experts_touched",
+    "get_model",
+    "kv_cache_bytes",
+    "layer_operators",
+    "list_hardware",
+    "list_models",
+    "load_hardware",
+    "max_batch",
+    "measure",
+    "memory_footprint",
+    "normalize_dtype",
+    "ridge_point",
+    "roofline_time",
+    "weight_bytes",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # measure imports torch; load it only when used.
+    if name == "measure":
+        module = importlib.import_module("refimpl.roofline.measure")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'refimpl.roofline' has no attribute {name!r}")

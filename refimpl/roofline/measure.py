@@ -1,0 +1,141 @@
+"""Measure the two roofline ceilings of the machine running the code: a streaming copy and a matmul sweep.
+
+The roofline's ceilings (Williams et al. 2009, section 2) are *attainable* peaks, found with micro-benchmarks:
+the memory ceiling with a STREAM-style copy of an array much larger than the caches, the compute ceiling with
+the fastest dense matmul. Conventions, stated once:
+
+* a copy of ``n`` bytes moves ``2 n`` bytes (read ``n``, write ``n``), as STREAM counts it (write-allocate
+  traffic, if the hardware does it, is not counted);
+* an ``n x n @ n x n`` matmul costs ``2 n^3`` FLOPs (one multiply and one add per term).
+
+Every timing is the minimum over ``repeats`` runs after ``warmup`` runs: the ceiling is the best the machine
+does, and the minimum is the estimate least disturbed by other processes sharing the cores.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from refimpl._checks import check_int, check_positive_int
+from refimpl.roofline.hardware import Hardware, normalize_dtype
+
+__all__ = ["matmul_flops", "measure_hardware", "stream_bandwidth", "time_fn"]
+
+_TORCH_DTYPES = {
+    "fp64": torch.float64,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def _torch_dtype(dtype: Any) -> torch.dtype:
+    name = normalize_dtype(dtype)
+    if name not in _TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {list(_TORCH_DTYPES)} for a measurement, got {name!r}")
+    return _TORCH_DTYPES[name]
+
+
+def time_fn(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> float:
+    """Seconds taken by one call of ``fn()``: the minimum over ``repeats`` calls after ``warmup`` calls.
+
+    Raises ``ValueError`` if ``repeats < 1`` or ``warmup < 0``.
+    """
+    repeats = check_positive_int("repeats", repeats)
+    warmup = check_int("warmup", warmup, min_value=0)
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def stream_bandwidth(nbytes: int = 64 * 2**20, *, repeats: int = 5, warmup: int = 1) -> float:
+    """Memory bandwidth in bytes/s from a streaming copy ``dst.copy_(src)`` of ``nbytes`` bytes (fp32 arrays).
+
+    Counts ``2 * nbytes`` bytes per copy (STREAM "Copy" convention). ``nbytes`` should exceed the last-level
+    cache several times over (the default, 64 MiB, does on common CPUs), otherwise this measures the cache.
+    Raises ``ValueError`` if ``nbytes < 4`` or ``repeats < 1``.
+    """
+    nbytes = check_int("nbytes", nbytes, min_value=4)
+    n = nbytes // 4
+    src = torch.ones(n, dtype=torch.float32)  # (n,), touched so its pages exist before timing
+    dst = torch.zeros_like(src)  # (n,)
+    seconds = time_fn(lambda: dst.copy_(src), repeats=repeats, warmup=warmup)
+    return 2 * n * 4 / seconds
+
+
+def matmul_flops(n: int = 512, dtype: Any = torch.float32, *, repeats: int = 5, warmup: int = 1) -> float:
+    """Attained FLOP/s of an ``(n, n) @ (n, n)`` matmul in ``dtype``, counting ``2 n^3`` FLOPs.
+
+    ``dtype`` is a ``torch.dtype`` or a name (``"fp32"``, ``"bf16"``, ...). Raises ``ValueError`` for
+    ``n < 1``, ``repeats < 1`` or a dtype torch cannot multiply here.
+    """
+    n = check_positive_int("n", n)
+    tdtype = _torch_dtype(dtype)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(tdtype)  # (n, n)
+    b = torch.randn(n, n, generator=g).to(tdtype)  # (n, n)
+    out = torch.empty(n, n, dtype=tdtype)  # (n, n), preallocated so allocation is not timed
+    seconds = time_fn(lambda: torch.mm(a, b, out=out), repeats=repeats, warmup=warmup)
+    return 2 * n**3 / seconds
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_hardware(
+    name: str = "cpu",
+    *,
+    matmul_sizes: Sequence[int] = (256, 512, 1024),
+    dtypes: Sequence[Any] = ("fp32",),
+    stream_nbytes: int = 64 * 2**20,
+    repeats: int = 5,
+) -> Hardware:
+    """Build a :class:`Hardware` for this machine from measurements.
+
+    ``peak_flops[d]`` is the best :func:`matmul_flops` over ``matmul_sizes`` for each dtype ``d`` in ``dtypes``;
+    ``memory_bandwidth`` is :func:`stream_bandwidth` of ``stream_nbytes``; ``memory_capacity`` is the physical
+    RAM; ``host_link_bandwidth`` is ``None`` (a CPU has no separate host link). Takes about a second with the
+    defaults on a 2-core machine.
+    """
+    if not matmul_sizes:
+        raise ValueError("matmul_sizes must name at least one size, got an empty sequence")
+    if not dtypes:
+        raise ValueError("dtypes must name at least one dtype, got an empty sequence")
+    peaks = {normalize_dtype(d): max(matmul_flops(n, d, repeats=repeats) for n in matmul_sizes) for d in dtypes}
+    bandwidth = stream_bandwidth(stream_nbytes, repeats=repeats)
+    capacity = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    source = (
+        f"measured: best matmul over n in {list(matmul_sizes)}, streaming copy of {stream_nbytes} B, "
+        f"min of {repeats} runs; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    return Hardware(
+        name=name,
+        peak_flops=peaks,
+        memory_bandwidth=bandwidth,
+        memory_capacity=capacity,
+        host_link_bandwidth=None,
+        description=f"{_cpu_model()} (measured)",
+        source=source,
+        date=datetime.date.today().isoformat(),
+        measured=True,
+    )
