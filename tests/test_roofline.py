@@ -507,3 +507,30 @@ def test_cli_as_a_module():
     for key in ["decode_step_ms", "prefill_ms", "kv_cache_gb", "weights_gb"]:
         assert float(lines[key]) > 0
     assert "q_proj" in out
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def test_plots_draw_what_the_analysis_says():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from refimpl.roofline.plot import plot_operators, plot_roofline, plot_time_breakdown
+
+    a = analyze("llama-2-7b", "a100-40gb", stage="decode", batch=1, seq=1024)
+    ax = plot_roofline(a.hardware, "fp16", intensity_range=(1.0, 1e3))
+    x, y = ax.lines[0].get_data()
+    assert y.max() == pytest.approx(312e12) and y[0] == pytest.approx(1555e9 * x[0])
+    ax = plot_operators(a)
+    shown = sum(len(c.get_offsets()) for c in ax.collections)
+    assert shown == sum(1 for r in a.rows if r.op.flops > 0 and r.op.bytes > 0)
+    labels = " ".join(t.get_text() for t in ax.texts)
+    assert "gate_proj" in labels
+    ax = plot_time_breakdown(a, top=5)
+    widths = sorted(p.get_width() for p in ax.patches)
+    expected = sorted(r.total_time * 1e3 for r in a.rows)[-5:]
+    assert widths == pytest.approx(expected)
+    plt.close("all")

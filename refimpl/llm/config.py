@@ -86,7 +86,7 @@ class LlamaConfig:
         """
         head = self.vocab_size * self.d_model
         per_layer = sum(self.layer_params().values())
-        return bytes_per_param * (self.n_layers * per_layer + self.d_model + head + self.d_model)
+        return bytes_per_param * (self.n_layers * per_layer + self.d_model + head)
 
     def kv_bytes_per_token(self, bytes_per_value: int = 4) -> int:
         """Bytes the full KV cache holds per token: keys and values of every layer (GQA: ``n_kv_heads``)."""

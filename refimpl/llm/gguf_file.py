@@ -98,9 +98,7 @@ def _verify(path: Path) -> None:
             h.update(block)
     digest = h.hexdigest()
     if digest != GGUF_SHA256:
-        raise ValueError(
-            f"model file {path} has sha256 {digest}, expected {GGUF_SHA256} (corrupted); {INSTALL_HINT}"
-        )
+        raise ValueError(f"model file {path} has sha256 {digest}, expected {GGUF_SHA256} (corrupted); {INSTALL_HINT}")
     _VERIFIED.add(key)
     try:  # best effort: a read-only home directory only costs a re-hash next time
         cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,8 @@ Two choices serve MEMO's token-wise recomputation (:mod:`refimpl.memo.strategies
   rest of the tokens" would not reproduce the forward pass bit for bit. Recomputing whole tiles with the same
   calls does.
 * **Counter-based dropout.** A stateful generator cannot produce the mask of tokens ``t0:`` without replaying
-  the stream from the start; :func:`dropout_keep_mask` hashes ``(seed, site, element index)`` instead, as
-  Philox does on GPUs, so any tile's mask can be regenerated on its own.
+  the stream from the start; :func:`dropout_keep_mask` seeds a generator from ``(seed, site, tile)`` instead,
+  as Philox's ``(seed, offset)`` does on GPUs, so any tile's mask can be regenerated on its own.
 
 Every tensor the block creates for the backward pass is announced on an optional :class:`Tape` with its name,
 its tile and its token axis; that is what lets a strategy swap the first tokens' activations and recompute the
@@ -50,8 +50,9 @@ __all__ = [
     "TapeEntry",
     "TransformerBlock",
     "dropout_keep_mask",
-    "hash32",
     "make_stack",
+    "splitmix64",
+    "tile_seed",
 ]
 
 # Names of the tensors one block saves for backward, in Korthikanti et al.'s order (sec. 4.1). ``x`` is the
@@ -82,49 +83,47 @@ ACTIVATION_NAMES = (
 # Dropout sites: one independent mask stream each.
 _SITE_PROBS, _SITE_ATTN_OUT, _SITE_MLP_OUT = 1, 2, 3
 
-_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``(x * c) mod 2^32`` for int64 ``x`` in ``[0, 2^32)`` without int64 overflow (``c`` split in 16-bit halves)."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+def splitmix64(z: int) -> int:
+    """SplitMix64's output function (Steele, Lea and Flood 2014): a 64-bit integer mixer on Python ints."""
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
 
 
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash ("lowbias32": xorshift-multiply, constants from C. Wellons' hash prospector).
-
-    ``x``: int64 tensor of values in ``[0, 2^32)``; returns int64 values in ``[0, 2^32)``, elementwise.
-    """
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+def tile_seed(seed: int, site: int, tile: int) -> int:
+    """The generator seed of one dropout mask tile: a mix of ``(seed, site, tile)`` in ``[0, 2^63)``."""
+    return splitmix64(splitmix64(splitmix64(seed) ^ site) ^ tile) >> 1
 
 
-def dropout_keep_mask(seed: int, site: int, index: torch.Tensor, keep_prob: float) -> torch.Tensor:
-    """Counter-based dropout: ``keep[i] = hash(seed, site, index[i]) < keep_prob`` (a pure function of the index).
+def dropout_keep_mask(
+    seed: int, site: int, tile: int, shape: tuple[int, ...], keep_prob: float, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Counter-based dropout at tile granularity: the mask of one tile is a pure function of its coordinates.
 
     Args:
-        seed: the layer's dropout seed (an int in ``[0, 2^32)``); change it between steps for fresh masks.
-        site: which dropout in the layer (an int in ``[0, 2^32)``).
-        index: int64 tensor of global element indices (any shape, values >= 0).
+        seed: the layer's dropout seed (an int >= 0); change it between steps for fresh masks.
+        site: which dropout of the layer (an int >= 0).
+        tile: which tile of tokens (an int >= 0).
+        shape: the tile's shape.
         keep_prob: probability of keeping an element, in ``(0, 1]``.
+        device: where to build the mask.
 
     Returns:
-        bool tensor of ``index``'s shape: 1 byte per element, the dropout mask of Korthikanti et al.'s count.
-        The mask of a slice of a tensor equals the slice of the tensor's mask, because each element's bit
-        depends only on its own index; that is what makes token-wise recomputation exact.
+        A bool tensor of ``shape`` (1 byte per element, Korthikanti et al.'s mask size) drawn from a generator
+        seeded with :func:`tile_seed`. A stateful stream (one generator for the whole step) could not give the
+        mask of tile ``j`` without replaying tiles ``0 .. j-1``; seeding per tile can, as Philox's
+        ``(seed, offset)`` does on GPUs, so a recomputed tile gets the forward pass's mask bit for bit.
     """
-    seed = check_int("seed", seed, min_value=0, max_value=_M32)
-    site = check_int("site", site, min_value=0, max_value=_M32)
-    check_tensor("index", index, dtypes=[torch.int64])
+    seed = check_int("seed", seed, min_value=0)
+    site = check_int("site", site, min_value=0)
+    tile = check_int("tile", tile, min_value=0)
     keep_prob = check_float("keep_prob", keep_prob, min_value=0.0, max_value=1.0, min_inclusive=False)
-    key = hash32(torch.tensor((seed * 0x9E3779B1 + site) & _M32, dtype=torch.int64))
-    h = hash32((index & _M32) ^ hash32((index >> 32) ^ key))
-    # Compare the top 24 bits with keep_prob * 2^24: exact in float32 arithmetic on the threshold side.
-    return (h >> 8) < int(round(keep_prob * (1 << 24)))
+    gen = torch.Generator(device=device).manual_seed(tile_seed(seed, site, tile))
+    return torch.rand(shape, generator=gen, device=device) < keep_prob
 
 
 class MaskedScale(torch.autograd.Function):
@@ -228,7 +227,7 @@ class TransformerBlock(nn.Module):
         self.ffn_hidden = check_positive_int("ffn_hidden", 4 * hidden if ffn_hidden is None else ffn_hidden)
         self.dropout = check_float("dropout", dropout, min_value=0.0, max_value=1.0, max_inclusive=False)
         self.tile = check_positive_int("tile", tile)
-        self.seed = check_int("seed", seed, min_value=0, max_value=_M32)
+        self.seed = check_int("seed", seed, min_value=0)
         self.eps = check_float("eps", eps, min_value=0.0, min_inclusive=False)
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.ln1 = nn.LayerNorm(hidden, eps=eps, **kw)
@@ -252,14 +251,14 @@ class TransformerBlock(nn.Module):
         check_tensor("x", x, ndim=3, floating=True)
         if x.shape[2] != self.hidden:
             raise ValueError(f"x must have hidden size {self.hidden} in dim 2, got shape {tuple(x.shape)}")
+        if tape is not None and (not x.is_contiguous() or x.untyped_storage().nbytes() != x.nbytes):
+            x = x.clone(memory_format=torch.contiguous_format)  # the tape needs x to own its storage
         return self.forward_tiles(x, first_tile=0, kv_prefix=None, tape=tape)
 
-    def _dropout(
-        self, t: torch.Tensor, site: int, index: torch.Tensor, tape: Tape | None, name: str, tile: int
-    ) -> torch.Tensor:
+    def _dropout(self, t: torch.Tensor, site: int, tape: Tape | None, name: str, tile: int) -> torch.Tensor:
         if self.dropout == 0.0:
             return t
-        mask = dropout_keep_mask(self.seed, site, index, 1.0 - self.dropout)
+        mask = dropout_keep_mask(self.seed, site, tile, tuple(t.shape), 1.0 - self.dropout, t.device)
         if tape is not None:
             tape.record(name, mask, tile=tile)
         return MaskedScale.apply(t, mask, 1.0 / (1.0 - self.dropout))
@@ -305,7 +304,8 @@ class TransformerBlock(nn.Module):
             y = self._layer_norm(x[lo:hi], self.ln1, "ln1", tape, j)  # (c, b, h)
             qkv = F.linear(y, self.qkv.weight, self.qkv.bias)  # (c, b, 3h)
             qkv = qkv.view(c, b, 3, a, d).permute(2, 1, 3, 0, 4)  # (3, b, a, c, d)
-            q_tiles[j] = qkv[0].reshape(b * a, c, d)  # copies: the operands of the two bmm's
+            # Copies (never views of qkv, whose storage holds all three): the operands of the two bmm's.
+            q_tiles[j] = qkv[0].reshape(b * a, c, d).contiguous()
             k_parts.append(qkv[1].reshape(b * a, c, d))
             v_parts.append(qkv[2].reshape(b * a, c, d))
             if tape is not None:
@@ -317,33 +317,25 @@ class TransformerBlock(nn.Module):
             tape.record("v", v, token_dim=1)
         # Causal mask as an additive constant (saves nothing): -inf above the diagonal.
         bias = torch.full((s, s), float("-inf"), dtype=x.dtype, device=x.device).triu_(1)
-        heads_idx = torch.arange(b * a, device=x.device)
-        keys_idx = torch.arange(s, device=x.device)
-        chan_idx = torch.arange(b * h, device=x.device)
         outs = []
         # Phase 2, per query tile: attention over all keys, projection, MLP.
         for j in range(first_tile, len(tiles)):
             lo, hi = tiles[j]
             c = hi - lo
-            rows = torch.arange(lo, hi, device=x.device)
             # scores = Q K^T / sqrt(d) + mask: (b a, c, s); baddbmm saves q and kt only.
             scores = torch.baddbmm(bias[lo:hi], q_tiles[j], kt, alpha=1.0 / math.sqrt(d))
             p = torch.softmax(scores, dim=-1)  # saves its output
             if tape is not None:
                 tape.record("p", p, tile=j)
-            # Global index of probability (head, query, key): ((head * s) + query) * s + key.
-            p_index = (heads_idx[:, None, None] * s + rows[None, :, None]) * s + keys_idx[None, None, :]
-            p = self._dropout(p, _SITE_PROBS, p_index, tape, "p_mask", j)
+            p = self._dropout(p, _SITE_PROBS, tape, "p_mask", j)
             if tape is not None and self.dropout > 0:
                 tape.record("p_drop", p, tile=j)
             ctx = torch.bmm(p, v)  # (b a, c, d); saves p_drop and v
-            ctx = ctx.view(b, a, c, d).permute(2, 0, 1, 3).reshape(c, b, h)  # copy: (c, b, h)
+            ctx = ctx.view(b, a, c, d).permute(2, 0, 1, 3).reshape(c, b, h).contiguous()  # (c, b, h)
             if tape is not None:
                 tape.record("ctx", ctx, tile=j)
-            # Global index of a residual-stream element (token, batch*hidden): token * (b h) + channel.
-            res_index = rows[:, None] * (b * h) + chan_idx[None, :]
             o = F.linear(ctx, self.proj.weight, self.proj.bias)
-            o = self._dropout(o, _SITE_ATTN_OUT, res_index.view(c, b, h), tape, "attn_mask", j)
+            o = self._dropout(o, _SITE_ATTN_OUT, tape, "attn_mask", j)
             r = x[lo:hi] + o  # residual: saves nothing
             if tape is not None:
                 tape.record("ln2_in", r, tile=j)
@@ -354,7 +346,7 @@ class TransformerBlock(nn.Module):
                 tape.record("fc1_out", f, tile=j)
                 tape.record("gelu_out", g, tile=j)
             m = F.linear(g, self.fc2.weight, self.fc2.bias)
-            m = self._dropout(m, _SITE_MLP_OUT, res_index.view(c, b, h), tape, "mlp_mask", j)
+            m = self._dropout(m, _SITE_MLP_OUT, tape, "mlp_mask", j)
             outs.append(r + m)
         if not outs:
             return x.new_empty((0, b, h))

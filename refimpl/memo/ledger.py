@@ -182,7 +182,7 @@ class Ledger:
             if value is not None:
                 check_int(name, value, min_value=0)
         self._accounts = {"device": _Account(self.device_capacity), "host": _Account(self.host_capacity)}
-        self._held: dict[tuple[str, Hashable], int] = {}  # (where, key) -> bytes
+        self._held: dict[tuple[str, Hashable], list[int]] = {}  # (where, key) -> [bytes, holders]
 
     # -- queries --------------------------------------------------------------------------------------------
     @property
@@ -211,10 +211,16 @@ class Ledger:
 
     # -- updates --------------------------------------------------------------------------------------------
     def acquire(self, key: Hashable, nbytes: int, where: str = "device") -> None:
-        """Hold ``nbytes`` on ``where`` under ``key`` (a key already held there is not counted twice)."""
+        """Hold ``nbytes`` on ``where`` under ``key``.
+
+        Keys are reference-counted: a key already held (one storage saved by two operators, or by two layers) is
+        counted once and freed by the last matching :meth:`release`.
+        """
         check_choice("where", where, WHERE)
         nbytes = check_int("nbytes", nbytes, min_value=0)
-        if (where, key) in self._held:
+        held = self._held.get((where, key))
+        if held is not None:
+            held[1] += 1
             return
         acc = self._accounts[where]
         if acc.capacity is not None and acc.live + nbytes > acc.capacity:
@@ -222,24 +228,28 @@ class Ledger:
                 f"{where} capacity exceeded: holding {acc.live} bytes, {nbytes} more requested, "
                 f"{where}_capacity={acc.capacity} bytes"
             )
-        self._held[(where, key)] = nbytes
+        self._held[(where, key)] = [nbytes, 1]
         acc.live += nbytes
         acc.peak = max(acc.peak, acc.live)
         self.timeline.append((self.device_bytes, self.host_bytes))
 
     def release(self, key: Hashable, where: str = "device") -> None:
-        """Free what ``key`` holds on ``where`` (no-op if it holds nothing)."""
-        nbytes = self._held.pop((where, key), None)
-        if nbytes is None:
+        """Drop one hold of ``key`` on ``where``; the bytes are freed with the last hold (no-op if not held)."""
+        held = self._held.get((where, key))
+        if held is None:
             return
-        self._accounts[where].live -= nbytes
+        held[1] -= 1
+        if held[1] > 0:
+            return
+        del self._held[(where, key)]
+        self._accounts[where].live -= held[0]
         self.timeline.append((self.device_bytes, self.host_bytes))
 
     def label(self, key: Hashable, name: str) -> None:
         """Attribute the device bytes held under ``key`` to the activation ``name`` (for :attr:`by_name`)."""
-        nbytes = self._held.get(("device", key))
-        if nbytes is not None:
-            self.by_name[name] = self.by_name.get(name, 0) + nbytes
+        held = self._held.get(("device", key))
+        if held is not None:
+            self.by_name[name] = self.by_name.get(name, 0) + held[0]
 
     def reset_peaks(self) -> None:
         """Set the peaks to the current holdings and clear traffic counters, names and timeline."""

@@ -6,8 +6,10 @@
 * :mod:`refimpl.moe.dispatch` - three equal dispatch/combine implementations (masked loop, dense one-hot,
   sort-based grouped matmul);
 * :mod:`refimpl.moe.parallel` - expert parallelism over ``torch.distributed`` processes with all-to-all;
-* :mod:`refimpl.moe.layer` - an MoE layer and a small stack trained on a synthetic task;
-* :mod:`refimpl.moe.cost` - active vs total parameters and the decode/prefill roofline of an MoE layer.
+* :mod:`refimpl.moe.layer` - a residual MoE layer with any of the routers, and a small stack of them;
+* :mod:`refimpl.moe.train` - a synthetic task on which routing matters and a training loop that records it.
+
+``parallel``, ``layer`` and ``train`` are imported on demand (``from refimpl.moe.layer import MoELayer``).
 """
 
 from refimpl.moe.dispatch import (
@@ -15,6 +17,7 @@ from refimpl.moe.dispatch import (
     dense_dispatch_tensors,
     expert_ffn,
     grouped_matmul,
+    grouped_mm_supported,
     moe_dense,
     moe_gather_loop,
     moe_masked_loop,
@@ -46,6 +49,7 @@ __all__ = [
     "expert_ffn",
     "expert_fractions",
     "grouped_matmul",
+    "grouped_mm_supported",
     "grouped_top_k_gating",
     "imbalance_score",
     "load_balancing_loss",

@@ -33,6 +33,7 @@ __all__ = [
     "dense_dispatch_tensors",
     "expert_ffn",
     "grouped_matmul",
+    "grouped_mm_supported",
     "moe_dense",
     "moe_gather_loop",
     "moe_masked_loop",
@@ -82,7 +83,7 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _grouped_mm_supported(a: Tensor, b: Tensor) -> bool:
+def grouped_mm_supported(a: Tensor, b: Tensor) -> bool:
     """Whether ``torch.nn.functional.grouped_mm`` (PyTorch >= 2.9) can run this product."""
     if not hasattr(F, "grouped_mm"):
         return False
@@ -120,12 +121,12 @@ def grouped_matmul(a: Tensor, b: Tensor, counts: Tensor, *, impl: str = "auto") 
         raise ValueError(
             f"b must be (G={counts.shape[0]}, K={a.shape[1]}, M), got {tuple(b.shape)} for a {tuple(a.shape)}"
         )
-    use_grouped = _grouped_mm_supported(a, b)
+    use_grouped = grouped_mm_supported(a, b)
     if impl == "grouped_mm" and not use_grouped:
         raise ValueError(f"impl='grouped_mm' is not supported for {a.dtype} on {a.device} with these shapes")
     if impl != "loop" and use_grouped:
         offs = torch.cumsum(counts, 0).to(torch.int32)  # (G,) end of each group's rows
-        return F.grouped_mm(_ContiguousGrad.apply(a.contiguous()), b.contiguous(), offs=offs)
+        return _ContiguousGrad.apply(F.grouped_mm(a.contiguous(), b.contiguous(), offs=offs))
     pieces = torch.split(a, counts.tolist())  # views of contiguous segments, no copy
     return torch.cat([piece @ b[i] for i, piece in enumerate(pieces)], dim=0)
 

@@ -45,6 +45,7 @@ class MoEAux:
         dropped: number of assignments dropped for capacity.
         requested: number of assignments the router asked for before dropping.
         real_per_token: mean number of real experts that computed each token.
+        router_logits: ``(N, E [+ m])`` the router's logits ``h(u)``.
     """
 
     aux_loss: Tensor
@@ -55,6 +56,7 @@ class MoEAux:
     dropped: int
     requested: int
     real_per_token: float
+    router_logits: Tensor
 
 
 class MoELayer(nn.Module):
@@ -105,9 +107,7 @@ class MoELayer(nn.Module):
         self.k = check_int("k", k, min_value=1, max_value=num_experts + self.num_null)
         self.num_groups = check_positive_int("num_groups", num_groups)
         if router == "grouped" and (num_experts % num_groups or k % num_groups):
-            raise ValueError(
-                f"num_groups must divide num_experts={num_experts} and k={k}, got num_groups={num_groups}"
-            )
+            raise ValueError(f"num_groups must divide num_experts={num_experts} and k={k}, got num_groups={num_groups}")
         if capacity_factor is not None:
             capacity_factor = check_float("capacity_factor", capacity_factor, min_value=0.0, min_inclusive=False)
         elif router == "expert_choice":
@@ -123,10 +123,9 @@ class MoELayer(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_hidden).uniform_(-1, 1) / math.sqrt(d_model))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model).uniform_(-1, 1) / math.sqrt(d_hidden))
 
-    def route(self, u: Tensor) -> tuple[Routing, Tensor, Tensor, int, int]:
-        """Route ``u (N, d)``: returns ``(routing, balance_loss, z_loss, dropped, requested)``."""
-        logits = self.router(u)  # (N, E [+ m])
-        n = u.shape[0]
+    def route(self, logits: Tensor) -> tuple[Routing, Tensor, Tensor, int, int]:
+        """Route by the ``(N, E [+ m])`` logits: ``(routing, balance_loss, z_loss, dropped, requested)``."""
+        n = logits.shape[0]
         z = router_z_loss(logits, self.z_coef) if self.z_coef else logits.new_zeros(())
         balance = logits.new_zeros(())
         if self.router_kind == "expert_choice":
@@ -156,7 +155,8 @@ class MoELayer(nn.Module):
         if x.shape[1] != self.d_model:
             raise ValueError(f"x must have {self.d_model} features, got shape {tuple(x.shape)}")
         u = self.norm(x)
-        routing, balance, z, dropped, requested = self.route(u)
+        logits = self.router(u)  # (N, E [+ m])  h(u) = W_r u
+        routing, balance, z, dropped, requested = self.route(logits)
         if self.dispatch == "sorted":
             y = moe_sorted(u, routing, self.w1, self.w2)
         elif self.dispatch == "gather_loop":
@@ -177,6 +177,7 @@ class MoELayer(nn.Module):
             dropped=dropped,
             requested=requested,
             real_per_token=routing.num_assignments / max(x.shape[0], 1),
+            router_logits=logits,
         )
         return x + y, aux
 

@@ -33,7 +33,13 @@ from refimpl._checks import check_int, check_positive_int, check_tensor
 from refimpl.moe.dispatch import grouped_matmul, sort_by_expert
 from refimpl.moe.routers import Routing, grouped_top_k_gating, top_k_gating
 
-__all__ = ["ExchangeStats", "expert_parallel_moe", "run_expert_parallel", "send_counts"]
+__all__ = [
+    "ExchangeStats",
+    "expected_exchange_bytes",
+    "expert_parallel_moe",
+    "run_expert_parallel",
+    "send_counts",
+]
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,21 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         out_splits, in_splits = ctx.splits
         return _AllToAll.apply(grad.contiguous(), in_splits, out_splits, ctx.group), None, None, None
+
+
+def expected_exchange_bytes(num_tokens: int, k: int, d_model: int, world_size: int, itemsize: int) -> float:
+    """Bytes one rank sends to other ranks per MoE layer (dispatch + combine) when its choices spread evenly.
+
+    ``2 * N k (P - 1) / P * d * itemsize``: each of the ``N k`` rows leaves the rank unless its expert is local
+    (probability ``1/P``), and comes back after the experts ran. Exact for MoGE with one expert group per rank
+    (every token sends ``k / P`` rows to every rank); the expectation for uniform top-k routing.
+    """
+    num_tokens = check_int("num_tokens", num_tokens, min_value=0)
+    k = check_positive_int("k", k)
+    d_model = check_positive_int("d_model", d_model)
+    world = check_positive_int("world_size", world_size)
+    itemsize = check_positive_int("itemsize", itemsize)
+    return 2.0 * num_tokens * k * (world - 1) / world * d_model * itemsize
 
 
 def _all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup | None) -> Tensor:

@@ -26,7 +26,7 @@ import torch
 from refimpl._checks import check_int, check_positive_int
 from refimpl.roofline.hardware import Hardware, normalize_dtype
 
-__all__ = ["matmul_flops", "measure_hardware", "stream_bandwidth", "time_fn"]
+__all__ = ["decode_layer_time", "matmul_flops", "measure_hardware", "stream_bandwidth", "time_fn"]
 
 _TORCH_DTYPES = {
     "fp64": torch.float64,
@@ -109,26 +109,29 @@ def measure_hardware(
     dtypes: Sequence[Any] = ("fp32",),
     stream_nbytes: int = 64 * 2**20,
     repeats: int = 5,
-) -> Hardware:
+    return_sweep: bool = False,
+) -> Hardware | tuple[Hardware, dict[str, dict[int, float]]]:
     """Build a :class:`Hardware` for this machine from measurements.
 
     ``peak_flops[d]`` is the best :func:`matmul_flops` over ``matmul_sizes`` for each dtype ``d`` in ``dtypes``;
     ``memory_bandwidth`` is :func:`stream_bandwidth` of ``stream_nbytes``; ``memory_capacity`` is the physical
     RAM; ``host_link_bandwidth`` is ``None`` (a CPU has no separate host link). Takes about a second with the
-    defaults on a 2-core machine.
+    defaults on a 2-core machine. With ``return_sweep=True`` also returns the sweep ``{dtype: {n: FLOP/s}}``,
+    whose best point is the compute ceiling (to plot the sweep under the roofline it defines).
     """
     if not matmul_sizes:
         raise ValueError("matmul_sizes must name at least one size, got an empty sequence")
     if not dtypes:
         raise ValueError("dtypes must name at least one dtype, got an empty sequence")
-    peaks = {normalize_dtype(d): max(matmul_flops(n, d, repeats=repeats) for n in matmul_sizes) for d in dtypes}
+    sweep = {normalize_dtype(d): {n: matmul_flops(n, d, repeats=repeats) for n in matmul_sizes} for d in dtypes}
+    peaks = {d: max(rates.values()) for d, rates in sweep.items()}
     bandwidth = stream_bandwidth(stream_nbytes, repeats=repeats)
     capacity = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     source = (
         f"measured: best matmul over n in {list(matmul_sizes)}, streaming copy of {stream_nbytes} B, "
         f"min of {repeats} runs; torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    return Hardware(
+    hardware = Hardware(
         name=name,
         peak_flops=peaks,
         memory_bandwidth=bandwidth,
@@ -139,3 +142,75 @@ def measure_hardware(
         date=datetime.date.today().isoformat(),
         measured=True,
     )
+    return (hardware, sweep) if return_sweep else hardware
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_layer_time(
+    model: Any,
+    *,
+    batch: int,
+    context: int,
+    dtype: Any = torch.float32,
+    device: str | torch.device = "cpu",
+    repeats: int = 5,
+    warmup: int = 2,
+) -> float:
+    """Seconds for one decoder layer of a decode step, measured with random weights of ``model``'s shapes.
+
+    One token per sequence (``x: (batch, 1, d)``) goes through RMSNorm, the fused QKV projection, a write of
+    its K, V into a preallocated cache ``(batch, H_kv, context, D)``, attention over the ``context`` cached
+    tokens (``scaled_dot_product_attention``, grouped-query), the output projection, RMSNorm and the SwiGLU
+    MLP: the operators :func:`refimpl.roofline.analyze` counts per layer (RoPE, a few elementwise FLOPs, is
+    left out). All layers of a model are alike, so ``n_layers`` times this is the step's layer time; compare
+    it with ``analyze(..., stage="decode").layer_time``. Dense models only.
+    """
+    import torch.nn.functional as F
+
+    from refimpl.roofline.models import resolve_model
+
+    cfg = resolve_model(model)
+    if cfg.is_moe:
+        raise ValueError(f"model must be dense for decode_layer_time, got {cfg.n_experts} experts")
+    batch = check_positive_int("batch", batch)
+    context = check_positive_int("context", context)
+    dev = torch.device(device)
+    tdtype = _torch_dtype(dtype)
+    torch.manual_seed(0)
+    d, q_dim, kv_dim, ffn = cfg.d_model, cfg.q_dim, cfg.kv_dim, cfg.ffn_dim
+    H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def weight(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=dev, dtype=tdtype) * d**-0.5
+
+    w_qkv, w_o = weight(q_dim + 2 * kv_dim, d), weight(d, q_dim)  # F.linear layout (out, in)
+    w_gate_up, w_down = weight(2 * ffn, d), weight(d, ffn)
+    norm1 = torch.ones(d, device=dev, dtype=tdtype)
+    norm2 = torch.ones(d, device=dev, dtype=tdtype)
+    k_cache = weight(batch, Hkv, context, D)  # (B, H_kv, S, D)
+    v_cache = weight(batch, Hkv, context, D)  # (B, H_kv, S, D)
+    x = weight(batch, 1, d)  # (B, 1, d)
+
+    def rms(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    def layer() -> torch.Tensor:
+        q, k, v = F.linear(rms(x, norm1), w_qkv).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(batch, 1, H, D).transpose(1, 2)  # (B, H, 1, D)
+        k_cache[:, :, -1:] = k.view(batch, 1, Hkv, D).transpose(1, 2)  # the new token is the last position
+        v_cache[:, :, -1:] = v.view(batch, 1, Hkv, D).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k_cache, v_cache, enable_gqa=H != Hkv)  # (B, H, 1, D)
+        h = x + F.linear(o.transpose(1, 2).reshape(batch, 1, q_dim), w_o)
+        gate, up = F.linear(rms(h, norm2), w_gate_up).chunk(2, dim=-1)  # (B, 1, F) each
+        return h + F.linear(F.silu(gate) * up, w_down)
+
+    def timed() -> None:
+        layer()
+        _sync(dev)
+
+    with torch.inference_mode():
+        return time_fn(timed, repeats=repeats, warmup=warmup)

@@ -1,0 +1,400 @@
+"""FlashAttention-2 in Triton: the same algorithm as :mod:`refimpl.attention.tiled`, one program per tile row.
+
+Forward (Dao 2023, Algorithm 1): program ``(i, b * H_q + h)`` owns query block ``Q_i`` of head ``h``; it streams
+the key blocks of KV head ``h // G`` through on-chip memory with the online-softmax update, rescales its
+accumulator once at the end, and writes ``O_i`` and ``L_i`` (natural log). Scores are kept in base 2
+(``exp2``, with ``log2(e)`` folded into the scale), as the FlashAttention kernels do. The key loop runs in two
+stages: tiles that every row of the block sees completely (no mask at all) and the tiles on the causal diagonal
+or at the ragged end of the sequence (element-wise mask). Key blocks beyond the diagonal are never visited.
+
+Backward (Algorithm 2, with the split used by Triton's fused-attention tutorial instead of FA2's atomic dQ
+add): a small kernel computes ``D = rowsum(dO * O)``; one kernel per key block accumulates ``dK_j, dV_j`` over
+the query blocks (and over the ``G`` query heads of its KV head, so GQA needs no atomics); another per query
+block accumulates ``dQ_i`` over the key blocks. Both recompute ``P = exp(S - L)`` from the saved log-sum-exp.
+
+On a machine without a GPU, set ``TRITON_INTERPRET=1`` in the environment *before* Triton is imported: the
+kernels then run (slowly) in Triton's NumPy interpreter on CPU tensors, which is how the tests check them.
+Conventions (causal alignment, fully masked rows, float32 accumulation) follow :mod:`refimpl.attention.common`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from refimpl._checks import check_positive_int
+from refimpl.attention.common import check_attention_inputs
+
+__all__ = [
+    "TritonFlashAttentionFunction",
+    "interpreting",
+    "triton_flash_attention",
+    "triton_flash_attention_forward",
+]
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x log2(e))
+LN2 = 0.6931471805599453  # ln(2): back from base 2 to natural log
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` with float32 accumulation. ``UPCAST``: widen bfloat16 operands to float32 first, which gives
+    the same products (a bfloat16 product is exact in float32); only needed because Triton's interpreter
+    multiplies the raw bits of bfloat16 tensors."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, k_base, v_base, stride_kn, offs_m, offs_n, offs_d, lo, hi, n_k, offset, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            kv_mask = (cols[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
+        else:  # a whole tile inside the sequence
+            kv_mask = offs_d[None, :] < HEAD_DIM
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # S_i^(j) log2(e), (BLOCK_M, BLOCK_N)
+        if MASKED:
+            visible = cols[None, :] < n_k
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # running max
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw no key yet: exp2(-inf) = 0
+        p = tl.math.exp2(s - m_use[:, None])  # P~ = exp(S - m)
+        alpha = tl.math.exp2(m_i - m_use)  # exp(m_old - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, L, sm_scale,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    h_q, group, n_q, n_k,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // h_q
+    h = pid_bh % h_q
+    h_kv = h // group  # grouped-query attention: query head h reads KV head h // G
+    offset = n_k - n_q  # bottom-right causal: query i sees keys j <= i + offset
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
+    q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]  # O has Q's layout
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_kb + h_kv * stride_kh
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_end = (n_k // BLOCK_N) * BLOCK_N  # tiles before this lie entirely inside the sequence
+    if CAUSAL:
+        last_row = tl.minimum((pid_m + 1) * BLOCK_M, n_q)
+        hi = tl.minimum(n_k, tl.maximum(last_row + offset, 0))  # key blocks past the diagonal: skipped
+        lo = (tl.maximum(pid_m * BLOCK_M + offset + 1, 0) // BLOCK_N) * BLOCK_N  # seen whole by every row
+        lo = tl.minimum(tl.minimum(lo, hi), full_end)
+    else:
+        hi = n_k
+        lo = full_end
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, offs_m, offs_n, offs_d, 0, lo, n_k,
+                               offset, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL, PRECISION, UPCAST)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, offs_m, offs_n, offs_d, lo, hi, n_k,
+                               offset, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, PRECISION, UPCAST)
+    # One rescale at the end; a row that saw no key: O = 0, L = +inf.
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(O + q_off, o.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(L + pid_bh * n_q + offs_m, lse, mask=offs_m < n_q)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, Delta, stride_b, stride_h, stride_n, h_q, n_q,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // h_q
+    h = pid_bh % h_q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
+    off = b * stride_b + h * stride_h + offs_m[:, None] * stride_n + offs_d[None, :]
+    o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + pid_bh * n_q + offs_m, tl.sum(o * do, 1), mask=offs_m < n_q)  # D = rowsum(dO * O)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, L, Delta, DK, DV, sm_scale,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    h_q, h_kv, group, n_q, n_k,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)  # over B * H_kv
+    b = pid_bh // h_kv
+    hk = pid_bh % h_kv
+    offset = n_k - n_q
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
+    kv_off = b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    lo = 0
+    if CAUSAL:  # query blocks above the diagonal never see this key block
+        lo = (tl.maximum(pid_n * BLOCK_N - offset, 0) // BLOCK_M) * BLOCK_M
+    for g in range(0, group):  # every query head that reads this KV head adds to its dK, dV
+        h = hk * group + g
+        bh = b * h_q + h
+        for start_m in range(lo, n_q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q_mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
+            q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+            q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+            do = tl.load(DO + q_off, mask=q_mask, other=0.0)
+            lse = tl.load(L + bh * n_q + offs_m, mask=offs_m < n_q, other=float("inf"))
+            delta = tl.load(Delta + bh * n_q + offs_m, mask=offs_m < n_q, other=0.0)
+            s_t = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale  # S^T, (BLOCK_N, BLOCK_M)
+            visible = offs_n[:, None] < n_k
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= offs_m[None, :] + offset)
+            s_t = tl.where(visible, s_t, float("-inf"))
+            p_t = tl.math.exp2(s_t - lse[None, :] * 1.4426950408889634)  # P^T = exp(S - L)^T, recomputed
+            dv += _dot(p_t.to(do.dtype), do, PRECISION, UPCAST)  # dV_j += P^T dO_i
+            dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST)  # dP^T = V_j dO_i^T
+            ds_t = p_t * (dp_t - delta[None, :])  # dS^T = P^T * (dP^T - D_i)
+            dk += _dot(ds_t.to(q.dtype), q, PRECISION, UPCAST)  # dK_j += dS^T Q_i
+    tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, L, Delta, DQ, sm_scale,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    h_q, group, n_q, n_k,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)  # over B * H_q
+    b = pid_bh // h_q
+    h = pid_bh % h_q
+    hk = h // group
+    offset = n_k - n_q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
+    q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+    do = tl.load(DO + q_off, mask=q_mask, other=0.0)
+    lse = tl.load(L + pid_bh * n_q + offs_m, mask=offs_m < n_q, other=float("inf"))
+    delta = tl.load(Delta + pid_bh * n_q + offs_m, mask=offs_m < n_q, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_kb + hk * stride_kh
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = n_k
+    if CAUSAL:
+        hi = tl.minimum(n_k, tl.maximum(tl.minimum((pid_m + 1) * BLOCK_M, n_q) + offset, 0))
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        visible = cols[None, :] < n_k
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
+        s = tl.where(visible, s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)  # P = exp(S - L), recomputed
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)  # dP = dO_i V_j^T
+        ds = p * (dp - delta[:, None])  # dS = P * (dP - D_i)
+        dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)  # dQ_i += dS K_j
+    tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers and the autograd function
+# ----------------------------------------------------------------------------------------------------------
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_triton_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> tuple[float, int]:
+    scale, group = check_attention_inputs(q, k, v, scale)
+    if q.dtype not in TRITON_DTYPES:
+        raise TypeError(f"q must have dtype in {list(TRITON_DTYPES)} for the Triton kernel, got {q.dtype}")
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"q must be a CUDA tensor for the Triton kernel, got device {q.device}; on a CPU, set "
+            "TRITON_INTERPRET=1 in the environment before importing triton to run the kernels in the interpreter"
+        )
+    return scale, group
+
+
+def _config(d: int, block_m: int | None, block_n: int | None) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages): small tiles in the interpreter, FA2-like on a GPU."""
+    block_d = max(16, triton.next_power_of_2(d))
+    if interpreting():
+        default_m, default_n, warps, stages = 16, 16, 4, 1
+    else:
+        default_m, default_n = (128, 64) if block_d <= 128 else (64, 32)
+        warps, stages = (8 if block_d >= 128 else 4), 3
+    block_m = default_m if block_m is None else check_positive_int("block_m", block_m)
+    block_n = default_n if block_n is None else check_positive_int("block_n", block_n)
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tile), got {value}")
+    return block_m, block_n, block_d, warps, stages
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # exact float32 products; 16-bit inputs ignore it
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def _forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, group: int, block_m: int | None,
+    block_n: int | None,
+) -> tuple[Tensor, Tensor]:
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    b, h_q, n_q, d = q.shape
+    n_k = k.shape[2]
+    bm, bn, bd, warps, stages = _config(d, block_m, block_n)
+    o = torch.empty_like(q)
+    lse = torch.empty(b, h_q, n_q, dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse.fill_(float("inf"))
+    grid = (triton.cdiv(n_q, bm), b * h_q)
+    _attn_fwd[grid](
+        q, k, v, o, lse, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        h_q, group, n_q, n_k, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, CAUSAL=causal,
+        PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    return o, lse
+
+
+def _backward(
+    q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, causal: bool, scale: float, group: int,
+    block_m: int | None, block_n: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    q, k, v, o, do = (t.contiguous() for t in (q, k, v, o, do))
+    b, h_q, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    bm, bn, bd, warps, stages = _config(d, block_m, block_n)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if n_q == 0 or n_k == 0 or b == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if not interpreting():  # the backward keeps more tiles alive: smaller tiles than the forward
+        bm, bn = min(bm, 64), min(bn, 64)
+    delta = torch.empty(b, h_q, n_q, dtype=torch.float32, device=q.device)
+    _attn_bwd_preprocess[(triton.cdiv(n_q, bm), b * h_q)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), h_q, n_q, HEAD_DIM=d, BLOCK_M=bm, BLOCK_D=bd,
+    )
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    common = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, CAUSAL=causal, PRECISION=_precision(q.dtype),
+                  UPCAST=_upcast(q.dtype), num_warps=warps, num_stages=stages)
+    _attn_bwd_dkdv[(triton.cdiv(n_k, bn), b * h_kv)](
+        q, k, v, do, lse, delta, dk, dv, scale, *strides, h_q, h_kv, group, n_q, n_k, **common
+    )
+    _attn_bwd_dq[(triton.cdiv(n_q, bm), b * h_q)](
+        q, k, v, do, lse, delta, dq, scale, *strides, h_q, group, n_q, n_k, **common
+    )
+    return dq, dk, dv
+
+
+class TritonFlashAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels: saves ``Q, K, V, O, L``; use :func:`triton_flash_attention`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, group, block_m, block_n):  # noqa: ANN001, ANN205
+        o, lse = _forward(q, k, v, causal, scale, group, block_m, block_n)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.config = (causal, scale, group, block_m, block_n)
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):  # noqa: ANN001, ANN205
+        q, k, v, o, lse = ctx.saved_tensors
+        causal, scale, group, block_m, block_n = ctx.config
+        dq, dk, dv = _backward(q, k, v, o, lse, do, causal, scale, group, block_m, block_n)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def triton_flash_attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
+    block_m: int | None = None, block_n: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Triton FlashAttention-2 forward; returns ``(O: (B, H_q, N_q, d), L: (B, H_q, N_q) float32)``, no graph.
+
+    Same contract as :func:`refimpl.attention.flash_attention_forward` for float32/float16/bfloat16 inputs on a
+    CUDA device, or on the CPU under ``TRITON_INTERPRET=1``. ``block_m, block_n``: tile sizes (powers of two
+    >= 16); by default 16 in the interpreter, ``128 x 64`` on a GPU. Raises ``TypeError``/``ValueError``.
+    """
+    scale, group = _check_triton_inputs(q, k, v, scale)
+    with torch.no_grad():
+        return _forward(q, k, v, bool(causal), scale, group, block_m, block_n)
+
+
+def triton_flash_attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
+    block_m: int | None = None, block_n: int | None = None,
+) -> Tensor:
+    """Exact attention by the Triton FlashAttention-2 kernels, differentiable (forward and backward kernels).
+
+    Shapes: ``q: (B, H_q, N_q, d)``, ``k, v: (B, H_kv, N_k, d)``; returns ``(B, H_q, N_q, d)`` in ``q.dtype``.
+    See :func:`triton_flash_attention_forward` for devices, dtypes and tile sizes.
+    """
+    scale, group = _check_triton_inputs(q, k, v, scale)
+    _config(q.shape[-1], block_m, block_n)  # validate the tile sizes before launching
+    return TritonFlashAttentionFunction.apply(q, k, v, bool(causal), scale, group, block_m, block_n)
