@@ -60,8 +60,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help=f"recording path (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_attention_gpu: no CUDA device is available; this benchmark measures GPU kernels and cannot "
-              "run on a CPU (the CPU benchmark is benchmarks/bench_attention.py)", file=sys.stderr)
+        print(
+            "bench_attention_gpu: no CUDA device is available; this benchmark measures GPU kernels and cannot "
+            "run on a CPU (the CPU benchmark is benchmarks/bench_attention.py)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     import triton
     from triton.testing import do_bench
@@ -82,10 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
                     err = (out.float() - reference.float()).abs().max().item()
                     if not err < 2e-2:
                         raise AssertionError(f"{name} differs from sdpa_flash by {err}")
-                    fwd_ms = do_bench(lambda fn=fn: fn(q, k, v, causal))
+                    fwd_ms = do_bench(lambda fn=fn, q=q, k=k, v=v, causal=causal: fn(q, k, v, causal))
                     qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
                     o = fn(qg, kg, vg, causal)
-                    bwd_ms = do_bench(lambda o=o: o.backward(do, retain_graph=True), grad_to_none=[qg, kg, vg])
+                    bwd_ms = do_bench(lambda o=o, do=do: o.backward(do, retain_graph=True), grad_to_none=[qg, kg, vg])
                 except Exception as exc:  # a backend may not support this GPU or shape; record why
                     rows.append({**row, "error": f"{type(exc).__name__}: {exc}"[:300]})
                     continue
@@ -96,11 +99,22 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "flash_attention_gpu",
         "device": torch.cuda.get_device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-                     "cudnn": torch.backends.cudnn.version(), "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "python": platform.python_version(),
+        },
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "config": {"batch": batch, "heads": heads, "head_dim": d, "dtype": str(dtype).replace("torch.", ""),
-                   "flops": "fwd 4*B*H*N^2*d, causal /2, bwd x2.5", "timer": "triton.testing.do_bench median"},
+        "config": {
+            "batch": batch,
+            "heads": heads,
+            "head_dim": d,
+            "dtype": str(dtype).replace("torch.", ""),
+            "flops": "fwd 4*B*H*N^2*d, causal /2, bwd x2.5",
+            "timer": "triton.testing.do_bench median",
+        },
         "results": rows,
     }
     out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)

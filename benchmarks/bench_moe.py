@@ -2,6 +2,7 @@
 
     python benchmarks/bench_moe.py            # E=64 experts, k=2, 8192 tokens, d=512 (about a minute)
     python benchmarks/bench_moe.py --quick    # tiny sizes, a few seconds
+    python benchmarks/bench_moe.py --threads 1  # pin the thread count (e.g. on a shared machine)
 
 All paths execute the same capacity-filtered top-k routing (capacity factor 1.0, so the dense buffers have
 ``C = ceil(N k / E)`` slots) and are checked equal before timing. What each timed path does:
@@ -51,7 +52,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per path (min is reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.quick:
         n, e, k, d, h, repeats = 256, 8, 2, 32, 32, 2
     else:

@@ -27,6 +27,16 @@ from refimpl.attention.common import causal_visible
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiled loops issue many small operations; on a busy 2-core machine OpenMP's per-operation fork/join
+    costs more than it gains, so these tests run single-threaded (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """max |x - ref| / max(max |ref|, 1): relative error, absolute where the reference is below 1 (a gradient
     that is exactly zero in the reference, e.g. dQ with one key, has no relative scale). Infinite entries
@@ -89,10 +99,12 @@ shapes = st.fixed_dictionaries(
 @settings(max_examples=40, deadline=None)
 @given(cfg=shapes, loop_order=st.sampled_from(["fa2", "fa1"]))
 def test_forward_float64_matches_reference(cfg, loop_order):
-    q, k, v = make_qkv(cfg["b"], cfg["h_kv"] * cfg["group"], cfg["h_kv"], cfg["n_q"], cfg["n_k"], cfg["d"],
-                       seed=cfg["seed"])
-    o, lse = flash_attention_forward(q, k, v, cfg["causal"], None, cfg["block_q"], cfg["block_k"],
-                                     loop_order=loop_order)
+    q, k, v = make_qkv(
+        cfg["b"], cfg["h_kv"] * cfg["group"], cfg["h_kv"], cfg["n_q"], cfg["n_k"], cfg["d"], seed=cfg["seed"]
+    )
+    o, lse = flash_attention_forward(
+        q, k, v, cfg["causal"], None, cfg["block_q"], cfg["block_k"], loop_order=loop_order
+    )
     o_ref, lse_ref = reference(q, k, v, cfg["causal"])
     assert o.dtype == F64 and lse.dtype == F64
     assert rel_err(o, o_ref) < 1e-10
@@ -103,8 +115,9 @@ def test_forward_float64_matches_reference(cfg, loop_order):
 @given(cfg=shapes, block_q=st.integers(2, 48), block_k=st.integers(2, 48))
 def test_gradients_float64_match_reference(cfg, block_q, block_k):
     cfg = {**cfg, "block_q": block_q, "block_k": block_k}  # blocks of one row are covered by the forward test
-    q, k, v = make_qkv(cfg["b"], cfg["h_kv"] * cfg["group"], cfg["h_kv"], cfg["n_q"], cfg["n_k"], cfg["d"],
-                       seed=cfg["seed"])
+    q, k, v = make_qkv(
+        cfg["b"], cfg["h_kv"] * cfg["group"], cfg["h_kv"], cfg["n_q"], cfg["n_k"], cfg["d"], seed=cfg["seed"]
+    )
     do = torch.randn(q.shape, dtype=F64, generator=torch.Generator().manual_seed(cfg["seed"] + 1))
     o_ref, _, g_ref = reference(q, k, v, cfg["causal"], do)
     o, grads = flash_grads(q, k, v, cfg["causal"], do, cfg["block_q"], cfg["block_k"])
@@ -117,8 +130,16 @@ def test_gradients_float64_match_reference(cfg, block_q, block_k):
 @settings(max_examples=25, deadline=None)
 @given(cfg=shapes)
 def test_float32_matches_reference_to_1e5_relative(cfg):
-    q, k, v = make_qkv(cfg["b"], cfg["h_kv"] * cfg["group"], cfg["h_kv"], cfg["n_q"], cfg["n_k"], cfg["d"],
-                       dtype=torch.float32, seed=cfg["seed"])
+    q, k, v = make_qkv(
+        cfg["b"],
+        cfg["h_kv"] * cfg["group"],
+        cfg["h_kv"],
+        cfg["n_q"],
+        cfg["n_k"],
+        cfg["d"],
+        dtype=torch.float32,
+        seed=cfg["seed"],
+    )
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(cfg["seed"] + 1))
     o_ref, lse_ref, g_ref = reference(q, k, v, cfg["causal"], do)
     _, lse = flash_attention_forward(q, k, v, cfg["causal"], None, cfg["block_q"], cfg["block_k"])
@@ -164,6 +185,20 @@ def test_llm_attention_is_causal_flash_attention():
     assert rel_err(llm_attention(q, k, v), sdpa) < 1e-5
 
 
+@pytest.mark.model
+def test_smollm2_logits_with_flash_attention_equal_the_default():
+    from refimpl.llm import load_model
+
+    model, tokenizer = load_model()
+    ids = torch.tensor([tokenizer.encode("FlashAttention computes exact attention, one tile at a time, in SRAM.")])
+    reference_logits = model(ids)  # default attention: torch SDPA
+    for attn_fn in (llm_attention, lambda q, k, v: flash_attention(q, k, v, True, None, 4, 8)):
+        logits = model(ids, attn_fn=attn_fn)
+        assert logits.shape == reference_logits.shape
+        assert rel_err(logits, reference_logits) < 1e-5
+        assert torch.equal(logits[0].argmax(-1), reference_logits[0].argmax(-1))
+
+
 # ------------------------------------------------------------------ the saved-tensor contract
 
 
@@ -172,8 +207,7 @@ def test_autograd_saves_only_inputs_output_and_logsumexp():
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     o = flash_attention(q, k, v, True, None, 16, 16)
     saved = o.grad_fn.saved_tensors
-    assert [tuple(t.shape) for t in saved] == [(1, 4, 50, 8), (1, 2, 60, 8), (1, 2, 60, 8), (1, 4, 50, 8),
-                                               (1, 4, 50)]
+    assert [tuple(t.shape) for t in saved] == [(1, 4, 50, 8), (1, 2, 60, 8), (1, 2, 60, 8), (1, 4, 50, 8), (1, 4, 50)]
     assert max(t.numel() for t in saved) < 50 * 60, "nothing as large as one head's N_q x N_k scores is kept"
     _, lse_ref = reference(q, k, v, True)
     assert rel_err(saved[4], lse_ref) < 1e-5, "the fifth saved tensor is the log-sum-exp"
@@ -283,16 +317,16 @@ def test_causal_is_bottom_right_aligned():
 @given(n=st.integers(1, 50), block=st.integers(1, 60), rows=st.integers(1, 4), seed=st.integers(0, 999))
 def test_online_softmax_equals_softmax(n, block, rows, seed):
     x = 10 * torch.randn(rows, n, dtype=F64, generator=torch.Generator().manual_seed(seed))
-    p, m, l = online_softmax(x, block)
+    p, m, ell = online_softmax(x, block)
     assert torch.allclose(p, torch.softmax(x, -1), rtol=0, atol=1e-14)
     assert torch.equal(m, x.amax(-1))
-    assert torch.allclose(m + torch.log(l), torch.logsumexp(x, -1), rtol=0, atol=1e-12)
+    assert torch.allclose(m + torch.log(ell), torch.logsumexp(x, -1), rtol=0, atol=1e-12)
 
 
 def test_online_softmax_all_masked_row():
     x = torch.tensor([[float("-inf")] * 3, [0.0, 1.0, float("-inf")]])
-    p, m, l = online_softmax(x, 2)
-    assert torch.equal(p[0], torch.zeros(3)) and l[0] == 0 and m[0] == float("-inf")
+    p, m, ell = online_softmax(x, 2)
+    assert torch.equal(p[0], torch.zeros(3)) and ell[0] == 0 and m[0] == float("-inf")
     assert torch.allclose(p[1], torch.softmax(x[1], -1))
 
 

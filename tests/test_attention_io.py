@@ -45,6 +45,16 @@ sizes = st.fixed_dictionaries(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiled loops issue many small operations; on a busy 2-core machine OpenMP's per-operation fork/join
+    costs more than it gains, so these tests run single-threaded (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tensors(cfg):
     g = torch.Generator().manual_seed(0)
     h_q = cfg["heads_kv"] * cfg["group"]
@@ -55,8 +65,17 @@ def tensors(cfg):
 
 
 def formula_args(cfg):
-    return (cfg["batch"], cfg["heads_kv"] * cfg["group"], cfg["heads_kv"], cfg["n_q"], cfg["n_k"], cfg["d"],
-            cfg["block_q"], cfg["block_k"], cfg["causal"])
+    return (
+        cfg["batch"],
+        cfg["heads_kv"] * cfg["group"],
+        cfg["heads_kv"],
+        cfg["n_q"],
+        cfg["n_k"],
+        cfg["d"],
+        cfg["block_q"],
+        cfg["block_k"],
+        cfg["causal"],
+    )
 
 
 def assert_counts(counter: IOCounter, expected) -> None:
@@ -78,8 +97,9 @@ def test_fa2_forward_and_backward_counts_equal_closed_forms(cfg):
     o, lse = flash_attention_forward(q, k, v, cfg["causal"], None, cfg["block_q"], cfg["block_k"], io=io)
     assert_counts(io, flash2_forward_io(*formula_args(cfg)))
     io_b = IOCounter()
-    flash_attention_backward(q, k, v, o, lse, torch.ones_like(o), cfg["causal"], None, cfg["block_q"],
-                             cfg["block_k"], io=io_b)
+    flash_attention_backward(
+        q, k, v, o, lse, torch.ones_like(o), cfg["causal"], None, cfg["block_q"], cfg["block_k"], io=io_b
+    )
     assert_counts(io_b, flash2_backward_io(*formula_args(cfg)))
 
 
@@ -247,8 +267,9 @@ def test_backward_memory_tiled_linear_naive_quadratic():
     d, block = 16, 256
     tiled, naive = [], []
     for n in (1024, 2048):
-        q, k, v = (t.requires_grad_() for t in tensors({"batch": 1, "heads_kv": 1, "group": 1, "n_q": n,
-                                                         "n_k": n, "d": d}))
+        q, k, v = (
+            t.requires_grad_() for t in tensors({"batch": 1, "heads_kv": 1, "group": 1, "n_q": n, "n_k": n, "d": d})
+        )
         tiled.append(peak_memory(lambda: flash_attention(q, k, v, True, None, block, block).sum().backward()))  # noqa: B023
         naive.append(peak_memory(lambda: naive_attention(q, k, v, True).sum().backward()))  # noqa: B023
         assert tiled[-1] < naive[-1] / 4
@@ -270,8 +291,12 @@ def test_benchmark_quick_prints_parseable_ratios(capsys):
     bench = _load_benchmark("bench_attention")
     bench.main(["--quick"])
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines() if ": " in line)
-    for key in ("flash_vs_naive_time_ratio", "flash_vs_naive_peak_memory_ratio",
-                "flash_vs_naive_fwd_bwd_time_ratio", "flash_vs_naive_fwd_bwd_peak_memory_ratio"):
+    for key in (
+        "flash_vs_naive_time_ratio",
+        "flash_vs_naive_peak_memory_ratio",
+        "flash_vs_naive_fwd_bwd_time_ratio",
+        "flash_vs_naive_fwd_bwd_peak_memory_ratio",
+    ):
         value = float(lines[key])
         assert math.isfinite(value) and value > 0, key
 

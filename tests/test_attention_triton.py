@@ -34,11 +34,23 @@ def test_importing_refimpl_attention_does_not_import_triton():
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow  # ~20-30 s: a fresh process, and the interpreter runs every program instance in NumPy
 def test_kernels_pass_in_the_interpreter():
     if CAN_RUN_KERNELS:
         pytest.skip("kernel cases run in this process")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-x", "-p", "no:cacheprovider", "-k", "test_kernel_"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(Path(__file__)),
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "test_kernel_",
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]

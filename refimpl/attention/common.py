@@ -50,7 +50,9 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float | None)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must have one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, H_kv, N_k, d), got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape (B, H_kv, N_k, d), got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
     if q.shape[-1] != k.shape[-1]:

@@ -75,11 +75,11 @@ class IOCounter:
         """Count ``block.numel()`` elements of ``name`` written to HBM."""
         self.writes[name] += block.numel()
 
-    def visit(self, q_block: int, k_block: int, masked: bool, m: Tensor | None, l: Tensor | None) -> None:
-        """Note that the loop computed on tile ``(q_block, k_block)``; snapshot ``m, l`` if recording."""
+    def visit(self, q_block: int, k_block: int, masked: bool, m: Tensor | None, ell: Tensor | None) -> None:
+        """Note that the loop computed on tile ``(q_block, k_block)``; snapshot ``m`` and ``ell`` (l) if recording."""
         if self.record:
-            snap = (lambda t: None if t is None else t[0, 0].detach().clone())  # batch 0, KV head 0
-            self.visits.append(TileVisit(q_block, k_block, masked, snap(m), snap(l)))
+            snap = lambda t: None if t is None else t[0, 0].detach().clone()  # batch 0, KV head 0
+            self.visits.append(TileVisit(q_block, k_block, masked, snap(m), snap(ell)))
         else:  # keep only the schedule, which is cheap
             self.visits.append(TileVisit(q_block, k_block, masked))
 
@@ -209,8 +209,14 @@ def flash1_forward_io(
     rows = batch * heads_q * n_q
     kv_elems = batch * heads_kv * n_k * d
     return IOCount(
-        reads={"K": kv_elems, "V": kv_elems, "Q": per_row * d, "O": per_row * d, "l": per_row + rows,
-               "m": per_row + rows},
+        reads={
+            "K": kv_elems,
+            "V": kv_elems,
+            "Q": per_row * d,
+            "O": per_row * d,
+            "l": per_row + rows,
+            "m": per_row + rows,
+        },
         writes={"O": per_row * d + rows * d, "l": per_row + rows, "m": per_row + rows, "L": rows},
     )
 
@@ -242,15 +248,21 @@ def flash2_backward_io(
     rows = batch * heads_q * n_q
     kv_elems = batch * heads_kv * n_k * d
     return IOCount(
-        reads={"dO": rows * d + per_row * d, "O": rows * d, "K": kv_elems, "V": kv_elems, "Q": per_row * d,
-               "L": per_row, "D": per_row, "dQ": per_row * d},
+        reads={
+            "dO": rows * d + per_row * d,
+            "O": rows * d,
+            "K": kv_elems,
+            "V": kv_elems,
+            "Q": per_row * d,
+            "L": per_row,
+            "D": per_row,
+            "dQ": per_row * d,
+        },
         writes={"D": rows, "dQ": per_row * d, "dK": kv_elems, "dV": kv_elems},
     )
 
 
-def standard_attention_io(
-    batch: int, heads_q: int, n_q: int, n_k: int, d: int, return_lse: bool = False
-) -> IOCount:
+def standard_attention_io(batch: int, heads_q: int, n_q: int, n_k: int, d: int, return_lse: bool = False) -> IOCount:
     """HBM traffic of standard attention (Dao et al. 2022, Algorithm 0) as implemented in ``naive.py``.
 
     Three passes, each reading its inputs from HBM and writing its output: ``S = Q K^T`` (read Q, K; write
@@ -261,8 +273,13 @@ def standard_attention_io(
     _check_sizes(batch, heads_q, 1, n_q, n_k, d)
     bh = batch * heads_q
     scores = bh * n_q * n_k
-    reads = {"Q": bh * n_q * d, "K": bh * n_k * d, "S": scores * (2 if return_lse else 1), "P": scores,
-             "V": bh * n_k * d}
+    reads = {
+        "Q": bh * n_q * d,
+        "K": bh * n_k * d,
+        "S": scores * (2 if return_lse else 1),
+        "P": scores,
+        "V": bh * n_k * d,
+    }
     writes = {"S": scores, "P": scores, "O": bh * n_q * d}
     if return_lse:
         writes["L"] = bh * n_q

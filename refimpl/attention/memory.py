@@ -10,12 +10,39 @@ caching or fragmentation), which is what the algorithm controls.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 __all__ = ["allocation_events", "peak_memory"]
+
+
+@contextlib.contextmanager
+def _without_profiler_banners() -> Iterator[None]:
+    """Drop the ``profiler_start``/``profiler_stop`` lines Kineto writes to file descriptor 2 (no switch turns them
+    off); every other line written there meanwhile is passed on to ``sys.stderr``."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable descriptor 2: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines(keepends=True):
+                if "ActivityProfiler" not in line:
+                    sys.stderr.write(line)
 
 
 def allocation_events(fn: Callable[[], Any]) -> list[tuple[int, int]]:
@@ -24,7 +51,7 @@ def allocation_events(fn: Callable[[], Any]) -> list[tuple[int, int]]:
         raise TypeError(f"fn must be callable with no arguments, got {type(fn).__name__}")
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_banners(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     alloc_type = torch._C._profiler._ExtraFields_Allocation
     events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())

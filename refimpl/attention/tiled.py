@@ -38,27 +38,27 @@ POS_INF = float("inf")
 def online_softmax(x: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """Softmax over the last dim of ``x`` read in blocks of ``block_size`` columns (Milakov & Gimelshein 2018).
 
-    One pass keeps, per row, the running maximum ``m`` and the running sum ``l = sum exp(x - m)``; a new block
-    with maximum ``m~`` and sum ``l~`` (relative to ``m~``) is merged by
-    ``m' = max(m, m~)``, ``l' = exp(m - m') l + exp(m~ - m') l~`` (their Algorithm 3), exact at every step
-    because ``exp(x - m) = exp(x - m') exp(m' - m)``. A second pass forms ``exp(x - m) / l``.
+    One pass keeps, per row, the running maximum ``m`` and the running sum ``ell = sum exp(x - m)`` (the papers'
+    l); a new block with maximum ``m~`` and sum ``ell~`` (relative to ``m~``) is merged by ``m' = max(m, m~)``,
+    ``ell' = exp(m - m') ell + exp(m~ - m') ell~`` (their Algorithm 3), exact at every step because
+    ``exp(x - m) = exp(x - m') exp(m' - m)``. A second pass forms ``exp(x - m) / ell``.
 
-    Shapes: ``x: (..., n)``; returns ``(softmax(x), m, l)`` with ``m, l: (...)``. Rows of ``-inf`` give zero
-    probabilities and ``l = 0``.
+    Shapes: ``x: (..., n)``; returns ``(softmax(x), m, ell)`` with ``m, ell: (...)``. Rows of ``-inf`` give zero
+    probabilities and ``ell = 0``.
     """
     check_tensor("x", x, floating=True)
     block_size = check_positive_int("block_size", block_size)
     m = torch.full(x.shape[:-1], NEG_INF, dtype=x.dtype, device=x.device)
-    l = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+    ell = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
     for j0 in range(0, x.shape[-1], block_size):
         block = x[..., j0 : j0 + block_size]
         m_new = torch.maximum(m, block.amax(dim=-1))
         m_use = m_new.masked_fill(m_new == NEG_INF, 0.0)  # nothing seen yet: keep exp() away from -inf - -inf
-        l = torch.exp(m - m_use) * l + torch.exp(block - m_use.unsqueeze(-1)).sum(dim=-1)
+        ell = torch.exp(m - m_use) * ell + torch.exp(block - m_use.unsqueeze(-1)).sum(dim=-1)
         m = m_new
     m_use = m.masked_fill(m == NEG_INF, 0.0)
-    p = torch.exp(x - m_use.unsqueeze(-1)) / l.masked_fill(l == 0, 1.0).unsqueeze(-1)
-    return p, m, l
+    p = torch.exp(x - m_use.unsqueeze(-1)) / ell.masked_fill(ell == 0, 1.0).unsqueeze(-1)
+    return p, m, ell
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -63,9 +63,27 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, stride_kn, offs_m, offs_n, offs_d, lo, hi, n_k, offset, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kn,
+    offs_m,
+    offs_n,
+    offs_d,
+    lo,
+    hi,
+    n_k,
+    offset,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -93,11 +111,29 @@ def _fwd_inner(
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, L, sm_scale,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    h_q, group, n_q, n_k,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    L,
+    sm_scale,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    h_q,
+    group,
+    n_q,
+    n_k,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -127,15 +163,57 @@ def _attn_fwd(
     else:
         hi = n_k
         lo = full_end
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, offs_m, offs_n, offs_d, 0, lo, n_k,
-                               offset, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL, PRECISION, UPCAST)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, offs_m, offs_n, offs_d, lo, hi, n_k,
-                               offset, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, PRECISION, UPCAST)
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_kn,
+        offs_m,
+        offs_n,
+        offs_d,
+        0,
+        lo,
+        n_k,
+        offset,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_N,
+        False,
+        CAUSAL,
+        PRECISION,
+        UPCAST,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_kn,
+        offs_m,
+        offs_n,
+        offs_d,
+        lo,
+        hi,
+        n_k,
+        offset,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_N,
+        True,
+        CAUSAL,
+        PRECISION,
+        UPCAST,
+    )
     # One rescale at the end; a row that saw no key: O = 0, L = +inf.
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    tl.store(O + q_off, o.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(Out + q_off, o.to(Out.dtype.element_ty), mask=q_mask)
     tl.store(L + pid_bh * n_q + offs_m, lse, mask=offs_m < n_q)
 
 
@@ -146,8 +224,17 @@ def _attn_fwd(
 
 @triton.jit
 def _attn_bwd_preprocess(
-    O, DO, Delta, stride_b, stride_h, stride_n, h_q, n_q,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    Out,
+    DO,
+    Delta,
+    stride_b,
+    stride_h,
+    stride_n,
+    h_q,
+    n_q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -157,18 +244,40 @@ def _attn_bwd_preprocess(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
     off = b * stride_b + h * stride_h + offs_m[:, None] * stride_n + offs_d[None, :]
-    o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(Out + off, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
     tl.store(Delta + pid_bh * n_q + offs_m, tl.sum(o * do, 1), mask=offs_m < n_q)  # D = rowsum(dO * O)
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, L, Delta, DK, DV, sm_scale,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    h_q, h_kv, group, n_q, n_k,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    L,
+    Delta,
+    DK,
+    DV,
+    sm_scale,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    h_q,
+    h_kv,
+    group,
+    n_q,
+    n_k,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)  # over B * H_kv
@@ -214,11 +323,31 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, L, Delta, DQ, sm_scale,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    h_q, group, n_q, n_k,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    L,
+    Delta,
+    DQ,
+    sm_scale,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    h_q,
+    group,
+    n_q,
+    n_k,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)  # over B * H_q
@@ -303,7 +432,13 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 
 def _forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, group: int, block_m: int | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    group: int,
+    block_m: int | None,
     block_n: int | None,
 ) -> tuple[Tensor, Tensor]:
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -316,16 +451,47 @@ def _forward(
         return o, lse.fill_(float("inf"))
     grid = (triton.cdiv(n_q, bm), b * h_q)
     _attn_fwd[grid](
-        q, k, v, o, lse, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        h_q, group, n_q, n_k, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, CAUSAL=causal,
-        PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=warps, num_stages=stages,
+        q,
+        k,
+        v,
+        o,
+        lse,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        h_q,
+        group,
+        n_q,
+        n_k,
+        HEAD_DIM=d,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=bd,
+        CAUSAL=causal,
+        PRECISION=_precision(q.dtype),
+        UPCAST=_upcast(q.dtype),
+        num_warps=warps,
+        num_stages=stages,
     )
     return o, lse
 
 
 def _backward(
-    q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, causal: bool, scale: float, group: int,
-    block_m: int | None, block_n: int | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    do: Tensor,
+    causal: bool,
+    scale: float,
+    group: int,
+    block_m: int | None,
+    block_n: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v, o, do = (t.contiguous() for t in (q, k, v, o, do))
     b, h_q, n_q, d = q.shape
@@ -338,11 +504,30 @@ def _backward(
         bm, bn = min(bm, 64), min(bn, 64)
     delta = torch.empty(b, h_q, n_q, dtype=torch.float32, device=q.device)
     _attn_bwd_preprocess[(triton.cdiv(n_q, bm), b * h_q)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), h_q, n_q, HEAD_DIM=d, BLOCK_M=bm, BLOCK_D=bd,
+        o,
+        do,
+        delta,
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        h_q,
+        n_q,
+        HEAD_DIM=d,
+        BLOCK_M=bm,
+        BLOCK_D=bd,
     )
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    common = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, CAUSAL=causal, PRECISION=_precision(q.dtype),
-                  UPCAST=_upcast(q.dtype), num_warps=warps, num_stages=stages)
+    common = dict(
+        HEAD_DIM=d,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=bd,
+        CAUSAL=causal,
+        PRECISION=_precision(q.dtype),
+        UPCAST=_upcast(q.dtype),
+        num_warps=warps,
+        num_stages=stages,
+    )
     _attn_bwd_dkdv[(triton.cdiv(n_k, bn), b * h_kv)](
         q, k, v, do, lse, delta, dk, dv, scale, *strides, h_q, h_kv, group, n_q, n_k, **common
     )
@@ -372,8 +557,13 @@ class TritonFlashAttentionFunction(torch.autograd.Function):
 
 
 def triton_flash_attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
-    block_m: int | None = None, block_n: int | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Triton FlashAttention-2 forward; returns ``(O: (B, H_q, N_q, d), L: (B, H_q, N_q) float32)``, no graph.
 
@@ -387,8 +577,13 @@ def triton_flash_attention_forward(
 
 
 def triton_flash_attention(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
-    block_m: int | None = None, block_n: int | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ) -> Tensor:
     """Exact attention by the Triton FlashAttention-2 kernels, differentiable (forward and backward kernels).
 

@@ -1,0 +1,90 @@
+"""MEMO: activation memory for long-sequence training (Zhao et al. 2024, "Efficiently Training 7B LLM with 1
+Million Sequence Length on 8 GPUs").
+
+* :mod:`refimpl.memo.block` - the book's GPT block, whose saved activations are Korthikanti et al.'s (2022);
+* :mod:`refimpl.memo.ledger` - the device/host byte ledger and the closed forms of activation memory;
+* :mod:`refimpl.memo.strategies` - keep everything, full recomputation, full offload, MEMO token-wise;
+* :mod:`refimpl.memo.overlap` - when swapping hides behind compute, on the roofline of ``refimpl.roofline``;
+* :mod:`refimpl.memo.planning` - lifetimes of a layer's tensors, a best-fit caching allocator, an exact MILP plan.
+
+Submodules load on first use (``import refimpl.memo`` itself imports neither torch nor scipy).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "block": (
+        "ACTIVATION_NAMES",
+        "MaskedScale",
+        "Tape",
+        "TapeEntry",
+        "TransformerBlock",
+        "dropout_keep_mask",
+        "make_stack",
+        "splitmix64",
+        "tile_seed",
+    ),
+    "ledger": (
+        "KORTHIKANTI_TERMS",
+        "Ledger",
+        "OutOfMemoryError",
+        "block_activation_bytes",
+        "korthikanti_activation_bytes",
+    ),
+    "strategies": (
+        "FullOffload",
+        "FullRecompute",
+        "KeepAll",
+        "MemoTokenwise",
+        "StepResult",
+        "Strategy",
+        "forward_stack",
+        "train_step",
+    ),
+    "overlap": (
+        "LayerTimes",
+        "MemoPrediction",
+        "choose_alpha",
+        "gpt_layer_operators",
+        "host_link_bandwidth",
+        "layer_times",
+        "predict_memo",
+    ),
+    "planning": (
+        "Layout",
+        "LifetimeTracer",
+        "TensorLife",
+        "best_fit_layout",
+        "check_layout",
+        "conflicts",
+        "first_fit_in_order",
+        "max_live_bytes",
+        "milp_layout",
+        "plot_layout",
+        "round_up",
+        "trace_lifetimes",
+    ),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_SUBMODULES = tuple(_EXPORTS)
+
+__all__ = sorted(_WHERE) + list(_SUBMODULES)
+
+
+def __getattr__(name: str) -> Any:
+    """Load a submodule, or the submodule defining ``name``, on first access (PEP 562)."""
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"refimpl.memo.{name}")
+    elif name in _WHERE:
+        module = getattr(importlib.import_module(f"refimpl.memo.{_WHERE[name]}"), name)
+    else:
+        raise AttributeError(f"module 'refimpl.memo' has no attribute {name!r}")
+    globals()[name] = module
+    return module
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -126,6 +126,12 @@ def dropout_keep_mask(
     return torch.rand(shape, generator=gen, device=device) < keep_prob
 
 
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if it is contiguous and owns its whole storage, else a contiguous copy."""
+    whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t if t.is_contiguous() and whole else t.clone(memory_format=torch.contiguous_format)
+
+
 class MaskedScale(torch.autograd.Function):
     """Dropout given its mask: ``y = x * mask / keep_prob``; saves only the 1-byte mask for backward."""
 
@@ -133,12 +139,12 @@ class MaskedScale(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(mask)
         ctx.scale = scale
-        return x * mask * scale
+        return (x * mask).mul_(scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (mask,) = ctx.saved_tensors
-        return grad * mask * ctx.scale, None, None
+        return (grad * mask).mul_(ctx.scale), None, None
 
 
 @dataclass
@@ -251,8 +257,8 @@ class TransformerBlock(nn.Module):
         check_tensor("x", x, ndim=3, floating=True)
         if x.shape[2] != self.hidden:
             raise ValueError(f"x must have hidden size {self.hidden} in dim 2, got shape {tuple(x.shape)}")
-        if tape is not None and (not x.is_contiguous() or x.untyped_storage().nbytes() != x.nbytes):
-            x = x.clone(memory_format=torch.contiguous_format)  # the tape needs x to own its storage
+        if tape is not None:
+            x = _owned(x)  # the tape needs x to own its storage
         return self.forward_tiles(x, first_tile=0, kv_prefix=None, tape=tape)
 
     def _dropout(self, t: torch.Tensor, site: int, tape: Tape | None, name: str, tile: int) -> torch.Tensor:
@@ -305,7 +311,7 @@ class TransformerBlock(nn.Module):
             qkv = F.linear(y, self.qkv.weight, self.qkv.bias)  # (c, b, 3h)
             qkv = qkv.view(c, b, 3, a, d).permute(2, 1, 3, 0, 4)  # (3, b, a, c, d)
             # Copies (never views of qkv, whose storage holds all three): the operands of the two bmm's.
-            q_tiles[j] = qkv[0].reshape(b * a, c, d).contiguous()
+            q_tiles[j] = _owned(qkv[0].reshape(b * a, c, d))
             k_parts.append(qkv[1].reshape(b * a, c, d))
             v_parts.append(qkv[2].reshape(b * a, c, d))
             if tape is not None:
@@ -331,7 +337,7 @@ class TransformerBlock(nn.Module):
             if tape is not None and self.dropout > 0:
                 tape.record("p_drop", p, tile=j)
             ctx = torch.bmm(p, v)  # (b a, c, d); saves p_drop and v
-            ctx = ctx.view(b, a, c, d).permute(2, 0, 1, 3).reshape(c, b, h).contiguous()  # (c, b, h)
+            ctx = _owned(ctx.view(b, a, c, d).permute(2, 0, 1, 3).reshape(c, b, h))  # (c, b, h)
             if tape is not None:
                 tape.record("ctx", ctx, tile=j)
             o = F.linear(ctx, self.proj.weight, self.proj.bias)

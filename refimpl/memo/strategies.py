@@ -241,7 +241,8 @@ class _KeepState(_LayerState):
         key = _key(t)
         self.ledger.acquire(key, _nbytes(t))
         self.seen.setdefault(key, t)
-        return _Handle(self, key, None, t)
+        # detach: a saved output would otherwise reference its own grad_fn, a cycle that keeps the graph alive
+        return _Handle(self, key, None, t.detach())
 
     def unpack(self, obj: Any) -> torch.Tensor:
         return obj if isinstance(obj, torch.Tensor) else obj.tensor
@@ -300,17 +301,18 @@ class _RecomputeState(_LayerState):
         """Re-run the layer on the kept input, with the forward pass's RNG state, collecting saved tensors."""
         collected: list[torch.Tensor] = []
 
-        def collect(t: torch.Tensor) -> torch.Tensor:
+        def collect(t: torch.Tensor) -> None:
             if _key(t) not in self.params:
                 collected.append(t.detach())
-            return t
+            # Returning nothing: the recomputation's own graph is never used, and holding a saved output there
+            # would make a reference cycle through its grad_fn that outlives the step.
 
         devices = [self.x.device] if self.link.cuda else []
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(self.cpu_rng)
             if self.cuda_rng is not None:
                 torch.cuda.set_rng_state(self.cuda_rng, self.x.device)
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(collect, lambda t: t):
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(collect, lambda _: None):
                 x = self.x.detach().requires_grad_(self.x.requires_grad)
                 self.layer(x)
         if len(collected) != self.count:
@@ -476,8 +478,16 @@ class _MemoState(_LayerState):
             elif entry.tile < self.j0:  # a tile of the first tokens: all of it
                 parts[name] = entry.tensor
         _check_host_room(self.ledger, sum(p.numel() * p.element_size() for p in parts.values()), "MEMO")
-        # Keep the layer input of the tokens that will be recomputed.
+        for name, part in parts.items():
+            host = self.link.to_host(part)
+            self.ledger.acquire(_key(host), host.nbytes, "host")
+            self.ledger.bytes_to_host += host.nbytes
+            self.host[name] = host
+        # Free the device copies, then keep the layer input of the tokens that will be recomputed.
         x = tape.entries[("x", None)].tensor
+        for key in self.src:
+            if key != _key(x):
+                self.ledger.release(key)
         if self.t0 == 0:
             self.x_keep = x
         elif self.t0 < self.s:
@@ -485,13 +495,7 @@ class _MemoState(_LayerState):
         if self.x_keep is not None:
             self.ledger.acquire(_key(self.x_keep), _nbytes(self.x_keep))
             self.ledger.label(_key(self.x_keep), "x_kept")
-        for name, part in parts.items():
-            host = self.link.to_host(part)
-            self.ledger.acquire(_key(host), host.nbytes, "host")
-            self.ledger.bytes_to_host += host.nbytes
-            self.host[name] = host
-        for key in self.src:
-            self.ledger.release(key)
+        self.ledger.release(_key(x))
         self.src = {}
 
     def prefetch(self) -> None:

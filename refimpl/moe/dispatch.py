@@ -207,7 +207,7 @@ def dense_dispatch_bytes(num_tokens: int, num_experts: int, capacity: int, dtype
 
 
 def moe_dense(x: Tensor, routing: Routing, w1: Tensor, w2: Tensor, capacity: int) -> Tensor:
-    """Capacity-based dense dispatch (GShard Sec. 2.2 / Switch Sec. 2.2): einsum in, batched FFN, einsum out.
+    """Capacity-based dense dispatch (GShard, Switch Transformer): einsum in, batched FFN, einsum out.
 
     Args:
         x: ``(N, d)`` tokens.
@@ -238,7 +238,7 @@ def sort_by_expert(routing: Routing) -> tuple[Tensor, Tensor]:
 
 
 def moe_sorted(x: Tensor, routing: Routing, w1: Tensor, w2: Tensor, *, impl: str = "auto") -> Tensor:
-    """Dropless sort-based MoE (MegaBlocks, Gale et al. 2023, Sec. 5): permute, grouped matmul, un-permute.
+    """Dropless sort-based MoE (MegaBlocks, Gale et al. 2023): permute, grouped matmul, un-permute.
 
     Args:
         x: ``(N, d)`` tokens.

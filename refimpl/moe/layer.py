@@ -42,6 +42,7 @@ class MoEAux:
         z_loss: scalar router z-loss (0 when ``z_coef = 0``).
         routing: the assignments that were computed (after any capacity drop).
         tokens_per_expert: ``(E,)`` assignments each expert computed.
+        requested_per_expert: ``(E,)`` assignments the router sent to each expert before any capacity drop.
         dropped: number of assignments dropped for capacity.
         requested: number of assignments the router asked for before dropping.
         real_per_token: mean number of real experts that computed each token.
@@ -53,6 +54,7 @@ class MoEAux:
     z_loss: Tensor
     routing: Routing
     tokens_per_expert: Tensor
+    requested_per_expert: Tensor
     dropped: int
     requested: int
     real_per_token: float
@@ -123,14 +125,14 @@ class MoELayer(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_hidden).uniform_(-1, 1) / math.sqrt(d_model))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model).uniform_(-1, 1) / math.sqrt(d_hidden))
 
-    def route(self, logits: Tensor) -> tuple[Routing, Tensor, Tensor, int, int]:
-        """Route by the ``(N, E [+ m])`` logits: ``(routing, balance_loss, z_loss, dropped, requested)``."""
+    def route(self, logits: Tensor) -> tuple[Routing, Tensor, Tensor, Tensor, int]:
+        """Route by the ``(N, E [+ m])`` logits: ``(routing, balance_loss, z_loss, requested_per_expert, dropped)``."""
         n = logits.shape[0]
         z = router_z_loss(logits, self.z_coef) if self.z_coef else logits.new_zeros(())
         balance = logits.new_zeros(())
         if self.router_kind == "expert_choice":
             routing = expert_choice(logits, self.capacity_factor)
-            return routing, balance, z, 0, routing.num_assignments
+            return routing, balance, z, routing.tokens_per_expert(), 0
         if self.router_kind == "top_k":
             gate = top_k_gating(logits, self.k, normalize=self.normalize)
             routing = gate.routing()
@@ -141,13 +143,13 @@ class MoELayer(nn.Module):
             gate, routing = null_expert_gating(logits, self.k, self.num_null)
         if self.alpha:
             balance = load_balancing_loss(gate.probs, gate.index, self.alpha)
-        requested = routing.num_assignments
+        requested = routing.tokens_per_expert()
         dropped = 0
         if self.capacity_factor is not None:
             capacity = expert_capacity(n, self.num_experts, self.k, self.capacity_factor)
             routing, dropped_per_expert = apply_capacity(routing, capacity)
             dropped = int(dropped_per_expert.sum())
-        return routing, balance, z, dropped, requested
+        return routing, balance, z, requested, dropped
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
         """``x (N, d)`` -> ``(x + MoE(LayerNorm(x)) (N, d), MoEAux)``."""
@@ -156,7 +158,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"x must have {self.d_model} features, got shape {tuple(x.shape)}")
         u = self.norm(x)
         logits = self.router(u)  # (N, E [+ m])  h(u) = W_r u
-        routing, balance, z, dropped, requested = self.route(logits)
+        routing, balance, z, requested, dropped = self.route(logits)
         if self.dispatch == "sorted":
             y = moe_sorted(u, routing, self.w1, self.w2)
         elif self.dispatch == "gather_loop":
@@ -174,8 +176,9 @@ class MoELayer(nn.Module):
             z_loss=z,
             routing=routing,
             tokens_per_expert=routing.tokens_per_expert(),
+            requested_per_expert=requested,
             dropped=dropped,
-            requested=requested,
+            requested=int(requested.sum()),
             real_per_token=routing.num_assignments / max(x.shape[0], 1),
             router_logits=logits,
         )

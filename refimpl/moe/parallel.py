@@ -1,4 +1,4 @@
-"""Expert parallelism: experts sharded over processes, tokens exchanged with all-to-all (GShard Sec. 3).
+"""Expert parallelism: experts sharded over processes, tokens exchanged with all-to-all (as in GShard).
 
 ``P`` processes each hold ``N_r`` tokens and ``E / P`` experts (rank ``r`` owns experts
 ``[r E/P, (r+1) E/P)``). One MoE layer is then:
@@ -155,7 +155,7 @@ def expert_parallel_moe(
 
     # Step 4: dispatch. Rows arrive grouped by source, and within a source by local expert; regroup by expert.
     x_recv = _all_to_all(x.index_select(0, token), out_splits, in_splits, group)  # (R, d)
-    local_id = torch.arange(local).repeat(world).repeat_interleave(recv_rows.reshape(-1))  # (R,)
+    local_id = torch.arange(local, device=x.device).repeat(world).repeat_interleave(recv_rows.reshape(-1))  # (R,)
     perm = torch.argsort(local_id, stable=True)
     rows_per_expert = recv_rows.sum(0)  # (E/P,)
     hidden = F.gelu(grouped_matmul(x_recv[perm], w1_local, rows_per_expert))  # (R, h)

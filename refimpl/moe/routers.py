@@ -5,7 +5,7 @@ order*. The dispatch implementations in :mod:`refimpl.moe.dispatch` execute any 
 one set of dispatch code serves top-k gating (Switch, GShard), expert choice, AdaMoE's null experts and MoGE's
 grouped top-k.
 
-Notation (Switch Transformer, Fedus et al. 2022, Sec. 2): ``N`` tokens, ``E`` experts, router logits
+Notation (Switch Transformer, Fedus et al. 2022): ``N`` tokens, ``E`` experts, router logits
 ``h(x) = W_r x`` of shape ``(N, E)``, router probabilities ``p_i(x) = softmax(h(x))_i`` (eq. 1), ``k`` experts
 per token, capacity factor ``c``.
 
@@ -219,7 +219,7 @@ def expert_choice(logits: Tensor, capacity_factor: float) -> Routing:
 
 
 def null_expert_gating(logits: Tensor, k: int, num_null: int) -> tuple[TopKGate, Routing]:
-    """AdaMoE token-adaptive routing with null experts (Zeng et al. 2024, Sec. 3).
+    """AdaMoE token-adaptive routing with null experts (Zeng et al. 2024).
 
     The last ``num_null`` of the ``E + m`` logit columns belong to *null experts*, which output zero and cost
     no FLOPs. Top-k runs over all ``E + m``; a token therefore uses between 0 and ``k`` real experts. As in
@@ -252,7 +252,7 @@ def null_expert_gating(logits: Tensor, k: int, num_null: int) -> tuple[TopKGate,
 
 
 def grouped_top_k_gating(logits: Tensor, k: int, num_groups: int, *, normalize: bool = False) -> TopKGate:
-    """MoGE grouped top-k (Tang et al. 2025, Pangu Pro MoE, Sec. 2): an equal number of experts per group.
+    """MoGE grouped top-k (Tang et al. 2025, Pangu Pro MoE): an equal number of experts per group.
 
     The ``E`` experts are split into ``M = num_groups`` contiguous groups of ``E / M`` (one group per device).
     Scores come from one global softmax over all ``E`` experts; each token then takes its top ``K' = k / M``
@@ -288,7 +288,7 @@ def grouped_top_k_gating(logits: Tensor, k: int, num_groups: int, *, normalize: 
 
 
 def imbalance_score(expert: Tensor, num_experts: int, num_devices: int, num_tokens: int) -> float:
-    """Imbalance score of Pangu Pro MoE (Tang et al. 2025, Sec. 2): ``(max_i T_i - min_i T_i) / |X|``.
+    """Imbalance score of Pangu Pro MoE (Tang et al. 2025): ``(max_i T_i - min_i T_i) / |X|``.
 
     ``T_i`` is the number of assignments that land on device ``i`` when the ``E`` experts are placed
     contiguously, ``E / D`` per device; ``|X|`` is the number of tokens in the batch. Zero means every device

@@ -1,10 +1,9 @@
 """A synthetic task on which routing matters, and a short training loop that records what the routers do.
 
 The task is a mixture of regression problems ("skills"): an input comes from one of ``K`` Gaussian clusters and
-its target is a shared linear map plus, for the *hard* clusters, that cluster's own random two-layer teacher
-network. A model that sends each hard cluster to an expert of its own can fit every teacher; one that sends
-several clusters to one expert must share that expert among them; tokens dropped for capacity keep only the
-residual path, which is all an *easy* cluster needs.
+its target is that cluster's own random two-layer teacher network applied to it. A model that sends each
+cluster to an expert of its own can fit every teacher; one that sends several clusters to one expert must
+share that expert among them, and tokens dropped for capacity keep only the residual path.
 """
 
 from __future__ import annotations
@@ -18,50 +17,35 @@ from refimpl._checks import check_float, check_int, check_positive_int
 from refimpl.moe.layer import MoEStack
 from refimpl.moe.losses import router_z_loss
 
-__all__ = ["ClusterTask", "TrainConfig", "TrainHistory", "experts_per_token_by_cluster", "train_moe"]
+__all__ = ["ClusterTask", "TrainConfig", "TrainHistory", "train_moe"]
 
 
 @dataclass(frozen=True)
 class ClusterTask:
-    """``K`` clusters in ``R^d_in``; target ``y = x L + [c is hard] tanh(x A_c) B_c`` for an input of cluster ``c``.
+    """``K`` clusters in ``R^d_in``, each with its own teacher: ``y = tanh(x A_c) B_c`` for an input of cluster ``c``.
 
-    ``L`` is one linear map shared by all clusters, so the linear read-in/read-out around the residual stream
-    fits it without any expert; the first ``num_easy`` clusters are *easy* (their target is ``x L`` alone), the
-    others add their own random two-layer teacher, which an expert has to learn. Build with :meth:`make`; draw
-    batches with :meth:`sample`.
+    Build with :meth:`make`; draw batches with :meth:`sample`.
     """
 
     centers: Tensor  # (K, d_in)
-    linear: Tensor  # (d_in, d_out)  L
     teacher_a: Tensor  # (K, d_in, d_t)  A_c
     teacher_b: Tensor  # (K, d_t, d_out)  B_c
-    hard: Tensor  # (K,) bool
     noise: float
 
     @classmethod
     def make(
-        cls,
-        num_clusters: int,
-        d_in: int,
-        d_out: int,
-        *,
-        num_easy: int = 0,
-        d_teacher: int = 32,
-        noise: float = 0.5,
-        seed: int = 0,
+        cls, num_clusters: int, d_in: int, d_out: int, *, d_teacher: int = 32, noise: float = 0.5, seed: int = 0
     ) -> ClusterTask:
-        """A task with ``num_clusters`` clusters (standard-normal centers, spread ``noise``), ``num_easy`` easy."""
+        """A task with ``num_clusters`` clusters (standard-normal centers, spread ``noise``)."""
         num_clusters = check_positive_int("num_clusters", num_clusters)
-        num_easy = check_int("num_easy", num_easy, min_value=0, max_value=num_clusters)
         d_in, d_out = check_positive_int("d_in", d_in), check_positive_int("d_out", d_out)
+        d_teacher = check_positive_int("d_teacher", d_teacher)
         noise = check_float("noise", noise, min_value=0.0)
         g = torch.Generator().manual_seed(check_int("seed", seed))
         centers = torch.randn(num_clusters, d_in, generator=g)
-        linear = torch.randn(d_in, d_out, generator=g) / d_in**0.5
         a = torch.randn(num_clusters, d_in, d_teacher, generator=g) / d_in**0.5
         b = torch.randn(num_clusters, d_teacher, d_out, generator=g) / d_teacher**0.5
-        hard = torch.arange(num_clusters) >= num_easy
-        return cls(centers, linear, a, b, hard, noise)
+        return cls(centers, a, b, noise)
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """``n`` examples: ``(x (n, d_in), y (n, d_out), cluster (n,))``, clusters uniform."""
@@ -69,8 +53,7 @@ class ClusterTask:
         cluster = torch.randint(0, k, (n,), generator=generator)
         x = self.centers[cluster] + self.noise * torch.randn(n, d_in, generator=generator)
         hidden = torch.tanh(torch.einsum("nd,ndt->nt", x, self.teacher_a[cluster]))
-        expert_part = torch.einsum("nt,nto->no", hidden, self.teacher_b[cluster])
-        return x, x @ self.linear + self.hard[cluster, None] * expert_part, cluster
+        return x, torch.einsum("nt,nto->no", hidden, self.teacher_b[cluster]), cluster
 
 
 @dataclass
@@ -92,7 +75,9 @@ class TrainHistory:
     Attributes:
         loss: ``(steps,)`` task loss (MSE) per step.
         aux: ``(steps,)`` auxiliary loss (balance + z) summed over layers.
-        tokens_per_expert: ``(steps, E)`` assignments per expert in the first layer.
+        tokens_per_expert: ``(steps, E)`` assignments each expert of the first layer computed.
+        requested_per_expert: ``(steps, E)`` assignments the first layer's router sent to each expert, before
+            capacity drops.
         dropped_fraction: ``(steps,)`` fraction of requested assignments dropped, over all layers.
         real_per_token: ``(steps,)`` mean real experts per token, over all layers.
         router_z: ``(steps,)`` mean squared log-sum-exp of the first layer's router logits (what z-loss
@@ -104,6 +89,7 @@ class TrainHistory:
     loss: Tensor
     aux: Tensor
     tokens_per_expert: Tensor
+    requested_per_expert: Tensor
     dropped_fraction: Tensor
     real_per_token: Tensor
     router_z: Tensor
@@ -122,7 +108,7 @@ def train_moe(task: ClusterTask, config: TrainConfig) -> TrainHistory:
     model = MoEStack(d_in, d_out, config.num_layers, **config.layer)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     data = torch.Generator().manual_seed(config.seed + 1)
-    loss_t, aux_t, drop_t, real_t, z_t, tpe = [], [], [], [], [], []
+    loss_t, aux_t, drop_t, real_t, z_t, tpe, rpe = [], [], [], [], [], [], []
     for _ in range(steps):
         x, y, _ = task.sample(config.batch, data)
         pred, auxes = model(x)
@@ -136,6 +122,7 @@ def train_moe(task: ClusterTask, config: TrainConfig) -> TrainHistory:
         drop_t.append(sum(a.dropped for a in auxes) / max(sum(a.requested for a in auxes), 1))
         real_t.append(sum(a.real_per_token for a in auxes) / len(auxes))
         tpe.append(auxes[0].tokens_per_expert)
+        rpe.append(auxes[0].requested_per_expert)
         z_t.append(float(router_z_loss(auxes[0].router_logits.detach(), 1.0)))
     with torch.no_grad():
         x, y, _ = task.sample(4096, torch.Generator().manual_seed(10_000 + config.seed))
@@ -144,25 +131,10 @@ def train_moe(task: ClusterTask, config: TrainConfig) -> TrainHistory:
         loss=torch.tensor(loss_t),
         aux=torch.tensor(aux_t),
         tokens_per_expert=torch.stack(tpe),
+        requested_per_expert=torch.stack(rpe),
         dropped_fraction=torch.tensor(drop_t),
         real_per_token=torch.tensor(real_t),
         router_z=torch.tensor(z_t),
         eval_loss=eval_loss,
         model=model,
     )
-
-
-@torch.no_grad()
-def experts_per_token_by_cluster(model: MoEStack, task: ClusterTask, n: int = 4096, seed: int = 0) -> Tensor:
-    """``(K,)`` mean number of real experts that computed a token of each cluster, averaged over layers.
-
-    For AdaMoE this shows which inputs the router sends to null experts; for expert choice, which inputs the
-    experts pick.
-    """
-    n = check_positive_int("n", n)
-    x, _, cluster = task.sample(n, torch.Generator().manual_seed(check_int("seed", seed)))
-    _, auxes = model(x)
-    k = task.centers.shape[0]
-    per_token = sum(torch.bincount(a.routing.token, minlength=n).float() for a in auxes) / len(auxes)  # (n,)
-    total = torch.zeros(k).index_add(0, cluster, per_token)
-    return total / torch.bincount(cluster, minlength=k).clamp(min=1)

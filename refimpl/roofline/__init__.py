@@ -8,7 +8,8 @@ does, with tested formulas:
 * :mod:`~refimpl.roofline.ops` - operators as (FLOPs, bytes read, bytes written), intensity, bound, time;
 * :mod:`~refimpl.roofline.models` - Llama-2-7B, Llama-3-8B, SmolLM2-135M (from its GGUF file), Mixtral-8x7B;
 * :mod:`~refimpl.roofline.analyzer` - per-operator prefill/decode analysis, memory footprint, max batch;
-* :mod:`~refimpl.roofline.measure` - streaming copy and matmul micro-benchmarks (imports torch; loaded lazily).
+* :mod:`~refimpl.roofline.measure` - streaming copy and matmul micro-benchmarks (imports torch; loaded lazily);
+* :mod:`~refimpl.roofline.plot` - roofline figures for every chapter (imports matplotlib; loaded lazily).
 
 Command line: ``python -m refimpl.roofline --model llama-2-7b --hardware a100-40gb --batch 1 --seq 1024``.
 """
@@ -66,6 +67,7 @@ __all__ = [
     "measure",
     "memory_footprint",
     "normalize_dtype",
+    "plot",
     "ridge_point",
     "roofline_time",
     "weight_bytes",
@@ -73,8 +75,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # measure imports torch; load it only when used.
-    if name == "measure":
+    # measure imports torch and plot matplotlib; load them only when used.
+    if name in ("measure", "plot"):
         module = importlib.import_module("refimpl.roofline.measure")
         globals()[name] = module
         return module

@@ -47,7 +47,9 @@ def plot_roofline(
     (line,) = ax.loglog(x, np.minimum(peak, bw * x), color=color, label=label or f"{hardware.name} ({dtype})")
     if mark_ridge and lo <= ridge <= hi:
         ax.plot([ridge], [peak], "o", color=line.get_color(), markersize=5)
-        ax.annotate(f"ridge {ridge:.3g}", (ridge, peak), textcoords="offset points", xytext=(4, -14), fontsize=9)
+        ax.annotate(
+            f"ridge {ridge:.3g}", (ridge, peak), textcoords="offset points", xytext=(-6, 4), ha="right", fontsize=9
+        )
     ax.set_xlabel("arithmetic intensity (FLOP/byte)")
     ax.set_ylabel("attainable performance (FLOP/s)")
     return ax
