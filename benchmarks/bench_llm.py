@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,36 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from refimpl.llm import corpus, load_model  # noqa: E402
-from refimpl.llm.config import LlamaConfig  # noqa: E402
+from refimpl.llm.perf import decode_bytes, forward_flops, time_decode  # noqa: E402
 from refimpl.roofline import measure  # noqa: E402
-
-
-def prefill_flops(config: LlamaConfig, t: int) -> float:
-    """FLOPs of a prefill of ``t`` tokens: 2 per weight per token (every matrix, the head on every token) plus
-    causal attention (``q k^T`` and ``p v``: ``2 * 2 * D`` per query head and visible key)."""
-    c = config
-    matrix = sum(v for k, v in c.layer_params().items() if not k.endswith("norm")) * c.n_layers
-    head = c.vocab_size * c.d_model
-    visible = t * (t + 1) / 2  # (query, key) pairs under the causal mask
-    attention = c.n_layers * c.n_heads * 4 * c.head_dim * visible
-    return 2.0 * (matrix + head) * t + attention
-
-
-def decode_seconds_per_token(model, prompt: torch.Tensor, steps: int, repeats: int) -> float:
-    """Seconds per decode step after a prefill of ``prompt``: min over ``repeats`` runs of the mean of
-    ``steps`` steps (the minimum is least disturbed by other processes)."""
-    best = float("inf")
-    n = prompt.shape[0]
-    for _ in range(repeats):
-        caches = model.new_caches()
-        logits = model(prompt[None], caches, 0)
-        nxt = int(logits[0, -1].argmax())
-        start = time.perf_counter()
-        for i in range(steps):
-            logits = model(torch.tensor([[nxt]]), caches, n + i)
-            nxt = int(logits[0, -1].argmax())
-        best = min(best, (time.perf_counter() - start) / steps)
-    return best
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
@@ -75,15 +46,14 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     peak = max(measure.matmul_flops(n, repeats=2 if args.quick else 5) for n in ((256,) if args.quick else (512, 1024)))
 
     # decode: weights once per token + the KV cache read at the mean context of the timed steps
-    s_decode = decode_seconds_per_token(model, ids[: args.context], args.steps, args.repeats)
-    mean_context = args.context + (args.steps + 1) / 2
-    bytes_per_token = c.decode_weight_bytes(4) + c.kv_bytes_per_token(4) * mean_context
+    s_decode = time_decode(model, ids[: args.context], args.steps, args.repeats)
+    bytes_per_token = decode_bytes(c, args.context + args.steps // 2)  # KV read at the mean context
     decode_bound = bandwidth / bytes_per_token
 
     # prefill: one forward of T tokens through fresh caches (what generation does), min over repeats
     t = args.prefill_tokens
     s_prefill = measure.time_fn(lambda: model(ids[None, :t], model.new_caches(), 0), repeats=args.repeats)
-    flops_per_token = prefill_flops(c, t) / t
+    flops_per_token = forward_flops(c, t) / t
     prefill_bound = peak / flops_per_token
 
     lines = [

@@ -439,11 +439,11 @@ def test_cli_perplexity_and_generate(tmp_path, capsys):
 
     path = tmp_path / "t.txt"
     path.write_text(corpus.load_text()[:400], encoding="utf-8")
-    assert main(["perplexity", str(path), "--max-tokens", "40"]) == 0
+    assert main(["perplexity", str(path), "--max-tokens", "24", "--prefill", "8"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     ppl = float(lines[-1].split("perplexity: ")[1])
     model, tok = load_model()
-    ids = tok.encode(corpus.load_text()[:400])[:40]
+    ids = tok.encode(corpus.load_text()[:400])[:24]
     assert ppl == pytest.approx(evaluate_one_shot(model, ids).perplexity, rel=1e-5)
     assert main(["generate", "The capital of France is", "--max-new-tokens", "3"]) == 0
     assert "Paris" in capsys.readouterr().out
@@ -473,3 +473,22 @@ def test_benchmark_quick_prints_numbers():
         "stream_bandwidth_GBps",
     ):
         assert float(values[key]) > 0, key
+
+
+@needs_model
+def test_forward_flops_match_torch_flop_counter(llm):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from refimpl.llm.perf import decode_bytes, forward_flops
+
+    model, tok = llm
+    ids = corpus.eval_ids(12, tok)[None]
+    caches = model.new_caches()
+    model(ids[:, :5], caches, 0)
+    with FlopCounterMode(display=False) as counter:  # counts every matmul torch runs
+        model(ids[:, 5:], caches, 5)
+    # the cache path scores every (query, cached key) pair and masks afterwards: the non-causal count
+    assert counter.get_total_flops() == forward_flops(model.config, 7, context=5, causal=False)
+    assert forward_flops(model.config, 7, context=5) < forward_flops(model.config, 7, context=5, causal=False)
+    weights = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if not n.startswith("rope"))
+    assert decode_bytes(model.config, 10) == weights + 10 * 2 * 30 * 3 * 64 * 4

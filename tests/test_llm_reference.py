@@ -11,6 +11,7 @@ Slow (about 15-30 s on 2 cores: gguf-py dequantizes 135M weights in numpy): mark
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -81,12 +82,15 @@ def test_same_logits_and_perplexity(hf, ours):
     # perplexity: transformers' own loss (mean cross-entropy of the shifted labels)
     with torch.inference_mode():
         ref_nll = float(hf_model(ids[None], labels=ids[None]).loss)
+    ref_ppl = math.exp(ref_nll)
     one = evaluate_one_shot(model, ids)
-    step = evaluate(model, ids)  # token by token through the full cache
-    ref_ppl = torch.tensor(ref_nll).double().exp().item()
-    for r in (one, step):
-        assert f"{r.perplexity:.4g}" == f"{ref_ppl:.4g}", (r.perplexity, ref_ppl)
-        assert r.perplexity == pytest.approx(ref_ppl, rel=2e-5)
+    assert f"{one.perplexity:.4g}" == f"{ref_ppl:.4g}", (one.perplexity, ref_ppl)
+    assert one.perplexity == pytest.approx(ref_ppl, rel=2e-5)
+    # and through the full cache, prefill then token by token (equal to one-shot: tests/test_llm.py)
+    step = evaluate(model, ids[:64], prefill=16)
+    with torch.inference_mode():
+        ref_short = math.exp(float(hf_model(ids[None, :64], labels=ids[None, :64]).loss))
+    assert step.perplexity == pytest.approx(ref_short, rel=2e-5)
 
 
 def test_same_greedy_text(hf, ours):

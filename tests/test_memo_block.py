@@ -23,6 +23,15 @@ from refimpl.memo.block import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # noqa: ANN202
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP barriers cost 10-100x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _reference_block(blk: TransformerBlock, x: torch.Tensor) -> torch.Tensor:
     """Untiled pre-LN GPT layer with torch's own layer_norm, masked_fill causal mask and softmax; the dropout
     masks are the block's per-tile masks concatenated along the query/token axis."""
@@ -31,7 +40,10 @@ def _reference_block(blk: TransformerBlock, x: torch.Tensor) -> torch.Tensor:
     keep = 1.0 - blk.dropout
 
     def masks(site: int, shape_of_tile) -> torch.Tensor:  # noqa: ANN001
-        parts = [dropout_keep_mask(blk.seed, site, j, shape_of_tile(hi - lo), keep) for j, (lo, hi) in enumerate(blk.tiles(s))]
+        parts = [
+            dropout_keep_mask(blk.seed, site, j, shape_of_tile(hi - lo), keep)
+            for j, (lo, hi) in enumerate(blk.tiles(s))
+        ]
         return parts
 
     y = F.layer_norm(x, (h,), blk.ln1.weight, blk.ln1.bias, blk.eps)

@@ -27,6 +27,15 @@ STRATEGIES = [KeepAll, FullRecompute, FullOffload] + [lambda a=a: MemoTokenwise(
 L, S, B, H, A, TILE = 3, 16, 2, 8, 2, 4  # 4 tiles, so every alpha in ALPHAS is a whole number of tiles
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # noqa: ANN202
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP barriers cost 10-100x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _grads(layers, x0, g, strategy):  # noqa: ANN001, ANN202
     """Output, input gradient and parameter gradients of one step (baseline: no hooks at all)."""
     for p in layers.parameters():
@@ -75,7 +84,9 @@ def test_gradients_bit_exact_with_a_short_last_tile_and_batch_one():
 def test_generic_strategies_restore_rng_for_stateful_dropout():
     """FullRecompute and FullOffload work on any module; recomputation restores the global RNG state."""
     torch.manual_seed(2)
-    layers = nn.ModuleList([nn.Sequential(nn.Linear(6, 6), nn.GELU(), nn.Dropout(0.5), nn.Linear(6, 6)) for _ in range(3)])
+    layers = nn.ModuleList(
+        [nn.Sequential(nn.Linear(6, 6), nn.GELU(), nn.Dropout(0.5), nn.Linear(6, 6)) for _ in range(3)]
+    )
     x0, g = torch.randn(5, 6), torch.randn(5, 6)
 
     def run(strategy):  # noqa: ANN001, ANN202
@@ -94,8 +105,11 @@ def test_peaks_and_traffic_match_closed_forms(stack):
     act = sum(block_activation_bytes(S, B, H, A, act_bytes=4).values())
     x_bytes = 4 * S * B * H
     peaks = {}
-    for name, strategy, alpha in [("keep", KeepAll(), None), ("recompute", FullRecompute(), 0.0),
-                                  ("offload", FullOffload(), 1.0)] + [(f"memo{a}", MemoTokenwise(a), a) for a in ALPHAS]:
+    for name, strategy, alpha in [
+        ("keep", KeepAll(), None),
+        ("recompute", FullRecompute(), 0.0),
+        ("offload", FullOffload(), 1.0),
+    ] + [(f"memo{a}", MemoTokenwise(a), a) for a in ALPHAS]:
         _, led = _grads(layers, x0, g, strategy)
         peaks[name] = led.peak_device_bytes
         if alpha is None:

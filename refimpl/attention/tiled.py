@@ -106,7 +106,7 @@ def _fa2_forward(
             acc = alpha.unsqueeze(-1) * acc + p @ v_j  # O~_i^(j) = diag(alpha) O~_i^(j-1) + P~ V_j, unnormalised
             m_i = m_new
             io.visit(qb, kb, masked, m_i, l_i)
-        # FA2's single rescale at the end (line 12) and the log-sum-exp for the backward pass (line 13).
+        # FA2's single rescale after the inner loop, and the log-sum-exp the backward pass will need.
         # A row that saw no key has l = 0: output 0 and L = +inf, so P = exp(S - L) = 0 in the backward.
         empty = l_i == 0
         o_i = acc / l_i.masked_fill(empty, 1.0).unsqueeze(-1)  # O_i = diag(l_i)^-1 O~_i
@@ -210,7 +210,7 @@ def _fa2_backward(
     acc_dtype = accumulation_dtype(q.dtype)
     offset = n_k - n_q
     q_pos, k_pos = torch.arange(n_q, device=q.device), torch.arange(n_k, device=q.device)
-    # Line 4: D = rowsum(dO * O), so that dS = P * (dP - D) needs no row sum inside the loop.
+    # First pass: D = rowsum(dO * O), so that dS = P * (dP - D) needs no row sum inside the loop.
     delta = (io.load("dO", do).to(acc_dtype) * io.load("O", o).to(acc_dtype)).sum(dim=-1)  # (B, H_q, N_q)
     io.store("D", delta)
     q5, do5 = q.unflatten(1, (h_kv, g)), do.unflatten(1, (h_kv, g))  # (B, H_kv, G, N_q, d)
@@ -236,14 +236,14 @@ def _fa2_backward(
             masked = causal and j1 - 1 > i0 + offset
             if masked:
                 s.masked_fill_(~causal_visible(q_pos[i0:i1], k_pos[j0:j1], offset).repeat(g, 1), NEG_INF)
-            p = torch.exp(s - l_i)  # P_i^(j) = exp(S - L_i): the softmax, recomputed from the saved L (line 11)
-            dv_j += p.transpose(-1, -2) @ do_i  # dV_j += P^T dO_i                          (line 12)
-            dp = do_i @ v_j.transpose(-1, -2)  # dP_i^(j) = dO_i V_j^T                       (line 13)
-            ds = p * (dp - d_i)  # dS_i^(j) = P * (dP - D_i)                                  (line 14)
+            p = torch.exp(s - l_i)  # P_i^(j) = exp(S - L_i): the softmax, recomputed from the saved L
+            dv_j += p.transpose(-1, -2) @ do_i  # dV_j += P^T dO_i
+            dp = do_i @ v_j.transpose(-1, -2)  # dP_i^(j) = dO_i V_j^T
+            ds = p * (dp - d_i)  # dS_i^(j) = P * (dP - D_i)
             dq_i = io.load("dQ", dq[:, :, :, i0:i1])  # read-modify-write; FA2 uses an atomic add here
-            dq_i += (scale * (ds @ k_j)).view(b, h_kv, g, i1 - i0, d)  # dQ_i += scale dS K_j (line 15)
+            dq_i += (scale * (ds @ k_j)).view(b, h_kv, g, i1 - i0, d)  # dQ_i += scale dS K_j
             io.store("dQ", dq_i)
-            dk_j += ds.transpose(-1, -2) @ q_i  # dK_j += scale dS^T Q_i (scale is in q_i)  (line 16)
+            dk_j += ds.transpose(-1, -2) @ q_i  # dK_j += scale dS^T Q_i (the scale is in q_i)
             io.visit(i0 // block_q, kb, masked, None, None)
         dk[:, :, j0:j1] = dk_j
         dv[:, :, j0:j1] = dv_j

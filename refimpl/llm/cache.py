@@ -68,10 +68,11 @@ def grouped_attention(
     scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale  # (B, H_kv, G, T_q, T_k)
     kp = k_positions if k_positions.dim() == 1 else k_positions.unsqueeze(2).unsqueeze(3)  # (.., 1, 1, T_k)
     visible = kp <= q_positions.view(-1, 1)  # (T_q, T_k) or (B, H_kv, 1, T_q, T_k)
-    if not bool(visible.all()):
-        scores = scores.masked_fill(~visible, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    weights = torch.nan_to_num(weights, nan=0.0)  # rows with no visible key: all -inf -> NaN -> 0
+    if bool(visible.all()):  # e.g. a decode step: every cached token is in the past
+        weights = torch.softmax(scores, dim=-1)
+    else:
+        weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        weights = torch.nan_to_num(weights, nan=0.0)  # rows with no visible key: all -inf -> NaN -> 0
     out = torch.matmul(weights, v.unsqueeze(2))  # (B, H_kv, G, T_q, D)
     return out.reshape(b, h_q, t_q, d), weights.reshape(b, h_q, t_q, t_k)
 

@@ -114,11 +114,11 @@ class Block(nn.Module):
         c = self.config
         b, t, _ = x.shape
         h = rms_norm(x, self.attn_norm, c.norm_eps)
-        q, k, v = F.linear(h, self.wqkv).split([c.q_dim, c.kv_dim, c.kv_dim], dim=-1)
-        q = q.view(b, t, c.n_heads, c.head_dim).transpose(1, 2)  # (B, H_q, T, D)
-        k = k.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = v.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # RoPE before caching: keys carry position
+        # one product for the three projections; heads: H_q query, H_kv key, H_kv value
+        qkv = F.linear(h, self.wqkv).view(b, t, c.n_heads + 2 * c.n_kv_heads, c.head_dim).transpose(1, 2)
+        qk = apply_rope(qkv[:, : c.n_heads + c.n_kv_heads], cos, sin)  # RoPE before caching: keys carry position
+        q, k = qk.split([c.n_heads, c.n_kv_heads], dim=1)  # (B, H_q, T, D), (B, H_kv, T, D)
+        v = qkv[:, c.n_heads + c.n_kv_heads :]  # (B, H_kv, T, D)
         if cache is None:
             o = (attn_fn or causal_attention)(q, k, v)
             if o.shape != q.shape:

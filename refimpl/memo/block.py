@@ -176,9 +176,7 @@ class Tape:
     entries: dict[tuple[str, int | None], TapeEntry] = field(default_factory=dict)
     by_storage: dict[int, tuple[str, int | None]] = field(default_factory=dict)
 
-    def record(
-        self, name: str, tensor: torch.Tensor, *, tile: int | None = None, token_dim: int | None = None
-    ) -> None:
+    def record(self, name: str, tensor: torch.Tensor, *, tile: int | None = None, token_dim: int | None = None) -> None:
         """Announce ``tensor`` under ``(name, tile)``; it must be contiguous and own its storage."""
         if not tensor.is_contiguous() or tensor.storage_offset() != 0:
             raise ValueError(f"tape entry {name!r} must be a contiguous tensor at storage offset 0")
@@ -269,9 +267,7 @@ class TransformerBlock(nn.Module):
             tape.record(name, mask, tile=tile)
         return MaskedScale.apply(t, mask, 1.0 / (1.0 - self.dropout))
 
-    def _layer_norm(
-        self, t: torch.Tensor, ln: nn.LayerNorm, prefix: str, tape: Tape | None, tile: int
-    ) -> torch.Tensor:
+    def _layer_norm(self, t: torch.Tensor, ln: nn.LayerNorm, prefix: str, tape: Tape | None, tile: int) -> torch.Tensor:
         # native_layer_norm returns (out, mean, rstd) and saves exactly (input, weight, bias, mean, rstd).
         out, mean, rstd = torch.native_layer_norm(t, (self.hidden,), ln.weight, ln.bias, self.eps)
         if tape is not None:

@@ -216,8 +216,10 @@ class Ledger:
         Keys are reference-counted: a key already held (one storage saved by two operators, or by two layers) is
         counted once and freed by the last matching :meth:`release`.
         """
-        check_choice("where", where, WHERE)
-        nbytes = check_int("nbytes", nbytes, min_value=0)
+        if where not in self._accounts:  # the hot path: validate without building messages
+            check_choice("where", where, WHERE)
+        if not isinstance(nbytes, int) or nbytes < 0:
+            nbytes = check_int("nbytes", nbytes, min_value=0)
         held = self._held.get((where, key))
         if held is not None:
             held[1] += 1

@@ -159,7 +159,7 @@ class LifetimeTracer:
     def __exit__(self, *exc: Any) -> None:
         self._mode.__exit__(*exc)
         self._poll()
-        for ref, name, nbytes, start in self._live.values():
+        for _ref, name, nbytes, start in self._live.values():
             self.lives.append(TensorLife(name, nbytes, start, max(self.step, start + 1)))
         self._live = {}
         self.lives.sort(key=lambda t: (t.start, t.end))
@@ -227,9 +227,7 @@ def best_fit_layout(lives: Sequence[TensorLife], *, round_to: int = 512) -> Layo
     """
     round_to = check_positive_int("round_to", round_to)
     sizes = [round_up(t.nbytes, round_to) for t in lives]
-    events = sorted(
-        [(t.start, 1, i) for i, t in enumerate(lives)] + [(t.end, 0, i) for i, t in enumerate(lives)]
-    )
+    events = sorted([(t.start, 1, i) for i, t in enumerate(lives)] + [(t.end, 0, i) for i, t in enumerate(lives)])
     free: list[list[int]] = []  # [address, size, segment], kept sorted by address
     segments: list[tuple[int, int]] = []  # (base, size)
     offsets = [0] * len(lives)
@@ -379,7 +377,9 @@ def milp_layout(
     }
     if res.x is None:
         info["gap"] = float("nan")
-        return Layout(list(upper_bound.offsets), list(upper_bound.sizes), upper_bound.peak, "best fit (MILP found none)", info)
+        return Layout(
+            list(upper_bound.offsets), list(upper_bound.sizes), upper_bound.peak, "best fit (MILP found none)", info
+        )
     info["gap"] = float(getattr(res, "mip_gap", 0.0) or 0.0)
     order = sorted(range(n), key=lambda i: (res.x[i], i))
     plan = first_fit_in_order(lives, sizes, order)

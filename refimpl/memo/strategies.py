@@ -104,6 +104,7 @@ class _HostLink:
 
     def to_host(self, t: torch.Tensor) -> torch.Tensor:
         """Start copying ``t`` into a new host buffer; the caller may drop ``t`` afterwards."""
+        t = t.detach()  # a copy_ from a tensor that requires grad would put the host buffer in the graph
         host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
         if not self.cuda:
             return host.copy_(t)
@@ -271,7 +272,9 @@ class KeepAll(Strategy):
 class _RecomputeState(_LayerState):
     def __init__(self, layer: nn.Module, x: torch.Tensor, ledger: Ledger, link: _HostLink) -> None:
         super().__init__(layer, x, ledger, link)
-        self.x: torch.Tensor | None = x  # the checkpoint: the layer input stays on the device
+        # The checkpoint: the layer input stays on the device (detached: the state must not hold the graph).
+        self.x: torch.Tensor | None = x.detach()
+        self.x_requires_grad = x.requires_grad
         ledger.acquire(_key(x), _nbytes(x))
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state(x.device) if link.cuda else None
@@ -313,7 +316,7 @@ class _RecomputeState(_LayerState):
             if self.cuda_rng is not None:
                 torch.cuda.set_rng_state(self.cuda_rng, self.x.device)
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(collect, lambda _: None):
-                x = self.x.detach().requires_grad_(self.x.requires_grad)
+                x = self.x.detach().requires_grad_(self.x_requires_grad)
                 self.layer(x)
         if len(collected) != self.count:
             raise RuntimeError(
@@ -484,7 +487,7 @@ class _MemoState(_LayerState):
             self.ledger.bytes_to_host += host.nbytes
             self.host[name] = host
         # Free the device copies, then keep the layer input of the tokens that will be recomputed.
-        x = tape.entries[("x", None)].tensor
+        x = tape.entries[("x", None)].tensor.detach()
         for key in self.src:
             if key != _key(x):
                 self.ledger.release(key)
@@ -559,11 +562,9 @@ class _MemoState(_LayerState):
     def drop(self, key: Any) -> None:
         if self.full is None:
             return
-        name = self.name_of[key]
-        if not any(self.name_of[k] == name for k in self.alive):
-            t = self.full.pop(name, None)
-            if t is not None:
-                self.ledger.release(_key(t))
+        t = self.full.pop(self.name_of[key], None)  # one storage per name: its last handle died
+        if t is not None:
+            self.ledger.release(_key(t))
 
     def drop_all(self) -> None:
         for name in list(self.host):

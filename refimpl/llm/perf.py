@@ -1,0 +1,62 @@
+"""Cost of the model's forward pass (FLOPs, bytes) and measured decode speed, for the roofline comparison.
+
+A forward call over ``t`` new tokens multiplies each weight matrix once by ``t`` vectors: ``2 t`` FLOPs per
+weight, while reading each weight once. At ``t = 1`` (batch-1 decode) that is 2 FLOPs per 4 bytes (float32):
+far left of any CPU's ridge point, so decode time is ``bytes / bandwidth`` (Williams et al. 2009). As ``t``
+grows the same bytes feed ``t`` times the FLOPs, and prefill becomes compute-bound.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from refimpl._checks import check_int, check_positive_int
+from refimpl.llm.config import LlamaConfig
+
+__all__ = ["decode_bytes", "forward_flops", "time_decode"]
+
+
+def forward_flops(config: LlamaConfig, t: int, context: int = 0, causal: bool = True) -> float:
+    """FLOPs of one forward call over ``t`` new tokens after ``context`` cached ones (batch 1).
+
+    Weight matrices and the output head: ``2 t`` FLOPs per weight. Attention: ``q k^T`` and ``p v`` cost
+    ``2 * D`` each per (query head, visible key) pair; query ``i`` sees ``context + i + 1`` keys when
+    ``causal`` (else all ``context + t``, the count of an implementation that computes masked scores too).
+    Norms, RoPE and softmax (``O(t * d)``) are left out.
+    """
+    t = check_positive_int("t", t)
+    context = check_int("context", context, min_value=0)
+    c = config
+    matrix = sum(v for k, v in c.layer_params().items() if not k.endswith("norm")) * c.n_layers
+    head = c.vocab_size * c.d_model
+    pairs = t * context + (t * (t + 1) / 2 if causal else t * t)  # (query, key) pairs scored
+    return 2.0 * (matrix + head) * t + c.n_layers * c.n_heads * 4 * c.head_dim * pairs
+
+
+def decode_bytes(config: LlamaConfig, context: int, bytes_per_value: int = 4) -> int:
+    """Bytes one batch-1 decode step reads: every weight once (:meth:`LlamaConfig.decode_weight_bytes`) plus
+    the full KV cache of ``context`` tokens (:meth:`LlamaConfig.kv_bytes_per_token` each)."""
+    context = check_int("context", context, min_value=0)
+    return config.decode_weight_bytes(bytes_per_value) + context * config.kv_bytes_per_token(bytes_per_value)
+
+
+def time_decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, repeats: int = 3) -> float:
+    """Seconds per greedy decode step after a prefill of ``prompt: (T,)`` through fresh full caches.
+
+    The minimum over ``repeats`` runs of the mean over ``steps`` steps: the run least disturbed by other
+    processes (the convention of :mod:`refimpl.roofline.measure`).
+    """
+    steps = check_positive_int("steps", steps)
+    repeats = check_positive_int("repeats", repeats)
+    n = prompt.shape[0]
+    best = float("inf")
+    for _ in range(repeats):
+        caches = model.new_caches()
+        nxt = int(model(prompt[None], caches, 0)[0, -1].argmax())
+        start = time.perf_counter()
+        for i in range(steps):
+            nxt = int(model(torch.tensor([[nxt]]), caches, n + i)[0, -1].argmax())
+        best = min(best, (time.perf_counter() - start) / steps)
+    return best
