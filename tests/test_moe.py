@@ -537,7 +537,11 @@ def test_benchmark_quick_prints_numeric_lines(capsys: pytest.CaptureFixture[str]
     spec = importlib.util.spec_from_file_location("bench_moe", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(["--quick", "--repeats", "1"])
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--quick", "--repeats", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
     lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
     values = {name: float(value) for name, value in (line.split(": ") for line in lines)}
     for name in ("sorted_vs_loop_speedup", "sorted_vs_dense_speedup", "dense_dispatch_tensor_bytes"):
