@@ -367,6 +367,7 @@ class _OffloadState(_LayerState):
         self.host: dict[int, torch.Tensor] = {}  # storage -> flat host copy
         self.pending: dict[int, tuple[torch.Tensor, Any]] = {}  # storage -> fetch in flight
         self.dev: dict[int, torch.Tensor] = {}  # storage -> flat device copy in the backward pass
+        self.backward_started = False
 
     def pack(self, t: torch.Tensor) -> Any:
         key = _key(t)
@@ -403,9 +404,10 @@ class _OffloadState(_LayerState):
     def unpack(self, obj: Any) -> torch.Tensor:
         if isinstance(obj, torch.Tensor):
             return obj
-        if not self.dev and not self.pending and self.previous is not None:
-            prev = self.previous()  # the layer whose backward pass runs next
-            if prev is not None:
+        if not self.backward_started:
+            self.backward_started = True
+            prev = self.previous() if self.previous is not None else None
+            if prev is not None:  # the layer whose backward pass runs next
                 prev.prefetch()
         key = obj.key
         if key not in self.dev:
