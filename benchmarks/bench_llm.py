@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from refimpl.llm import corpus, load_model  # noqa: E402
-from refimpl.llm.perf import decode_bytes, forward_flops, time_decode  # noqa: E402
+from refimpl.llm.perf import decode_bytes, forward_flops, time_decode, time_matvecs  # noqa: E402
 from refimpl.roofline import measure  # noqa: E402
 
 
@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     # decode: weights once per token + the KV cache read at the mean context of the timed steps
     s_decode = time_decode(model, ids[: args.context], args.steps, args.repeats)
     bytes_per_token = decode_bytes(c, args.context + args.steps // 2)  # KV read at the mean context
+    s_matvecs = time_matvecs(model, repeats=args.repeats + 2)  # the weight reads alone
     decode_bound = bandwidth / bytes_per_token
 
     # prefill: one forward of T tokens through fresh caches (what generation does), min over repeats
@@ -65,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         f"decode_tokens_per_s: {1 / s_decode:.3f}",
         f"decode_bound_tokens_per_s: {decode_bound:.3f}",
         f"decode_roofline_fraction: {1 / s_decode / decode_bound:.3f}",
+        f"decode_matvecs_ms: {s_matvecs * 1e3:.3f}",
+        f"matvec_bandwidth_GBps: {c.decode_weight_bytes() / s_matvecs / 1e9:.3f}",
         f"matmul_GFLOPs: {peak / 1e9:.3f}",
         f"prefill_tokens: {t}",
         f"prefill_tokens_per_s: {t / s_prefill:.3f}",

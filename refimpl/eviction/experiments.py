@@ -70,7 +70,8 @@ class PolicyRun:
     ``nll_per_token: (N-1,)`` float64, entry ``t`` the NLL of token ``t+1`` (as in
     :class:`~refimpl.llm.perplexity.PerplexityResult`); ``mean_tokens``: tokens held per layer and KV head,
     averaged over the decode steps (after each step's eviction); ``mean_bytes``: KV bytes held (all layers),
-    averaged likewise; ``peak_bytes``: the largest held after any step.
+    averaged likewise; ``peak_bytes``: the largest held after any step; ``sizes``: tokens held per layer after
+    the prefill and after each decode step; ``kept``: per layer, the positions held at the end, ``(H_kv, T)``.
     """
 
     name: str
@@ -82,6 +83,7 @@ class PolicyRun:
     peak_bytes: int
     seconds: float = 0.0
     sizes: list[int] = field(default_factory=list)
+    kept: list[Tensor] = field(default_factory=list)
 
     def perplexity(self, start: int | None = None) -> float:
         """``exp(mean NLL)`` of the tokens predicted from position ``start`` on (default: the decoded ones,
@@ -146,9 +148,18 @@ def evaluate_policies(
             peak_bytes=max(nbytes[i]),
             seconds=seconds,
             sizes=[round(t) for t in tokens[i]],
+            kept=[_positions(c) for c in per_config[i]],
         )
         for i, (name, kw) in enumerate(configs)
     ]
+
+
+def _positions(cache: KVCache) -> Tensor:
+    """Positions a one-sequence cache holds, ``(H_kv, T)`` (a shared ``(T,)`` is repeated per head)."""
+    pos = cache.key_positions()
+    if pos.dim() == 1:
+        return pos.view(1, -1).expand(cache.keys_values()[0].shape[1], -1)
+    return pos[0]
 
 
 def record_attention(model: Any, ids: Tensor, per_query_head: bool = False) -> Tensor:

@@ -148,7 +148,7 @@ class EvictionCache(KVCache):
     def _encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
         """What is held for new tokens ``k, v: (B, H_kv, T_new, D)``; each entry's token axis is dim 2."""
         if self.bits is None:
-            return {"k": k.clone(), "v": v.clone()}
+            return {"k": k, "v": v}  # update() copies them (cat, or clone on the first step)
         from refimpl.kivi.quant import quantize
 
         out = {}
@@ -179,18 +179,20 @@ class EvictionCache(KVCache):
         positions = positions.to(device=k.device, dtype=torch.long)
         if t_new > 1 and not bool((positions[1:] > positions[:-1]).all()):
             raise ValueError(f"positions must be strictly increasing, got {positions.tolist()}")
+        first, last = positions[[0, -1]].tolist()
         if self.bits is not None and d % self.group_size:
             raise ValueError(f"head dimension D={d} must be a multiple of group_size={self.group_size}")
         pos = positions.view(1, 1, t_new).expand(b, h, t_new)  # (B, H_kv, T_new)
         new = self._encode(k, v)
         if self._pos is None:
-            self._store, self._pos, self._shape = new, pos.clone(), (b, h, d)
+            self._store = {name: x.clone() for name, x in new.items()}  # own storage, exactly what is held
+            self._pos, self._shape = pos.clone(), (b, h, d)
             for name, (inner, dtype) in self._state_shapes.items():
                 self._state[name] = torch.zeros(b, h, *inner, t_new, dtype=dtype, device=k.device)
         else:
             if (b, h, d) != self._shape:
                 raise ValueError(f"k must keep (B, H_kv, D) = {self._shape} of the cache, got {tuple(k.shape)}")
-            if int(positions[0]) <= self.last_position:
+            if first <= self.last_position:
                 raise ValueError(
                     f"positions must follow the cached ones (last {self.last_position}), got {positions.tolist()}"
                 )
@@ -199,7 +201,7 @@ class EvictionCache(KVCache):
             for name, s in self._state.items():  # new tokens start with empty statistics
                 self._state[name] = torch.cat([s, s.new_zeros(*s.shape[:-1], t_new)], dim=-1)
         self._dtype = k.dtype
-        self.last_position = int(positions[-1])
+        self.last_position = last
         self.tokens_seen += t_new
 
     def observe(self, weights: Tensor, q_positions: Tensor) -> None:
@@ -221,15 +223,13 @@ class EvictionCache(KVCache):
 
     def _evict(self, n_drop: int) -> None:
         """Drop ``n_drop`` unprotected tokens of lowest priority from every (sequence, KV head)."""
+        # The constructor's budget check guarantees n_drop unprotected tokens: T >= B + 1 >= recent + sinks + drop.
         t = self._pos.shape[-1]
-        priority = self._priority().to(torch.float64)  # (B, H_kv, T)
-        protected = self._pos < self.sink_tokens  # attention sinks (Xiao et al. 2023)
+        priority = self._priority().to(torch.float32, copy=True)  # (B, H_kv, T); exact for counts and positions
+        if self.sink_tokens:
+            priority.masked_fill_(self._pos < self.sink_tokens, float("inf"))  # attention sinks (Xiao et al.)
         if self.recent:
-            protected[..., max(t - self.recent, 0) :] = True  # the most recent tokens
-        n_drop = min(n_drop, int((~protected).sum(-1).min()))  # the constructor's check makes this a no-op
-        if n_drop <= 0:
-            return
-        priority = priority.masked_fill(protected, float("inf"))
+            priority[..., t - self.recent :] = float("inf")  # the most recent tokens
         # Ascending stable sort: lowest priority first; among equal priorities the older (earlier column) first.
         order = torch.sort(priority, dim=-1, stable=True).indices  # (B, H_kv, T)
         keep = order[..., n_drop:].sort(dim=-1).values  # (B, H_kv, T - n_drop), back in position order
@@ -318,10 +318,15 @@ class ScissorhandsCache(EvictionCache):
 
     def _accumulate(self, a: Tensor, q_positions: Tensor) -> None:
         # a: (B, H_kv, T_new, T). Query row i sees the tokens at positions <= q_positions[i]; t_i of them.
+        w, t_new = self.history_window, a.shape[2]
+        if t_new == 1 and int(q_positions[0]) >= self.last_position:  # a decode step: every token visible
+            below = a[:, :, 0, :] < 1.0 / a.shape[-1]  # (B, H_kv, T): attention < 1/t (Alg. 2)
+            self._state["unimportant"][:, :, self._steps % w, :] = below
+            self._steps += 1
+            return
         visible = self._pos.unsqueeze(2) <= q_positions.view(1, 1, -1, 1)  # (B, H_kv, T_new, T)
         t_vis = visible.sum(-1, keepdim=True).clamp_min(1).to(a.dtype)  # (B, H_kv, T_new, 1)
         below = visible & (a < 1.0 / t_vis)  # unimportant at this step: attention < 1/t (Alg. 2)
-        w, t_new = self.history_window, a.shape[2]
         n = min(t_new, w)  # rows older than the last w never matter
         slots = (self._steps + t_new - n + torch.arange(n, device=a.device)) % w  # ring positions to write
         self._state["unimportant"][:, :, slots, :] = below[:, :, t_new - n :, :]

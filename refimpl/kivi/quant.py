@@ -86,10 +86,11 @@ def quantize_groups(
     cdt = _compute_dtype(x.dtype)
     levels = 2**bits - 1
     xc = x.to(cdt)
-    lo, hi = xc.amin(dim=-1), xc.amax(dim=-1)  # (...,) the group's range
+    lo, hi = torch.aminmax(xc, dim=-1)  # (...,) the group's range
     zero = _round_toward(lo, sdt, up=False)  # z <= min X
     scale = _round_toward((hi - zero.to(cdt)) / levels, sdt, up=True)  # z + (2^B - 1) s >= max X
-    if not (bool(torch.isfinite(zero).all()) and bool(torch.isfinite(scale).all())):
+    # An inf/NaN anywhere in the group, or a range beyond stat_dtype, makes the scale non-finite.
+    if not bool(torch.isfinite(scale).all()):
         raise ValueError(f"x must be finite and within the range of stat_dtype={sdt}; got a non-finite range")
     s, z = scale.to(cdt).unsqueeze(-1), zero.to(cdt).unsqueeze(-1)
     s_safe = torch.where(s > 0, s, torch.ones_like(s))  # constant group: s = 0, every code is 0
@@ -103,7 +104,7 @@ def dequantize_groups(codes: Tensor, scale: Tensor, zero: Tensor, dtype: torch.d
     The product is taken in fp32 (fp64 if ``dtype`` is fp64) and returned in ``dtype``.
     """
     cdt = _compute_dtype(dtype)
-    out = codes.to(cdt) * scale.to(cdt).unsqueeze(-1) + zero.to(cdt).unsqueeze(-1)
+    out = torch.addcmul(zero.to(cdt).unsqueeze(-1), codes.to(cdt), scale.to(cdt).unsqueeze(-1))  # z + Q s
     return out.to(dtype)
 
 

@@ -64,8 +64,9 @@ def grouped_attention(
     b, h_q, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
     g = h_q // h_kv  # query heads per KV head
-    qg = q.view(b, h_kv, g, t_q, d)
-    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale  # (B, H_kv, G, T_q, T_k)
+    # the G query heads of a group share one KV head: stack their queries as rows, one matmul per KV head
+    qg = q.reshape(b, h_kv, g * t_q, d)  # (B, H_kv, G*T_q, D)
+    scores = (torch.matmul(qg, k.transpose(-1, -2)) * scale).view(b, h_kv, g, t_q, t_k)  # (B, H_kv, G, T_q, T_k)
     kp = k_positions if k_positions.dim() == 1 else k_positions.unsqueeze(2).unsqueeze(3)  # (.., 1, 1, T_k)
     visible = kp <= q_positions.view(-1, 1)  # (T_q, T_k) or (B, H_kv, 1, T_q, T_k)
     if bool(visible.all()):  # e.g. a decode step: every cached token is in the past
@@ -73,8 +74,8 @@ def grouped_attention(
     else:
         weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
         weights = torch.nan_to_num(weights, nan=0.0)  # rows with no visible key: all -inf -> NaN -> 0
-    out = torch.matmul(weights, v.unsqueeze(2))  # (B, H_kv, G, T_q, D)
-    return out.reshape(b, h_q, t_q, d), weights.reshape(b, h_q, t_q, t_k)
+    out = torch.matmul(weights.view(b, h_kv, g * t_q, t_k), v)  # (B, H_kv, G*T_q, D)
+    return out.view(b, h_q, t_q, d), weights.view(b, h_q, t_q, t_k)
 
 
 class KVCache:

@@ -15,7 +15,7 @@ import torch
 from refimpl._checks import check_int, check_positive_int
 from refimpl.llm.config import LlamaConfig
 
-__all__ = ["decode_bytes", "forward_flops", "time_decode"]
+__all__ = ["decode_bytes", "forward_flops", "time_decode", "time_matvecs"]
 
 
 def forward_flops(config: LlamaConfig, t: int, context: int = 0, causal: bool = True) -> float:
@@ -43,10 +43,12 @@ def decode_bytes(config: LlamaConfig, context: int, bytes_per_value: int = 4) ->
 
 
 def time_decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, repeats: int = 3) -> float:
-    """Seconds per greedy decode step after a prefill of ``prompt: (T,)`` through fresh full caches.
+    """Seconds of one greedy decode step after a prefill of ``prompt: (T,)`` through fresh full caches.
 
-    The minimum over ``repeats`` runs of the mean over ``steps`` steps: the run least disturbed by other
-    processes (the convention of :mod:`refimpl.roofline.measure`).
+    Each of ``repeats`` runs prefills, then times ``steps`` decode steps one by one; the result is the
+    fastest step: the one least disturbed by other processes (the convention of
+    :mod:`refimpl.roofline.measure`, which times its ceilings the same way). Context grows by one token per
+    step, so the steps differ only by ``steps`` tokens of KV cache.
     """
     steps = check_positive_int("steps", steps)
     repeats = check_positive_int("repeats", repeats)
@@ -55,8 +57,25 @@ def time_decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, repeat
     for _ in range(repeats):
         caches = model.new_caches()
         nxt = int(model(prompt[None], caches, 0)[0, -1].argmax())
-        start = time.perf_counter()
         for i in range(steps):
+            start = time.perf_counter()
             nxt = int(model(torch.tensor([[nxt]]), caches, n + i)[0, -1].argmax())
-        best = min(best, (time.perf_counter() - start) / steps)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def time_matvecs(model: torch.nn.Module, repeats: int = 3) -> float:
+    """Seconds for the matrix-vector products of one decode step alone: ``x @ W`` for every weight matrix of
+    the model once (the 4 per block and the output head), with a random ``x: (1, in)``; the fastest of
+    ``repeats`` runs. Compared with :func:`time_decode` it splits a step into reading weights and the rest."""
+    repeats = check_positive_int("repeats", repeats)
+    mats = [model.head] + [w for b in model.blocks for w in (b.wqkv, b.wo, b.w_gate_up, b.w_down)]
+    xs = {w.shape[0]: torch.randn(1, w.shape[0]) for w in mats}
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for w in mats:
+                xs[w.shape[0]] @ w
+            best = min(best, time.perf_counter() - start)
     return best
