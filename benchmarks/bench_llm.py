@@ -6,18 +6,24 @@ sequence of matrix-matrix products, bound by the matmul throughput: ``FLOP/s / F
 Both ceilings are measured in the same run with ``refimpl.roofline.measure`` (STREAM copy bandwidth, best fp32
 matmul), so the printed fractions are ratios of two measurements on the same machine.
 
-Usage: ``python benchmarks/bench_llm.py [--quick] [--context N] [--steps N] [--prefill-tokens N]``.
+Usage: ``python benchmarks/bench_llm.py [--quick] [--context N] [--steps N] [--prefill-tokens N] [--threads N]``.
 Prints ``name: value`` lines.
+
+The script sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it: by default OpenMP threads spin
+while they wait, and on a machine shared with other processes every small parallel operation of a decode step
+then waits for a time slice (decode slows down many times over).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
 
 import torch  # noqa: E402
 
@@ -33,7 +39,10 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     p.add_argument("--steps", type=int, default=32, help="decode steps per timed run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prefill-tokens", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.context, args.steps, args.repeats, args.prefill_tokens = 8, 3, 1, 16
     stream_bytes = (16 if args.quick else 256) * 2**20
@@ -43,7 +52,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     ids = corpus.eval_ids(max(args.context, args.prefill_tokens), tok)
 
     bandwidth = measure.stream_bandwidth(stream_bytes, repeats=3 if args.quick else 5)  # B/s
-    peak = max(measure.matmul_flops(n, repeats=2 if args.quick else 5) for n in ((256,) if args.quick else (512, 1024)))
+    peak = max(
+        measure.matmul_flops(n, repeats=2 if args.quick else 5) for n in ((256,) if args.quick else (512, 1024, 2048))
+    )
 
     # decode: weights once per token + the KV cache read at the mean context of the timed steps
     s_decode = time_decode(model, ids[: args.context], args.steps, args.repeats)

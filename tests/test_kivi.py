@@ -418,6 +418,17 @@ def test_large_residual_is_lossless_and_quantization_changes_values() -> None:
     assert not torch.equal(kc, k) and not torch.equal(vc, v)
 
 
+def test_constant_tensors_through_the_cache_stay_exact() -> None:
+    """All-equal keys (every per-channel group constant) and values (every per-token group constant)."""
+    cache = KIVICache(2, 8, 8)
+    k = torch.full((1, 2, 40, 16), 0.75)
+    v = torch.arange(40.0).view(1, 1, 40, 1).expand(1, 2, 40, 16).contiguous()  # constant along channels
+    _feed(cache, k, v, [17, 1, 22])
+    kc, vc = cache.keys_values()
+    assert cache.k_stream.num_quantized == 40 and cache.v_stream.num_quantized == 32
+    assert torch.equal(kc, k) and torch.equal(vc, v)  # representable in fp16, so exact, and no NaN
+
+
 def test_make_caches_registry() -> None:
     c2 = make_caches("kivi2", 3, residual_length=32)
     c4 = make_caches("kivi4", 1)

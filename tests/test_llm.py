@@ -22,6 +22,16 @@ from refimpl.llm.perplexity import evaluate, evaluate_one_shot
 needs_model = pytest.mark.model
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Run this module single-threaded: batch-1 decode is a chain of small operations, and on a CPU shared with
+    other processes OpenMP threads that spin-wait for a busy core slow every step many times over."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def llm():
     return load_model()

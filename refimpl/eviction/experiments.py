@@ -3,16 +3,18 @@
 :func:`evaluate_policies` measures what :func:`refimpl.llm.perplexity.evaluate` measures (prefill, then one
 token per decode step through the cache, NLL of every next token) for several cache configurations at once:
 the configurations are the rows of one batch, and a :class:`CacheBatch` per layer gives each row its own
-cache. The model's weights are read once per step for all rows, which on a CPU makes a sweep of policies and
-budgets several times cheaper than one :func:`~refimpl.llm.perplexity.evaluate` per configuration. A test
-checks that each row equals the single-configuration :func:`~refimpl.llm.perplexity.evaluate`.
+cache. The model's weights are read once per step for all rows, and configurations whose prefill is the same
+computation share one prefill pass, which on a CPU makes a sweep of policies and budgets several times cheaper
+than one :func:`~refimpl.llm.perplexity.evaluate` per configuration. A test checks that each row equals the
+single-configuration :func:`~refimpl.llm.perplexity.evaluate`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +23,8 @@ from torch import Tensor
 
 from refimpl._checks import check_int, check_tensor
 from refimpl.eviction.analysis import AttentionRecorder
-from refimpl.llm.cache import KVCache, make_caches
+from refimpl.eviction.policies import EvictionCache
+from refimpl.llm.cache import FullCache, KVCache, make_caches
 
 __all__ = ["CacheBatch", "PolicyRun", "evaluate_policies", "record_attention"]
 
@@ -92,6 +95,48 @@ class PolicyRun:
         return math.exp(float(self.nll_per_token[start:].mean()))
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch single-threaded inside the block (restoring the previous setting after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Fanout(KVCache):
+    """Prefill helper: every member receives the same step and must compute the same attention output.
+
+    True for the full cache and for the eviction caches (which evict only after a step's attention) holding the
+    same storage (``bits``): the prefill of all of them is one forward pass. The members' outputs are checked.
+    """
+
+    def __init__(self, members: Sequence[KVCache]) -> None:
+        self.members = list(members)
+
+    def update(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
+        for m in self.members:
+            m.update(k, v, positions)
+
+    def attend(self, q: Tensor, q_positions: Tensor, scale: float) -> Tensor:
+        outs = [m.attend(q, q_positions, scale) for m in self.members]
+        for o in outs[1:]:
+            if not torch.allclose(o, outs[0], rtol=1e-5, atol=1e-6):
+                raise RuntimeError("caches grouped for one prefill computed different attention outputs")
+        return outs[0]
+
+
+def _prefill_group(i: int, cache: KVCache) -> tuple[Any, ...]:
+    """Configurations whose prefill is provably identical share a key (see :class:`_Fanout`)."""
+    if type(cache) is FullCache or (isinstance(cache, EvictionCache) and cache.bits is None):
+        return ("full precision",)
+    if isinstance(cache, EvictionCache):
+        return ("quantized", cache.bits, cache.group_size)
+    return ("own", i)
+
+
 def evaluate_policies(
     model: Any,
     ids: Tensor,
@@ -101,8 +146,11 @@ def evaluate_policies(
     """Step-by-step NLL of ``ids: (N,)`` under each ``(cache name, kwargs)`` of ``configs``, in one batch.
 
     Same protocol as :func:`refimpl.llm.perplexity.evaluate` with ``step=1``: tokens ``0 .. prefill-1`` in one
-    call, then one token per call; the NLL of every token ``1 .. N-1``. Raises ``ValueError`` for an unknown
-    cache name, ``prefill`` outside ``[1, N-1]`` or fewer than 2 ids.
+    call, then one token per call; the NLL of every token ``1 .. N-1``. Configurations whose prefill is the same
+    computation (full-precision caches evict only after the prefill's attention) share one prefill pass; then
+    every configuration is a row of each decode step. Runs single-threaded: a step is thousands of small
+    operations, for which intra-op threads cost more than they gain on a CPU. Raises ``ValueError`` for an
+    unknown cache name, ``prefill`` outside ``[1, N-1]`` or fewer than 2 ids.
     """
     from refimpl.llm.perplexity import token_nll
 
@@ -115,9 +163,8 @@ def evaluate_policies(
         raise ValueError("configs must name at least one (cache name, kwargs) pair")
     n_layers = model.config.n_layers
     per_config = [make_caches(name, n_layers, **kw) for name, kw in configs]  # [config][layer]
-    caches = [CacheBatch([pc[layer] for pc in per_config]) for layer in range(n_layers)]
     m = len(configs)
-    x = ids.long().view(1, n).expand(m, n)  # (M, N): the same text in every row
+    ids = ids.long()
     nll = torch.empty(m, n - 1, dtype=torch.float64)
     tokens: list[list[float]] = [[] for _ in configs]
     nbytes: list[list[int]] = [[] for _ in configs]
@@ -127,15 +174,22 @@ def evaluate_policies(
             tokens[i].append(sum(len(c) for c in pc) / n_layers)
             nbytes[i].append(sum(c.nbytes() for c in pc))
 
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, pc in enumerate(per_config):
+        groups.setdefault(_prefill_group(i, pc[0]), []).append(i)
     t0 = time.perf_counter()
-    h = model.hidden(x[:, :prefill].contiguous(), caches, 0)  # (M, prefill, d)
-    for i in range(m):
-        nll[i, :prefill] = token_nll(model, h[i], ids[1 : prefill + 1])
-    record()
-    for pos in range(prefill, n - 1):
-        h = model.hidden(x[:, pos : pos + 1].contiguous(), caches, pos)  # (M, 1, d)
-        nll[:, pos] = token_nll(model, h[:, 0], ids[pos + 1].expand(m))
+    with _one_thread():
+        for rows in groups.values():  # one prefill pass per group
+            fan = [_Fanout([per_config[i][layer] for i in rows]) for layer in range(n_layers)]
+            h = model.hidden(ids[None, :prefill], fan, 0)[0]  # (prefill, d)
+            nll[rows, :prefill] = token_nll(model, h, ids[1 : prefill + 1])
         record()
+        caches = [CacheBatch([pc[layer] for pc in per_config]) for layer in range(n_layers)]
+        x = ids.view(1, n).expand(m, n)  # (M, N): the same text in every row
+        for pos in range(prefill, n - 1):
+            h = model.hidden(x[:, pos : pos + 1].contiguous(), caches, pos)  # (M, 1, d)
+            nll[:, pos] = token_nll(model, h[:, 0], ids[pos + 1].expand(m))
+            record()
     seconds = time.perf_counter() - t0
     return [
         PolicyRun(

@@ -60,6 +60,8 @@ def bits_per_element(
     """
     seq = check_positive_int("seq", seq)
     check_choice("bits", bits, BITS)
+    stat_bits = check_positive_int("stat_bits", stat_bits)
+    residual_bits = check_positive_int("residual_bits", residual_bits)
     quantized_bits = bits + 2 * stat_bits / group_size
     total = 0.0
     for axis in (key_axis, value_axis):
@@ -92,6 +94,9 @@ class _Growable:
     def view(self) -> Tensor | None:
         return None if self._buf is None else self._buf.narrow(self.dim, 0, self._len)
 
+    def __len__(self) -> int:
+        return self._len
+
     def nbytes(self) -> int:
         """Bytes of the filled part (what a right-sized allocation would hold)."""
         v = self.view()
@@ -121,6 +126,7 @@ class QuantizedStream:
         self._codes, self._scale, self._zero = _Growable(2), _Growable(2), _Growable(2)
         self._residual: Tensor | None = None  # X_r: (B, H, T_r, D), full precision
         self._seen = 0  # l: tokens appended so far
+        self._n_quantized = 0  # tokens in the quantized history
         self._dtype: torch.dtype | None = None
 
     def append(self, x: Tensor) -> None:
@@ -129,12 +135,14 @@ class QuantizedStream:
         res = x if self._residual is None else torch.cat([self._residual, x], dim=2)  # (B, H, T_r + T_new, D)
         self._seen += x.shape[2]
         # The oldest tokens of the residual that the rule moves into the quantized history.
-        n_quant = num_quantized(self._seen, self.group_size, self.residual_length, self.axis) - self.num_quantized
+        n_total = num_quantized(self._seen, self.group_size, self.residual_length, self.axis)
+        n_quant = n_total - self._n_quantized
         if n_quant:
             q = quantize(res[:, :, :n_quant], self.bits, self.group_size, self.axis, self.stat_dtype)
             self._codes.append(q.codes)
             self._scale.append(q.scale)
             self._zero.append(q.zero)
+            self._n_quantized = n_total
         self._residual = res[:, :, n_quant:].clone()  # own storage, so nbytes() is what is held
 
     def quantized(self) -> QuantizedTensor | None:
@@ -149,8 +157,7 @@ class QuantizedStream:
     @property
     def num_quantized(self) -> int:
         """Tokens in the quantized history."""
-        q = self.quantized()
-        return 0 if q is None else q.num_tokens
+        return self._n_quantized
 
     @property
     def num_residual(self) -> int:
@@ -174,7 +181,7 @@ class QuantizedStream:
 
 class KIVICache(KVCache):
     """KIVI KV cache for one decoder layer (Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization
-    for KV Cache", Algorithm 1 / sec. 3.3).
+    for KV Cache", sec. 3.3).
 
     Arguments (paper symbols): ``bits`` ``B`` in {2, 4, 8}; ``group_size`` ``G`` (``G * bits`` a multiple
     of 8, so a group packs into whole bytes); ``residual_length`` ``R`` (a multiple of ``G``, may be 0);
@@ -183,7 +190,10 @@ class KIVICache(KVCache):
     zero points (fp16 as in KIVI; ``None``: the dtype of the tokens).
 
     :meth:`keys_values` returns ``[dequantized history | residual]`` for keys and values (each
-    ``(B, H_kv, T, D)``); :meth:`nbytes` counts packed codes, scales, zero points and both residual buffers.
+    ``(B, H_kv, T, D)``); :meth:`nbytes` counts packed codes, scales, zero points and both residual buffers
+    (the filled part of the growable buffers, as :class:`~refimpl.llm.cache.FullCache` does; positions are
+    not counted). Attention dequantizes the whole history at every step: a fused GPU kernel does that in
+    registers, this reference does it with PyTorch operations.
     Raises ``ValueError``/``TypeError`` naming the argument on a bad setting or a step whose shape, dtype or
     head layout differs from earlier steps.
     """
@@ -249,4 +259,4 @@ class KIVICache(KVCache):
         return self.k_stream.nbytes() + self.v_stream.nbytes()
 
     def __len__(self) -> int:
-        return self._pos._len
+        return len(self._pos)

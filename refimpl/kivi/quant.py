@@ -1,7 +1,7 @@
 """Asymmetric uniform quantization in groups, and real bit packing (KIVI, Liu et al. 2024, section 3.1).
 
 A group of numbers ``X`` (here: ``G`` consecutive elements of a key or value tensor) is stored as ``B``-bit
-integer codes plus two statistics, a zero point ``z`` and a scale ``s`` (KIVI eq. 1):
+integer codes plus two statistics, a zero point ``z`` and a scale ``s`` (KIVI sec. 3.1):
 
     z = min X,    s = (max X - min X) / (2^B - 1),    Q(X) = round((X - z) / s),    X' = Q(X) * s + z.
 
@@ -68,7 +68,7 @@ def _round_toward(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
 def quantize_groups(
     x: Tensor, bits: int, stat_dtype: torch.dtype | None = torch.float16
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Quantize each group along the last dimension of ``x: (..., G)`` to ``bits``-bit codes (KIVI eq. 1).
+    """Quantize each group along the last dimension of ``x: (..., G)`` to ``bits``-bit codes (KIVI sec. 3.1).
 
     Returns ``codes: (..., G)`` (uint8 in ``[0, 2^bits - 1]``, unpacked), ``scale: (...)`` and
     ``zero: (...)`` in ``stat_dtype`` (``None``: the dtype of ``x``). Guarantees
@@ -94,12 +94,12 @@ def quantize_groups(
         raise ValueError(f"x must be finite and within the range of stat_dtype={sdt}; got a non-finite range")
     s, z = scale.to(cdt).unsqueeze(-1), zero.to(cdt).unsqueeze(-1)
     s_safe = torch.where(s > 0, s, torch.ones_like(s))  # constant group: s = 0, every code is 0
-    codes = ((xc - z) / s_safe).round_().clamp_(0, levels).to(torch.uint8)  # Q(X), eq. 1
+    codes = ((xc - z) / s_safe).round_().clamp_(0, levels).to(torch.uint8)  # Q(X)
     return codes, scale, zero
 
 
 def dequantize_groups(codes: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Reconstruct ``X' = Q(X) * s + z`` (KIVI eq. 1) from ``codes: (..., G)``, ``scale, zero: (...)``.
+    """Reconstruct ``X' = Q(X) * s + z`` (KIVI sec. 3.1) from ``codes: (..., G)``, ``scale, zero: (...)``.
 
     The product is taken in fp32 (fp64 if ``dtype`` is fp64) and returned in ``dtype``.
     """
