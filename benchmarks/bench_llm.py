@@ -39,10 +39,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     p.add_argument("--steps", type=int, default=32, help="decode steps per timed run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prefill-tokens", type=int, default=256)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's)")
     args = p.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     if args.quick:
         args.context, args.steps, args.repeats, args.prefill_tokens = 8, 3, 1, 16
     stream_bytes = (16 if args.quick else 256) * 2**20
@@ -55,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     peak = max(
         measure.matmul_flops(n, repeats=2 if args.quick else 5) for n in ((256,) if args.quick else (512, 1024, 2048))
     )
+    threads = torch.get_num_threads()  # the ceilings use every core; the model may be given fewer threads
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     # decode: weights once per token + the KV cache read at the mean context of the timed steps
     s_decode = time_decode(model, ids[: args.context], args.steps, args.repeats)
@@ -68,8 +69,10 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     flops_per_token = forward_flops(c, t) / t
     prefill_bound = peak / flops_per_token
 
+    model_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     lines = [
-        f"threads: {torch.get_num_threads()}",
+        f"threads: {model_threads}",
         f"weight_bytes_per_token: {bytes_per_token:.0f}",
         f"stream_bandwidth_GBps: {bandwidth / 1e9:.3f}",
         f"decode_context: {args.context}",

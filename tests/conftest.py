@@ -1,8 +1,13 @@
-"""Shared pytest configuration: the repository root on sys.path for ``tools/`` imports."""
+"""Shared pytest configuration: the repository root on sys.path for ``tools/`` imports; OpenMP wait policy."""
 
 from __future__ import annotations
 
+import os
 import sys
+
+# OpenMP threads that spin while idle make torch 3-20x slower on a shared 2-core machine (measured on the LLM's
+# decode); set before anything imports torch. The Makefile exports the same for notebooks and benchmarks.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

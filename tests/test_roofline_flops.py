@@ -36,18 +36,22 @@ def smollm2():
 
     cfg = read_config()
     d, f, q, kv = cfg.d_model, cfg.ffn_dim, cfg.q_dim, cfg.kv_dim
-    blocks = [
-        {
-            "attn_norm": torch.ones(d),
-            "wqkv": torch.zeros(q + 2 * kv, d),
-            "wo": torch.zeros(d, q),
-            "ffn_norm": torch.ones(d),
-            "w_gate_up": torch.zeros(2 * f, d),
-            "w_down": torch.zeros(d, f),
+    # GGUF's tensor names and (out, in) shapes; from_gguf_tensors lays them out as the model stores them.
+    shapes = {"token_embd.weight": (cfg.vocab_size, d), "output_norm.weight": (d,)}
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        shapes |= {
+            p + "attn_norm.weight": (d,),
+            p + "attn_q.weight": (q, d),
+            p + "attn_k.weight": (kv, d),
+            p + "attn_v.weight": (kv, d),
+            p + "attn_output.weight": (d, q),
+            p + "ffn_norm.weight": (d,),
+            p + "ffn_gate.weight": (f, d),
+            p + "ffn_up.weight": (f, d),
+            p + "ffn_down.weight": (d, f),
         }
-        for _ in range(cfg.n_layers)
-    ]
-    return Llama(cfg, torch.zeros(cfg.vocab_size, d), torch.ones(d), blocks)
+    return Llama.from_gguf_tensors(cfg, {name: torch.zeros(shape) for name, shape in shapes.items()})
 
 
 @pytest.fixture

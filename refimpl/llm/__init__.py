@@ -9,6 +9,7 @@
 ``refimpl.llm.generate``       :func:`generate`: greedy / temperature + top-p sampling, streaming
 ``refimpl.llm.perplexity``     :func:`evaluate`: perplexity of a cache policy, step by step
 ``refimpl.llm.corpus``         the fixed evaluation corpus (CPython's pydoc topics)
+``refimpl.llm.perf``           FLOPs and bytes of a forward call, measured decode speed
 =============================  ===============================================================
 
 Command line: ``python -m refimpl.llm generate "PROMPT"`` and ``python -m refimpl.llm perplexity FILE``.

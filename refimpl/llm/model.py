@@ -12,7 +12,7 @@ One block (Touvron et al. 2023, sec. 2.2), for a residual stream ``x: (B, T, d_m
 
 Weights are stored as ``(in, out)`` matrices and applied as ``x @ W``, as in the equations. Decode at batch
 1 is bound by reading the weights, and this layout is the one the CPU's BLAS streams fastest for a single
-row ``x`` (on the book's AMD CPU, MKL's ``x @ W`` reads ``(in, out)`` about 1.5x faster than ``(out, in)``).
+row ``x`` (on the book's AMD CPU, MKL reads ``(in, out)`` 1.5-2x faster than ``(out, in)`` in ``x @ W``).
 For the same reason the tied embedding is stored once, as the output head ``(d, V)``; the embedding lookup
 reads columns of it. The three input projections of attention are one matrix ``wqkv`` and the two of SwiGLU
 one ``w_gate_up``: one product instead of three (two) per step.

@@ -1,0 +1,67 @@
+"""Perplexity cost of a 5x smaller KV cache on SmolLM2-135M: Scissorhands and the sliding window.
+
+    python benchmarks/bench_eviction.py            # 1024 tokens of the eval slice, 512 decoded (~several minutes)
+    python benchmarks/bench_eviction.py --quick    # 80 tokens, a few seconds after the model loads
+
+Protocol (the chapter's): the first ``--prefill`` tokens of the book's fixed corpus slice
+(:func:`refimpl.llm.corpus.eval_ids`, slice ``eval``) go through the model in one call, then the rest one token
+per decode step, each through :func:`refimpl.llm.perplexity.evaluate` with the cache under test (one run per
+cache). The budget is 20% of the evaluated context (``--tokens``), i.e. a 5x smaller cache. The perplexity is
+that of the decoded tokens, where the policy acts; the increase is relative to the full cache measured in the
+same run: ``ppl_policy / ppl_full - 1`` (0.10 = 10% higher). Scissorhands runs with its defaults (w = 400,
+r = 10, m = 0.4 B). Every line after the header is ``name: number``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+
+def _decoded_ppl(result, prefill: int) -> float:
+    return math.exp(float(result.nll_per_token[prefill:].mean()))
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
+    parser.add_argument("--tokens", type=int, default=None, help="evaluated context (default 1024; quick 80)")
+    parser.add_argument("--prefill", type=int, default=None, help="tokens in the prefill (default tokens / 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    args = parser.parse_args(argv)
+
+    from refimpl.llm import evaluate, load_model
+    from refimpl.llm.corpus import eval_ids
+
+    torch.set_num_threads(args.threads)
+    n = args.tokens or (80 if args.quick else 1024)
+    prefill = args.prefill or n // 2
+    budget = n // 5
+    model, tokenizer = load_model()
+    ids = eval_ids(n, tokenizer)
+    print(f"# SmolLM2-135M, {n} tokens of the eval slice, prefill {prefill}, budget {budget} (20%)")
+    out: dict[str, float] = {}
+    full = evaluate(model, ids, "full", prefill=prefill)
+    out["full_ppl"] = _decoded_ppl(full, prefill)
+    for name in ("scissorhands", "window"):
+        r = evaluate(model, ids, name, prefill=prefill, cache_kwargs={"budget": budget})
+        out[f"{name}_ppl_at_5x"] = _decoded_ppl(r, prefill)
+        out[f"{name}_ppl_increase_at_5x"] = out[f"{name}_ppl_at_5x"] / out["full_ppl"] - 1
+        out[f"{name}_cache_compression"] = full.peak_cache_bytes / r.peak_cache_bytes  # memory to provide
+    for key in (
+        "full_ppl",
+        "scissorhands_ppl_at_5x",
+        "window_ppl_at_5x",
+        "scissorhands_ppl_increase_at_5x",
+        "window_ppl_increase_at_5x",
+        "scissorhands_cache_compression",
+        "window_cache_compression",
+    ):
+        print(f"{key}: {out[key]:.4f}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Eviction caches inside SmolLM2-135M: the batched sweep equals refimpl.llm.perplexity.evaluate; the benchmark.
+
+These load the 135M-parameter model (a few seconds) and decode a few dozen steps per configuration, so they are
+marked ``slow`` and ``model``; together they take about 20 s on an idle 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.slow, pytest.mark.model]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model_and_ids():
+    from refimpl.llm import load_model
+    from refimpl.llm.corpus import eval_ids
+
+    model, tokenizer = load_model()
+    return model, eval_ids(40, tokenizer)
+
+
+def test_evaluate_policies_equals_evaluate(model_and_ids):
+    from refimpl.eviction.experiments import evaluate_policies
+    from refimpl.llm import evaluate
+
+    model, ids = model_and_ids
+    configs = [
+        ("full", {}),
+        ("scissorhands", {"budget": 14, "history_window": 8, "recent": 4, "drop_fraction": 0.3}),
+        ("h2o", {"budget": 10}),
+        ("streamingllm", {"budget": 10}),
+        ("window", {"budget": 10}),
+        ("scissorhands", {"budget": 14, "recent": 4, "drop_fraction": 0.3, "bits": 4}),
+        ("kivi4", {}),
+    ]
+    prefill = 16
+    runs = evaluate_policies(model, ids, configs, prefill=prefill)
+    for (name, kw), run in zip(configs, runs):
+        ref = evaluate(model, ids, name, prefill=prefill, cache_kwargs=kw)
+        torch.testing.assert_close(run.nll_per_token, ref.nll_per_token, rtol=1e-4, atol=1e-4)
+        assert run.peak_bytes == ref.peak_cache_bytes, name
+    by_name = {r.name: r for r in runs}
+    assert by_name["window"].sizes == [10] * (len(ids) - prefill)  # cut to the budget right after the prefill
+    assert by_name["window"].perplexity() > by_name["full"].perplexity()
+    # The prefill is shared, so its NLL is the same for every full-precision configuration.
+    assert torch.equal(runs[1].nll_per_token[:prefill], runs[0].nll_per_token[:prefill])
+
+
+def test_benchmark_quick_prints_numbers(capsys):
+    spec = importlib.util.spec_from_file_location("bench_eviction", ROOT / "benchmarks" / "bench_eviction.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    before = torch.get_num_threads()
+    try:
+        out = bench.main(["--quick"])
+    finally:
+        torch.set_num_threads(before)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")]
+    values = dict(ln.split(": ") for ln in lines)
+    for key in ("scissorhands_ppl_increase_at_5x", "window_ppl_increase_at_5x", "full_ppl"):
+        assert key in values and float(values[key]) == pytest.approx(out[key], abs=1e-4)
+    assert float(values["scissorhands_cache_compression"]) > 1
