@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 # OpenMP threads that spin while idle make torch 3-20x slower on a shared 2-core machine (measured on the LLM's
 # decode); set before anything imports torch. The Makefile exports the same for notebooks and benchmarks.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:

@@ -17,6 +17,16 @@ from refimpl.llm.cache import FullCache
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Single-threaded: decoding issues many small operations, where OpenMP's fork/join only costs time on a
+    busy 2-core machine (10x slower measured under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def llm():
     from refimpl.llm import load_model
