@@ -65,7 +65,7 @@ unit: venv
 	$(PY) -m pytest tests -q --durations=15
 
 nbval: venv
-	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env --durations=0 \
+	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env --durations=10 \
 	  $$($(PY) tools/book_policy.py notebooks)
 
 build: setup

@@ -23,25 +23,12 @@ the parallel speed-up, so one thread is the fair setting there. Every line after
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
 
 from refimpl.attention import flash_attention, naive_attention, peak_memory
-
-
-def _interleaved_best(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Minimum wall time of each function over ``repeats`` rounds, the functions alternating within a round."""
-    for fn in fns.values():
-        fn()  # warm-up
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+from refimpl.roofline.measure import time_interleaved
 
 
 def _inputs(n: int, d: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
@@ -88,12 +75,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         q, k, v, do = _inputs(n_time, d, requires_grad=False)
         err = (naive(q, k, v) - flash(q, k, v)).abs().max().item()
         assert err < 1e-4, f"flash and naive disagree by {err}"
-        t = _interleaved_best({"naive": lambda: naive(q, k, v), "flash": lambda: flash(q, k, v)}, repeats)
+        t = time_interleaved({"naive": lambda: naive(q, k, v), "flash": lambda: flash(q, k, v)}, repeats=repeats)
         results.update(time_n=n_time, naive_forward_s=t["naive"], flash_forward_s=t["flash"])
         results["flash_vs_naive_time_ratio"] = t["flash"] / t["naive"]
         qg, kg, vg, do = _inputs(n_time, d, requires_grad=True)
-        t = _interleaved_best(
-            {"naive": _fwd_bwd(naive, qg, kg, vg, do), "flash": _fwd_bwd(flash, qg, kg, vg, do)}, repeats
+        t = time_interleaved(
+            {"naive": _fwd_bwd(naive, qg, kg, vg, do), "flash": _fwd_bwd(flash, qg, kg, vg, do)}, repeats=repeats
         )
         results.update(naive_fwd_bwd_s=t["naive"], flash_fwd_bwd_s=t["flash"])
         results["flash_vs_naive_fwd_bwd_time_ratio"] = t["flash"] / t["naive"]

@@ -14,13 +14,12 @@ when no CUDA device exists: the numbers cannot be produced on a CPU.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
+
+from refimpl.recording import provenance, write_recording
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "data" / "measurements" / "flash_attention_gpu.json"
@@ -66,7 +65,6 @@ def main(argv: list[str] | None = None) -> dict:
             file=sys.stderr,
         )
         raise SystemExit(2)
-    import triton
     from triton.testing import do_bench
 
     batch, heads, d, dtype = (1, 2, 128, torch.bfloat16) if args.quick else (4, 16, 128, torch.bfloat16)
@@ -95,18 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
                 for direction, ms in (("fwd", fwd_ms), ("bwd", bwd_ms)):
                     tflops = attention_flops(batch, heads, n, d, causal, direction) / (ms * 1e-3) / 1e12
                     rows.append({**row, "direction": direction, "ms": ms, "tflops": tflops, "max_abs_err": err})
+    command = " ".join(["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     record = {
         "benchmark": "flash_attention_gpu",
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(),
-            "python": platform.python_version(),
-        },
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        **provenance(command),
         "config": {
             "batch": batch,
             "heads": heads,
@@ -119,8 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n")
+        write_recording(out, record)
     print(f"# {record['device']}, B={batch} H={heads} d={d} {record['config']['dtype']}")
     for r in rows:
         tag = f"{r['impl']}_{r.get('direction', 'fwd')}_{'causal' if r['causal'] else 'full'}_n{r['n']}"

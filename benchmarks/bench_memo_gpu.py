@@ -27,14 +27,13 @@ Writes a recording (JSON: device, date, library versions, command, configuration
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import sys
 from pathlib import Path
 
 import torch
+
+from refimpl.recording import provenance, write_recording
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "data" / "measurements" / "memo_gpu.json"
@@ -164,20 +163,12 @@ def main(argv: list[str] | None = None) -> dict:
     if out_path is not None:
         record = {
             "benchmark": "memo_gpu",
-            "device": torch.cuda.get_device_name(device),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": {
-                "torch": torch.__version__,
-                "cuda": torch.version.cuda,
-                "python": platform.python_version(),
-            },
-            "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+            **provenance("python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])),
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "rows": rows,
             "longest_seq": longest,
         }
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(record, indent=1) + "\n")
+        write_recording(out_path, record)
         print(f"# recorded to {out_path}")
     return summary
 

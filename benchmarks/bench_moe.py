@@ -20,8 +20,6 @@ Every line after the header is ``name: number``. Times are the minimum over ``--
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
 
@@ -36,16 +34,7 @@ from refimpl.moe import (
     moe_sorted,
     top_k_gating,
 )
-
-
-def _best_time(fn: Callable[[], torch.Tensor], repeats: int) -> float:
-    fn()  # warm-up (allocator, first-call dispatch)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from refimpl.roofline.measure import time_interleaved
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -82,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         scale = float(reference.abs().max())
         if max_diff > 1e-4 * max(scale, 1.0):
             raise RuntimeError(f"dispatch paths disagree: max |diff| = {max_diff:.3g} (output scale {scale:.3g})")
-        seconds = {name: _best_time(fn, repeats) for name, fn in paths.items()}
+        seconds = time_interleaved(paths, repeats=repeats)
 
     itemsize = x.element_size()
     results = {

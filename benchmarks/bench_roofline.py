@@ -13,9 +13,6 @@ prediction for ``--hardware``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import re
 import sys
 from collections.abc import Sequence
@@ -23,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from refimpl.recording import provenance, write_recording
 from refimpl.roofline import analyze, list_hardware, list_models, measure
 from refimpl.roofline.ops import elementwise, matmul
 
@@ -59,7 +57,6 @@ def decode_sweep(model: str, hardware: str, context: int, max_batch: int, quick:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = "fp16" if cuda else "fp32"
-    device_name = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()
     rows = []
     batch = 1
     while batch <= max_batch:
@@ -82,18 +79,14 @@ def decode_sweep(model: str, hardware: str, context: int, max_batch: int, quick:
         "model": model,
         "context": context,
         "dtype": dtype,
-        "device": device_name,
         "predicted_for_hardware": hardware,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda},
-        "command": "python benchmarks/bench_roofline.py " + " ".join(sys.argv[1:]),
+        **provenance("python benchmarks/bench_roofline.py " + " ".join(sys.argv[1:])),
         "rows": rows,
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+    slug = re.sub(r"[^a-z0-9]+", "-", record["device"].lower()).strip("-")
     out = ROOT / "data" / "measurements" / f"roofline_decode_{slug}.json"
     if not quick:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n")
+        write_recording(out, record)
         print(f"recorded: {out.relative_to(ROOT)}")
     return out
 

@@ -60,6 +60,25 @@ def time_fn(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> floa
     return best
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Seconds per call of each function in ``fns``: the minimum over ``repeats`` rounds in which the functions
+    alternate, after ``warmup`` rounds. Interleaving exposes every function to the same machine state, so the
+    ratio of two results is what a benchmark should report on a noisy machine.
+    """
+    repeats = check_positive_int("repeats", repeats)
+    warmup = check_int("warmup", warmup, min_value=0)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def stream_bandwidth(nbytes: int = 64 * 2**20, *, repeats: int = 5, warmup: int = 1) -> float:
     """Memory bandwidth in bytes/s from a streaming copy ``dst.copy_(src)`` of ``nbytes`` bytes (fp32 arrays).
 
