@@ -229,7 +229,7 @@ def test_kv_head_attention_is_group_mean():
 # ---- invariants through real attention ----------------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     name=st.sampled_from(POLICIES),
     budget=st.integers(6, 16),
@@ -300,11 +300,12 @@ def test_nbytes_are_the_tensors_held(name):
     }
 
 
-def test_quantized_storage_bytes_and_error():
-    """bits=4: codes + fp16 scale/zero per group; reconstruction within half a step of each token's group."""
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantized_storage_bytes_and_error(bits):
+    """Codes + fp16 scale/zero per group of 32 channels; reconstruction within half a step of each group."""
     from refimpl.kivi.quant import quantize
 
-    cache = ScissorhandsCache(budget=16, history_window=8, recent=2, drop_fraction=0.25, bits=4, group_size=32)
+    cache = ScissorhandsCache(budget=16, history_window=8, recent=2, drop_fraction=0.25, bits=bits, group_size=32)
     g = torch.Generator().manual_seed(0)
     b, h, d = 1, 2, 64
     ks = []
@@ -314,17 +315,18 @@ def test_quantized_storage_bytes_and_error():
         cache.update(k, k, torch.tensor([t]))
         cache.attend(torch.randn(b, 2 * h, 1, d, generator=g), torch.tensor([t]), 0.125)
     t_held = len(cache)
-    # per token and head: D * 4 / 8 bytes of codes + (D / 32) groups * 2 stats * 2 bytes, for k and v
-    per_token = 2 * (d * 4 // 8 + (d // 32) * 2 * 2)
+    # per token and head: D * bits / 8 bytes of codes + (D / 32) groups * 2 stats * 2 bytes, for k and v
+    per_token = 2 * (d * bits // 8 + (d // 32) * 2 * 2)
     assert cache.nbytes() == b * h * t_held * per_token
+    held = sum(x.untyped_storage().nbytes() for x in cache._store.values())
+    assert held == cache.nbytes()
     kk, _ = cache.keys_values()
     kp = cache.key_positions()
     orig = torch.cat(ks, dim=2).gather(2, kp.unsqueeze(-1).expand(-1, -1, -1, d))
-    q = quantize(orig, 4, 32, "token")
+    q = quantize(orig, bits, 32, "token")
     bound = q.scale.float().repeat_interleave(32, dim=-1) / 2 + 1e-6  # (B, H, T, D)
     assert bool(((kk - orig).abs() <= bound).all())
-    full_bytes = 2 * b * h * t_held * d * 4
-    assert cache.nbytes() * 6 < full_bytes
+    assert float((kk - orig).abs().max()) > 0  # really quantized
 
 
 def test_unimportance_matches_log_with_ring_wraparound():

@@ -73,7 +73,10 @@ class EvictionCache(KVCache):
        tokens and the tokens at positions ``< sink_tokens``.
 
     Storage is exactly the kept tokens: ``k, v: (B, H_kv, T, D)`` and positions ``(B, H_kv, T)`` in insertion
-    (= position) order. :meth:`nbytes` counts the key and value tensors held; :meth:`state_nbytes` counts the
+    (= position) order. With ``bits`` (2, 4 or 8) each token's keys and values are stored quantized instead, in
+    groups of ``group_size`` channels of one token (KIVI's asymmetric quantizer, :func:`refimpl.kivi.quantize`
+    with ``axis="token"``: codes plus an fp16 scale and zero point per group), so evicting a token removes
+    exactly its bytes. :meth:`nbytes` counts the key and value storage held; :meth:`state_nbytes` counts the
     policy's statistics separately.
 
     Raises ``ValueError`` when ``budget`` is missing or too small: ``budget >= recent + sink_tokens +
@@ -284,11 +287,12 @@ class ScissorhandsCache(EvictionCache):
     *unimportant* steps (rather than important ones) favours a young token, which has had fewer steps to prove
     unimportant.
 
-    Defaults: ``w = 400`` and ``r = 10`` are the values of the paper's experiments; ``m = 0.4 B``
-    (``drop_fraction``) is the drop amount attributed to the paper by the Cold-Compress reimplementation.
-    ``drop_fraction=0`` means ``m = 1`` (evict one token per step, as H2O does). The cache's size saw-tooths
-    between ``B - m + 1`` and ``B`` tokens, so its average is below ``B``. ``bits``/``group_size``: store the
-    kept tokens quantized (see :class:`EvictionCache`), the combination of the paper's section 5.3.
+    Defaults: ``w = 400`` and ``r = 10`` are the paper's experimental settings; ``m = 0.4 B``
+    (``drop_fraction``) is the drop amount that the Cold-Compress reimplementation (Answer.AI) attributes to the
+    paper. ``drop_fraction=0`` means ``m = 1`` (evict one token per step, as H2O does). The cache's size
+    saw-tooths between ``B - m + 1`` and ``B`` tokens, so its average is below ``B``. ``bits``/``group_size``:
+    store the kept tokens quantized (see :class:`EvictionCache`), the combination with 4-bit quantization that
+    the paper also evaluates.
 
     Statistics held: a ``w``-step boolean history per token and KV head, ``(B, H_kv, w, T)``.
     Raises ``ValueError`` for ``history_window < 1``, ``drop_fraction`` outside ``[0, 1]`` or a budget below
