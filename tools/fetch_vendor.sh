@@ -7,7 +7,7 @@ MATHJAX=mathjax@3.2.2
 REQUIREJS=requirejs@2.3.8
 HTML_MANAGER=@jupyter-widgets/html-manager@1.0.15
 dest=_vendor/static/vendor
-stamp="_vendor/.stamp-v2-$MATHJAX-$REQUIREJS-${HTML_MANAGER//\//_}"
+stamp="_vendor/.stamp-v3-$MATHJAX-$REQUIREJS-${HTML_MANAGER//\//_}"
 if [ -f "$stamp" ] && [ -f "$dest/mathjax/tex-chtml.js" ]; then
   exit 0
 fi
@@ -23,5 +23,9 @@ cp _vendor/npm/requirejs/require.js "$dest/require.min.js"
 widgets="$dest/npm/@jupyter-widgets/html-manager/dist"
 mkdir -p "$widgets"
 find _vendor/npm/html-manager/dist -maxdepth 1 -type f ! -name "*.map" -exec cp {} "$widgets/" \;
+# Some of its bundled modules are named @jupyter-widgets/<name>, so their fonts resolve one folder up: serve the
+# fonts there too (which module asks first varies from load to load).
+find _vendor/npm/html-manager/dist -maxdepth 1 -type f \( -name "*.woff*" -o -name "*.ttf" -o -name "*.eot" \
+  -o -name "*.svg" \) -exec cp {} "$widgets/../../" \;
 touch "$stamp"
 echo "vendored JavaScript in $dest"
