@@ -156,3 +156,17 @@ def test_cache_batch_rows_equal_separate_caches():
         batch.keys_values()
     with pytest.raises(TypeError):
         CacheBatch([])
+
+
+def test_evaluate_policies_bad_inputs():
+    from refimpl.eviction.experiments import evaluate_policies
+
+    ids = torch.arange(10)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        evaluate_policies(None, ids[:1], [("full", {})])
+    with pytest.raises(ValueError, match="prefill must be <= 9"):
+        evaluate_policies(None, ids, [("full", {})], prefill=10)
+    with pytest.raises(ValueError, match="configs"):
+        evaluate_policies(None, ids, [], prefill=2)
+    with pytest.raises(ValueError, match="ids must have 1 dimensions"):
+        evaluate_policies(None, ids.view(2, 5), [("full", {})])

@@ -65,6 +65,19 @@ def test_evaluate_policies_equals_evaluate(model_and_ids):
     assert torch.equal(runs[1].nll_per_token[:prefill], runs[0].nll_per_token[:prefill])
 
 
+def test_record_attention_rows_are_causal_distributions(model_and_ids):
+    from refimpl.eviction.experiments import record_attention
+
+    model, ids = model_and_ids
+    a = record_attention(model, ids[:12])  # (L, H_kv, T, T)
+    q = record_attention(model, ids[:12], per_query_head=True)  # (L, H_q, T, T)
+    cfg = model.config
+    assert a.shape == (cfg.n_layers, cfg.n_kv_heads, 12, 12) and q.shape[1] == cfg.n_heads
+    torch.testing.assert_close(a.sum(-1), torch.ones(cfg.n_layers, cfg.n_kv_heads, 12), rtol=0, atol=1e-5)
+    assert float(a.triu(1).abs().max()) == 0.0  # nothing attends to the future
+    torch.testing.assert_close(a, q.view(cfg.n_layers, cfg.n_kv_heads, -1, 12, 12).mean(2))
+
+
 def test_benchmark_quick_prints_numbers(capsys):
     spec = importlib.util.spec_from_file_location("bench_eviction", ROOT / "benchmarks" / "bench_eviction.py")
     bench = importlib.util.module_from_spec(spec)

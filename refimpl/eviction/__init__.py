@@ -6,6 +6,8 @@ al.
   :class:`EvictionCache`; registered in :data:`refimpl.llm.cache.CACHE_NAMES`.
 * :mod:`refimpl.eviction.analysis`: attention sparsity and the persistence of importance, measured from
   recorded attention weights.
+* :mod:`refimpl.eviction.experiments`: recording a model's attention, and a batched step-by-step perplexity
+  sweep over policies and budgets (:func:`~refimpl.eviction.experiments.evaluate_policies`).
 """
 
 from refimpl.eviction.policies import (

@@ -124,6 +124,7 @@ class EvictionCache(KVCache):
         self._store: dict[str, Tensor] = {}  # what is held per token, token axis 2: k, v or their codes
         self._dtype: torch.dtype | None = None  # dtype the keys and values arrived in
         self._pos: Tensor | None = None  # (B, H_kv, T) original positions
+        self._shape: tuple[int, int, int] | None = None  # (B, H_kv, D), fixed by the first update
         self._state: dict[str, Tensor] = {}  # per-token statistics, token axis last: (B, H_kv, ..., T)
         self._state_shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.last_position = -1  # position of the newest token added
