@@ -144,10 +144,10 @@ def layer_times(
 ) -> LayerTimes:
     """Roofline times (``max(FLOPs / peak, bytes / bandwidth)`` per operator) of :func:`gpt_layer_operators` on
     ``hardware`` (a :class:`~refimpl.roofline.Hardware` or a name for ``refimpl.roofline.load_hardware``)."""
-    from refimpl.roofline import load_hardware
+    from refimpl.roofline.hardware import resolve_hardware
     from refimpl.roofline.ops import evaluate
 
-    hw = load_hardware(hardware) if isinstance(hardware, str) else hardware
+    hw = resolve_hardware(hardware)
     peak = hw.peak(dtype)
     ops = gpt_layer_operators(s, b, h, a, ffn_hidden=ffn_hidden, dtype=dtype, sequence_parallel=sequence_parallel)
     times = {op.name: evaluate(op, peak, hw.memory_bandwidth).time for op in ops}
@@ -190,12 +190,11 @@ def predict_memo(
     sequence_parallel: int = 1,
 ) -> MemoPrediction:
     """Step time, peak device memory and host memory of MEMO with swap fraction ``alpha`` (see module doc)."""
-    from refimpl.roofline import load_hardware
-    from refimpl.roofline.hardware import dtype_bits
+    from refimpl.roofline.hardware import dtype_bits, resolve_hardware
 
     alpha = check_float("alpha", alpha, min_value=0.0, max_value=1.0)
     n_layers = check_positive_int("n_layers", n_layers)
-    hw = load_hardware(hardware) if isinstance(hardware, str) else hardware
+    hw = resolve_hardware(hardware)
     kw = {"ffn_hidden": ffn_hidden, "dtype": dtype, "sequence_parallel": sequence_parallel}
     times = layer_times(s, b, h, a, hw, **kw)
     p = sequence_parallel
@@ -236,9 +235,9 @@ def choose_alpha(
 ) -> float:
     """The largest ``alpha`` whose swap hides behind the forward pass and fits the host:
     ``min(1, T_f B / A, host_capacity / (A L))`` (``host_capacity`` in bytes per device; ``None``: unlimited)."""
-    from refimpl.roofline import load_hardware
+    from refimpl.roofline.hardware import resolve_hardware
 
-    hw = load_hardware(hardware) if isinstance(hardware, str) else hardware
+    hw = resolve_hardware(hardware)
     if host_capacity is not None:
         host_capacity = check_float("host_capacity", host_capacity, min_value=0.0)
     n_layers = check_int("n_layers", n_layers, min_value=1)
