@@ -32,6 +32,7 @@ _SUBMODULES = (
     "llm",
     "memo",
     "moe",
+    "recording",
     "roofline",
 )
 

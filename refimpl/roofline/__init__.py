@@ -74,10 +74,13 @@ __all__ = [
 ]
 
 
+_LAZY_SUBMODULES = ("measure", "plot")  # measure imports torch and plot matplotlib; load them only when used
+
+
 def __getattr__(name: str) -> Any:
-    # measure imports torch and plot matplotlib; load them only when used.
-    if name in ("measure", "plot"):
-        module = importlib.import_module("refimpl.roofline.measure")
+    """Import ``measure`` or ``plot`` on first attribute access (PEP 562)."""
+    if name in _LAZY_SUBMODULES:
+        module = importlib.import_module(f"refimpl.roofline.{name}")
         globals()[name] = module
         return module
     raise AttributeError(f"module 'refimpl.roofline' has no attribute {name!r}")
