@@ -11,7 +11,7 @@ import inspect
 import textwrap
 from typing import Any
 
-# Figures are rendered at the book's content width (about 7 inches at 100 dpi) and must stay readable there.
+#: Figures are rendered at the book's content width (about 7 inches at 100 dpi) and must stay readable there.
 BOOK_STYLE: dict[str, Any] = {
     "figure.figsize": (7.0, 4.0),
     "figure.dpi": 100,

@@ -25,6 +25,7 @@ from torch import Tensor
 from refimpl._checks import check_int, check_positive_int
 
 __all__ = [
+    "IOCount",
     "IOCounter",
     "TileVisit",
     "block_sizes_for_sram",

@@ -1,8 +1,7 @@
 """KV-cache eviction (chapter ``scissorhands``): Scissorhands and its peers as caches, and attention analysis.
 
 * :mod:`refimpl.eviction.policies`: :class:`ScissorhandsCache` (Liu et al. 2023), :class:`H2OCache` (Zhang et
-al.
-  2023), :class:`StreamingLLMCache` (Xiao et al. 2023), :class:`SlidingWindowCache`, on one base class
+  al. 2023), :class:`StreamingLLMCache` (Xiao et al. 2023), :class:`SlidingWindowCache`, on one base class
   :class:`EvictionCache`; registered in :data:`refimpl.llm.cache.CACHE_NAMES`.
 * :mod:`refimpl.eviction.analysis`: attention sparsity and the persistence of importance, measured from
   recorded attention weights.

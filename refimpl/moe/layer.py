@@ -189,8 +189,11 @@ class MoEStack(nn.Module):
     """``num_layers`` :class:`MoELayer` blocks between a linear read-in and a linear read-out.
 
     Args:
-        d_in, d_out: input and output widths; ``num_layers``: number of MoE blocks; ``layer_kwargs`` are
-        passed to every :class:`MoELayer` (``d_model``, ``d_hidden``, ``num_experts``, router options).
+        d_in: input width.
+        d_out: output width.
+        num_layers: number of MoE blocks.
+        layer_kwargs: passed to every :class:`MoELayer` (``d_model``, ``d_hidden``, ``num_experts``, router
+            options).
     """
 
     def __init__(self, d_in: int, d_out: int, num_layers: int, **layer_kwargs: object) -> None:

@@ -536,8 +536,9 @@ def analyze(
         :class:`Analysis` with per-operator rows and totals.
 
     Raises:
-        ValueError / TypeError naming the argument for a non-positive batch or seq, an unknown model, hardware,
-        stage or dtype, a dtype the hardware has no peak for, or bits outside ``(0, 64]``.
+        ValueError: naming the argument, for a non-positive batch or seq, an unknown model, hardware, stage
+            or dtype, a dtype the hardware has no peak for, or bits outside ``(0, 64]``.
+        TypeError: naming the argument, for an argument of the wrong type.
     """
     hw = resolve_hardware(hardware)
     st = _validate(

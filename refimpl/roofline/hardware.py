@@ -36,7 +36,7 @@ __all__ = [
 
 HARDWARE_YAML = Path(__file__).resolve().parents[2] / "data" / "hardware.yaml"
 
-# Storage size of one element, in bits. tf32 is stored as fp32 (it only changes the Tensor Core arithmetic).
+#: Storage size of one element, in bits. tf32 is stored as fp32 (it only changes the Tensor Core arithmetic).
 DTYPE_BITS: dict[str, float] = {
     "fp64": 64,
     "fp32": 32,
