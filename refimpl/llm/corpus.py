@@ -3,8 +3,9 @@
 Every chapter that reports a perplexity uses the same tokens, so numbers compare across chapters. The text is
 the documentation that ``help("assert")`` and friends print; it ships inside every CPython installation
 under the PSF licence (redistributable), and is English prose mixed with grammar rules and code, a realistic
-input for a small instruct model. It was extracted once (:func:`extract_pydoc_topics`) and committed as
-``data/corpus/pydoc_topics.txt``; ``data/corpus/README.md`` records the source and the slices.
+input for a small instruct model. It was extracted once (:func:`extract_pydoc_topics`) and ships inside the
+package as ``refimpl/data/corpus/pydoc_topics.txt`` (read with :mod:`importlib.resources`, so an installed wheel
+has it); ``refimpl/data/corpus/README.md`` records the source and the slices.
 
 Slices are defined in tokens of the whole tokenized text, so they do not depend on where a character slice
 would cut a word: :data:`SLICES` maps a name to its first token.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from pathlib import Path
+from importlib import resources
 from typing import TYPE_CHECKING
 
 from refimpl._checks import check_choice, check_positive_int
@@ -26,7 +27,9 @@ if TYPE_CHECKING:
 
 __all__ = ["CORPUS_PATH", "CORPUS_SHA256", "SLICES", "eval_ids", "extract_pydoc_topics", "load_text", "n_tokens"]
 
-CORPUS_PATH = Path(__file__).resolve().parents[2] / "data" / "corpus" / "pydoc_topics.txt"
+#: The corpus file, shipped inside the package (a :class:`~importlib.resources.abc.Traversable`).
+CORPUS_PATH = resources.files("refimpl") / "data" / "corpus" / "pydoc_topics.txt"
+#: sha256 of the corpus file, checked by :func:`load_text`.
 CORPUS_SHA256 = "71f2ff5d99bdc1f9c48c5c2353ad138201c5ca1c377e0226857ef8fa89b8bcee"
 SOURCE_PYTHON = "3.11.7"  # the CPython whose pydoc_data.topics was extracted
 TOPIC_SEPARATOR = "\n\n\n"
@@ -49,11 +52,11 @@ def extract_pydoc_topics() -> str:
 def load_text() -> str:
     """The committed corpus text (465,126 characters), verified against :data:`CORPUS_SHA256`.
 
-    Raises ``FileNotFoundError`` if ``data/corpus/pydoc_topics.txt`` is missing (run from a checkout of the
-    book's repository) and ``ValueError`` if it was modified.
+    Raises ``FileNotFoundError`` if :data:`CORPUS_PATH` is missing (an installation without the package data)
+    and ``ValueError`` if it was modified.
     """
     if not CORPUS_PATH.is_file():
-        raise FileNotFoundError(f"the evaluation corpus {CORPUS_PATH} is missing; it is part of the repository")
+        raise FileNotFoundError(f"the evaluation corpus {CORPUS_PATH} is missing; it ships inside the package")
     data = CORPUS_PATH.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != CORPUS_SHA256:

@@ -4,7 +4,7 @@ Williams, Waterman and Patterson (2009) bound a kernel's performance by ``min(pe
 arithmetic intensity)``. This package applies it to LLM inference as "LLM Inference Unveiled" (Yuan et al. 2024)
 does, with tested formulas:
 
-* :mod:`~refimpl.roofline.hardware` - ceilings from datasheets (``data/hardware.yaml``) or measured (``"cpu"``);
+* :mod:`~refimpl.roofline.hardware` - ceilings from datasheets (``refimpl/data/hardware.yaml``) or measured (``"cpu"``);
 * :mod:`~refimpl.roofline.ops` - operators as (FLOPs, bytes read, bytes written), intensity, bound, time;
 * :mod:`~refimpl.roofline.models` - Llama-2-7B, Llama-3-8B, SmolLM2-135M (from its GGUF file), Mixtral-8x7B;
 * :mod:`~refimpl.roofline.analyzer` - per-operator prefill/decode analysis, memory footprint, max batch;

@@ -7,8 +7,9 @@ bounds a kernel of arithmetic intensity ``I`` (FLOP per byte of memory traffic) 
     P(I) = min(pi, beta * I)                                                       (Williams et al. 2009, eq. 1)
 
 The two ceilings meet at the ridge point ``I* = pi / beta``: a kernel left of it is memory-bound, right of it
-compute-bound. This module holds the ceilings. Datasheet entries live in ``data/hardware.yaml`` with their source
-and date; the entry ``"cpu"`` is measured on the machine that runs the code (:mod:`refimpl.roofline.measure`).
+compute-bound. This module holds the ceilings. Datasheet entries live in ``refimpl/data/hardware.yaml`` (package
+data, read with :mod:`importlib.resources`) with their source and date; the entry ``"cpu"`` is measured on the
+machine that runs the code (:mod:`refimpl.roofline.measure`).
 
 Units are SI everywhere in code: FLOP/s, bytes/s, bytes. Dense and 2:4-sparse peaks are kept apart: only
 ``peak_flops`` (dense) is a ceiling used by the analyzer; ``peak_flops_sparse`` is there to be labelled honestly.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from pathlib import Path
+from importlib import resources
 from typing import Any
 
 from refimpl._checks import check_choice, check_float
@@ -34,7 +35,8 @@ __all__ = [
     "resolve_hardware",
 ]
 
-HARDWARE_YAML = Path(__file__).resolve().parents[2] / "data" / "hardware.yaml"
+#: The datasheet entries, shipped inside the package (a :class:`~importlib.resources.abc.Traversable`).
+HARDWARE_YAML = resources.files("refimpl") / "data" / "hardware.yaml"
 
 #: Storage size of one element, in bits. tf32 is stored as fp32 (it only changes the Tensor Core arithmetic).
 DTYPE_BITS: dict[str, float] = {
@@ -160,12 +162,11 @@ class Hardware:
 def _read_yaml() -> dict[str, dict[str, Any]]:
     import yaml
 
-    with open(HARDWARE_YAML, encoding="utf-8") as f:
-        return yaml.safe_load(f)
+    return yaml.safe_load(HARDWARE_YAML.read_text(encoding="utf-8"))
 
 
 def list_hardware() -> list[str]:
-    """Names accepted by :func:`load_hardware` (the datasheet entries of ``data/hardware.yaml`` and ``"cpu"``)."""
+    """Names accepted by :func:`load_hardware` (the datasheet entries of :data:`HARDWARE_YAML` and ``"cpu"``)."""
     return list(_read_yaml())
 
 
@@ -192,7 +193,7 @@ _MEASURED: dict[str, Hardware] = {}
 def load_hardware(name: str) -> Hardware:
     """Return the :class:`Hardware` called ``name`` (see :func:`list_hardware`).
 
-    Datasheet entries come from ``data/hardware.yaml``. ``"cpu"`` is measured on first use with
+    Datasheet entries come from :data:`HARDWARE_YAML`. ``"cpu"`` is measured on first use with
     :func:`refimpl.roofline.measure.measure_hardware` (about a second) and cached for the process.
     Raises ``ValueError`` listing the known names for an unknown ``name``.
     """
