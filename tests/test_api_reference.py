@@ -104,3 +104,12 @@ def test_api_build_passes_on_good_references_and_fails_on_a_broken_one(tmp_path:
     broken = _build(_api_book(tmp_path / "broken", "Calls :func:`refimpl.roofline.no_such_function`."))
     assert broken.returncode != 0
     assert "no_such_function" in broken.stdout + broken.stderr
+
+
+def test_browser_check_visits_every_page_of_a_folder(tmp_path: Path) -> None:
+    from tools.check_browser import pages_of
+
+    for rel in ("index.html", "genindex.html", "search.html", "_static/x.html", "api/index.html", "api/kivi.html"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("<html></html>")
+    assert [p.relative_to(tmp_path).as_posix() for p in pages_of(tmp_path)] == ["api/index.html", "api/kivi.html"]

@@ -63,12 +63,13 @@ async () => {
 
 
 def pages_of(html_dir: Path) -> list[Path]:
-    """The content pages of a Sphinx build: every .html outside _static/_sources, minus generated ones."""
+    """The content pages of a Sphinx build: every .html outside _static/_sources, minus the generated ones at the
+    top (the index, the search page, the redirect ``index.html``); ``api/index.html`` is a content page."""
     skip = {"genindex.html", "search.html", "index.html"}
     pages = []
     for p in sorted(html_dir.rglob("*.html")):
         rel = p.relative_to(html_dir)
-        if rel.parts[0].startswith("_") or rel.name in skip:
+        if rel.parts[0].startswith("_") or rel.as_posix() in skip:
             continue
         pages.append(p)
     return pages
