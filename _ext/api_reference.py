@@ -1,9 +1,9 @@
 """Sphinx extension: the API reference page of one ``refimpl`` package, generated from its docstrings.
 
-A page of the book's "API reference" part holds one directive::
+A page of the book's "API reference" part (``api/*.rst``; reStructuredText, as autodoc writes) holds one
+directive::
 
-    ```{refimpl-api} refimpl.roofline
-    ```
+    .. refimpl-api:: refimpl.roofline
 
 which expands to the package's docstring (autodoc), a summary table of its public submodules (autosummary), and
 one section per submodule with every public member (``automodule`` with ``:members:``; a module's ``__all__``
@@ -11,7 +11,7 @@ decides what is public). Submodules are found with :mod:`pkgutil` when the book 
 in the reference without editing the page; modules whose name starts with ``_`` (``__main__``, ``_checks``) are
 left out. ``:modules:`` names the modules of a page that is not one package (the top-level helpers).
 
-Two event handlers let docstrings written for readers of the source work in the reference:
+Event handlers let docstrings written for readers of the source work in the reference:
 
 * a cross-reference to a ``refimpl`` object by the name its reader would use (``:func:`analyze``` inside the
   module that imports it, ``refimpl.roofline.analyze`` for what the package re-exports, ``:meth:`attend``` for a
@@ -76,7 +76,7 @@ class RefimplAPI(SphinxDirective):
         modules = self.options.get("modules", "").split() or (public_submodules(package) if package else [])
         if not modules:
             raise self.error("refimpl-api needs a package with public submodules or a :modules: list")
-        for m in modules:
+        for m in [package, *modules] if package else modules:  # rebuild the page when a module changes
             self.env.note_dependency(importlib.import_module(m).__file__)
         node = nodes.section()
         node.document = self.state.document
