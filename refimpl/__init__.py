@@ -14,6 +14,9 @@ module                     technique                                      chapte
 ``refimpl.llm``            SmolLM2-135M in plain PyTorch                  ``chapters/smollm2``
 =========================  =============================================  ==========================
 
+Helpers every chapter uses: ``refimpl.display`` (``show_source``, the book's figure style) and
+``refimpl.recording`` (provenance of recorded GPU measurements). ``python -m refimpl`` checks an installation.
+
 ``import refimpl`` is cheap: submodules (and torch) are imported only when first used.
 """
 
