@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from refimpl.recording import provenance, write_recording
-from refimpl.roofline import analyze, list_hardware, list_models, measure
+from refimpl.roofline import Workload, analyze, list_hardware, list_models, measure
 from refimpl.roofline.ops import elementwise, matmul
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def ceilings(quick: bool) -> None:
     model = "smollm2-135m"
     context = 64 if quick else 512
     measured = measure.decode_layer_time(model, batch=1, context=context, repeats=3)
-    predicted = analyze(model, hw, stage="decode", batch=1, seq=context, dtype="fp32").layer_time
+    predicted = analyze(model, hw, Workload(stage="decode", batch=1, seq=context, dtype="fp32")).layer_time
     print(f"smollm2_decode_layer_measured_over_predicted: {measured / predicted:.4g}")
 
 
@@ -67,7 +67,7 @@ def decode_sweep(model: str, hardware: str, context: int, max_batch: int, quick:
         except torch.OutOfMemoryError:
             print(f"out_of_memory_at_batch: {batch}")
             break
-        predicted = analyze(model, hardware, stage="decode", batch=batch, seq=context, dtype=dtype).layer_time
+        predicted = analyze(model, hardware, Workload(stage="decode", batch=batch, seq=context, dtype=dtype)).layer_time
         rows.append({"batch": batch, "measured_layer_s": seconds, "predicted_layer_s": predicted})
         print(f"decode_layer_ms_b{batch}: {seconds * 1e3:.4g}")
         print(f"predicted_layer_ms_b{batch}: {predicted * 1e3:.4g}")

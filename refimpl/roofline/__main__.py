@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import replace
 
-from refimpl.roofline.analyzer import analyze, max_batch
+from refimpl.roofline.analyzer import Workload, analyze, max_batch
 from refimpl.roofline.hardware import DTYPE_BITS, list_hardware, load_hardware
 from refimpl.roofline.models import list_models
 
@@ -44,21 +45,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     hardware = load_hardware(args.hardware)
     dtype = args.dtype or ("fp16" if "fp16" in hardware.peak_flops else "fp32")
-    kwargs = dict(
-        batch=args.batch,
-        seq=args.seq,
-        dtype=dtype,
-        weight_bits=args.weight_bits,
-        kv_bits=args.kv_bits,
-        kv_budget=args.kv_budget,
-        active_experts=args.active_experts,
-        flash_attention=not args.no_flash_attention,
-    )
     try:
-        prefill = analyze(args.model, hardware, stage="prefill", **kwargs)
-        decode = analyze(args.model, hardware, stage="decode", **kwargs)
-        kwargs.pop("batch")
-        fits = max_batch(args.model, hardware, **kwargs)
+        workload = Workload(
+            batch=args.batch,
+            seq=args.seq,
+            dtype=dtype,
+            weight_bits=args.weight_bits,
+            kv_bits=args.kv_bits,
+            kv_budget=args.kv_budget,
+            active_experts=args.active_experts,
+            flash_attention=not args.no_flash_attention,
+        )
+        prefill = analyze(args.model, hardware, replace(workload, stage="prefill"))
+        decode = analyze(args.model, hardware, replace(workload, stage="decode"))
+        fits = max_batch(args.model, hardware, workload)
     except (ValueError, TypeError) as err:
         parser.error(str(err))
     if args.table:
