@@ -4,6 +4,7 @@ Million Sequence Length on 8 GPUs").
 * :mod:`refimpl.memo.block` - the book's GPT block, whose saved activations are Korthikanti et al.'s (2022);
 * :mod:`refimpl.memo.ledger` - the device/host byte ledger and the closed forms of activation memory;
 * :mod:`refimpl.memo.strategies` - keep everything, full recomputation, full offload, MEMO token-wise;
+* :mod:`refimpl.memo.swap` - the machinery under them: saved-tensor lifetimes, host copies, the swap space;
 * :mod:`refimpl.memo.overlap` - when swapping hides behind compute, on the roofline of ``refimpl.roofline``;
 * :mod:`refimpl.memo.planning` - lifetimes of a layer's tensors, a best-fit caching allocator, an exact MILP plan.
 
@@ -44,6 +45,7 @@ _EXPORTS = {
         "forward_stack",
         "train_step",
     ),
+    "swap": (),  # machinery of the strategies: reached as the submodule, nothing re-exported
     "overlap": (
         "LayerTimes",
         "MemoPrediction",
