@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _common import report
 
 from refimpl.moe import (
     apply_capacity,
@@ -93,9 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "dense_dispatch_plus_combine_bytes": 2 * dense_dispatch_bytes(n, e, capacity, x.dtype),
         "sorted_permuted_rows_bytes": routing.num_assignments * d * itemsize,
     }
-    print(f"# bench_moe: torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
-    for name, value in results.items():
-        print(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")
+    report(results, header=f"bench_moe: torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
     return results
 
 

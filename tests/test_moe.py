@@ -529,21 +529,9 @@ def test_bad_inputs_raise_clear_errors() -> None:
 # Benchmark output format
 
 
-def test_benchmark_quick_prints_numeric_lines(capsys: pytest.CaptureFixture[str]) -> None:
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_moe.py"
-    spec = importlib.util.spec_from_file_location("bench_moe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    try:
-        module.main(["--quick", "--repeats", "1", "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
-    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
-    values = {name: float(value) for name, value in (line.split(": ") for line in lines)}
+def test_benchmark_quick_prints_numeric_lines(run_benchmark) -> None:
+    _, lines = run_benchmark("bench_moe", ["--quick", "--repeats", "1", "--threads", "1"])
+    values = {name: float(value) for name, value in lines.items()}
     for name in ("sorted_vs_loop_speedup", "sorted_vs_dense_speedup", "dense_dispatch_tensor_bytes"):
         assert name in values and values[name] > 0
     assert values["dense_dispatch_tensor_bytes"] == values["tokens"] * values["experts"] * values["capacity"] * 4

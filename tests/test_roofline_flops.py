@@ -54,15 +54,6 @@ def smollm2():
     return Llama.from_gguf_tensors(cfg, {name: torch.zeros(shape) for name, shape in shapes.items()})
 
 
-@pytest.fixture
-def one_thread():
-    """FLOP counts do not depend on threads; one thread avoids barrier stalls when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_smollm2_prefill_and_decode_flops_match_flop_counter(smollm2, one_thread):
     batch, prompt = 2, 5
     ids = torch.randint(0, smollm2.config.vocab_size, (batch, prompt + 1), generator=torch.Generator().manual_seed(0))
