@@ -161,7 +161,7 @@ class QuantizedTensor:
     dtype: torch.dtype
 
     @property
-    def num_tokens(self) -> int:
+    def n_tokens(self) -> int:
         """``T``, the number of tokens represented."""
         t = self.codes.shape[2]
         return t * self.group_size if self.axis == "channel" else t

@@ -60,10 +60,10 @@ def _check_problem(x: Tensor, routing: Routing, w1: Tensor, w2: Tensor) -> None:
         raise ValueError(
             f"w1 must be (E, d={d}, h) and w2 (E, h, d), got w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)}"
         )
-    if routing.num_tokens != n or routing.num_experts != e:
+    if routing.n_tokens != n or routing.n_experts != e:
         raise ValueError(
             f"routing must cover x's {n} tokens and w1's {e} experts, "
-            f"got num_tokens={routing.num_tokens}, num_experts={routing.num_experts}"
+            f"got n_tokens={routing.n_tokens}, n_experts={routing.n_experts}"
         )
 
 
@@ -146,7 +146,7 @@ def moe_masked_loop(x: Tensor, routing: Routing, w1: Tensor, w2: Tensor) -> Tens
         ``(N, d)`` the expert mixture (without the residual).
     """
     _check_problem(x, routing, w1, w2)
-    n, e = routing.num_tokens, routing.num_experts
+    n, e = routing.n_tokens, routing.n_experts
     gates = routing.weight.new_zeros(n, e).index_put((routing.token, routing.expert), routing.weight, True)
     y = x.new_zeros(x.shape)
     for i in range(e):
@@ -161,7 +161,7 @@ def moe_gather_loop(x: Tensor, routing: Routing, w1: Tensor, w2: Tensor) -> Tens
     """
     _check_problem(x, routing, w1, w2)
     y = x.new_zeros(x.shape)
-    for i in range(routing.num_experts):
+    for i in range(routing.n_experts):
         mine = torch.nonzero(routing.expert == i).squeeze(1)  # (A_i,) this expert's assignments
         token = routing.token[mine]
         out = expert_ffn(x.index_select(0, token), w1[i], w2[i])  # (A_i, d)
@@ -182,15 +182,15 @@ def dense_dispatch_tensors(routing: Routing, capacity: int, dtype: torch.dtype |
     if not isinstance(routing, Routing):
         raise TypeError(f"routing must be a Routing, got {type(routing).__name__}")
     capacity = check_int("capacity", capacity, min_value=0)
-    position = queue_positions(routing.expert, routing.num_experts)  # (A,) slot in the expert's buffer
-    if routing.num_assignments and int(position.max()) >= capacity:
+    position = queue_positions(routing.expert, routing.n_experts)  # (A,) slot in the expert's buffer
+    if routing.n_assignments and int(position.max()) >= capacity:
         most = int(routing.tokens_per_expert().max())
         raise ValueError(
             f"capacity must be >= the most assignments of one expert ({most}) for dense dispatch, got {capacity}; "
             "drop the overflow with apply_capacity first"
         )
     dtype = routing.weight.dtype if dtype is None else dtype
-    shape = (routing.num_tokens, routing.num_experts, capacity)
+    shape = (routing.n_tokens, routing.n_experts, capacity)
     where = (routing.token, routing.expert, position)
     dispatch = torch.zeros(shape, dtype=dtype, device=routing.weight.device)
     dispatch[where] = 1.0
@@ -198,12 +198,12 @@ def dense_dispatch_tensors(routing: Routing, capacity: int, dtype: torch.dtype |
     return dispatch, combine
 
 
-def dense_dispatch_bytes(num_tokens: int, num_experts: int, capacity: int, dtype: torch.dtype) -> int:
+def dense_dispatch_bytes(n_tokens: int, n_experts: int, capacity: int, dtype: torch.dtype) -> int:
     """Bytes of ONE ``(N, E, C)`` dispatch (or combine) tensor of ``dtype``: ``N * E * C * itemsize``."""
-    num_tokens = check_int("num_tokens", num_tokens, min_value=0)
-    num_experts = check_int("num_experts", num_experts, min_value=1)
+    n_tokens = check_int("n_tokens", n_tokens, min_value=0)
+    n_experts = check_int("n_experts", n_experts, min_value=1)
     capacity = check_int("capacity", capacity, min_value=0)
-    return num_tokens * num_experts * capacity * torch.empty((), dtype=dtype).element_size()
+    return n_tokens * n_experts * capacity * torch.empty((), dtype=dtype).element_size()
 
 
 def moe_dense(x: Tensor, routing: Routing, w1: Tensor, w2: Tensor, capacity: int) -> Tensor:

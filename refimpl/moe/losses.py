@@ -10,18 +10,18 @@ from refimpl._checks import check_float, check_tensor
 __all__ = ["expert_fractions", "load_balancing_loss", "router_z_loss"]
 
 
-def expert_fractions(index: Tensor, num_experts: int, dtype: torch.dtype = torch.float32) -> Tensor:
+def expert_fractions(index: Tensor, n_experts: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """``f_i``: the fraction of the ``N k`` assignments that go to expert ``i`` (Switch eq. 5, all k choices).
 
     Args:
         index: ``(N, k)`` int64 chosen experts.
-        num_experts: ``E``.
+        n_experts: ``E``.
 
     Returns:
         ``(E,)`` fractions of ``dtype`` summing to 1 (all zeros when ``N = 0``).
     """
     check_tensor("index", index, ndim=2, dtypes=[torch.int64])
-    counts = torch.bincount(index.reshape(-1), minlength=num_experts).to(dtype)  # (E,)
+    counts = torch.bincount(index.reshape(-1), minlength=n_experts).to(dtype)  # (E,)
     return counts / max(index.numel(), 1)
 
 
@@ -48,10 +48,10 @@ def load_balancing_loss(probs: Tensor, index: Tensor, alpha: float = 1e-2) -> Te
     if index.shape[0] != probs.shape[0]:
         raise ValueError(f"index must have {probs.shape[0]} rows like probs, got shape {tuple(index.shape)}")
     alpha = check_float("alpha", alpha, min_value=0.0)
-    num_experts = probs.shape[1]
-    f = expert_fractions(index, num_experts, probs.dtype)  # (E,)  f_i, eq. (5)
+    n_experts = probs.shape[1]
+    f = expert_fractions(index, n_experts, probs.dtype)  # (E,)  f_i, eq. (5)
     p = probs.mean(dim=0)  # (E,)  P_i, eq. (6)
-    return alpha * num_experts * torch.sum(f * p)  # eq. (4)
+    return alpha * n_experts * torch.sum(f * p)  # eq. (4)
 
 
 def router_z_loss(logits: Tensor, coef: float = 1e-3) -> Tensor:
