@@ -357,9 +357,8 @@ class _MemoState(SwapState):
 class MemoTokenwise(Strategy):
     """MEMO's token-wise swapping and recomputation (Zhao et al. 2024) with swap fraction ``alpha``.
 
-    Args:
-        alpha: fraction of each layer's tokens whose activations are offloaded to the host, in ``[0, 1]``;
-            rounded down to whole tiles of the block (the effective value is ``t0 / s``).
+    ``alpha``: fraction of each layer's tokens whose activations are offloaded to the host, in ``[0, 1]``; rounded
+    down to whole tiles of the block (the effective value is ``t0 / s``).
     """
 
     name = "MEMO"
@@ -389,11 +388,9 @@ def forward_stack(
 ) -> torch.Tensor:
     """Run ``x`` through ``layers`` in order, each under ``strategy``'s hooks; bytes go to ``ledger``.
 
-    Args:
-        layers: at least one module mapping a tensor to a tensor of the same kind (e.g. ``(s, b, h)``).
-        x: the input of the first layer.
-        strategy: a :class:`Strategy` instance.
-        ledger: where bytes are counted (a fresh unlimited one if ``None``).
+    ``layers``: at least one module mapping a tensor to a tensor of the same kind (e.g. ``(s, b, h)``). ``x``: the
+    input of the first layer. ``strategy``: a :class:`Strategy` instance. ``ledger``: where bytes are counted (a
+    fresh unlimited one if ``None``).
     """
     if len(layers) == 0:
         raise ValueError("layers must hold at least one layer, got an empty model (0 layers)")

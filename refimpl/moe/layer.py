@@ -64,21 +64,16 @@ class MoEAux:
 class MoELayer(nn.Module):
     """Pre-norm residual MoE feed-forward layer with a choice of router.
 
-    Args:
-        d_model: ``d``, token width.
-        d_hidden: ``h``, hidden width of each expert FFN.
-        n_experts: ``E`` real experts.
-        router: ``"top_k"`` (Switch/GShard), ``"expert_choice"`` (Zhou et al. 2022), ``"null"`` (AdaMoE null
-            experts, Zeng et al. 2024) or ``"grouped"`` (MoGE, Tang et al. 2025).
-        k: choices per token (for ``"null"``: over real and null experts).
-        capacity_factor: ``c``; for top-k style routers ``None`` means dropless, otherwise each expert keeps at
-            most ``ceil(c N k / E)`` assignments. For ``"expert_choice"`` it is required (experts per token).
-        normalize: renormalize the kept gates (default: ``k > 1``; see :func:`~refimpl.moe.routers.top_k_gating`).
-        n_null: ``m`` null experts (router ``"null"`` only).
-        n_groups: ``M`` expert groups (router ``"grouped"`` only).
-        alpha: load-balancing loss coefficient (Switch uses ``1e-2``).
-        z_coef: router z-loss coefficient (ST-MoE uses ``1e-3``).
-        dispatch: ``"sorted"`` (default), ``"gather_loop"``, ``"masked_loop"`` or ``"dense"``.
+    ``d_model``: ``d``, token width. ``d_hidden``: ``h``, hidden width of each expert FFN. ``n_experts``: ``E`` real
+    experts. ``router``: ``"top_k"`` (Switch/GShard), ``"expert_choice"`` (Zhou et al. 2022), ``"null"`` (AdaMoE
+    null experts, Zeng et al. 2024) or ``"grouped"`` (MoGE, Tang et al. 2025). ``k``: choices per token (for
+    ``"null"``: over real and null experts). ``capacity_factor``: ``c``; for top-k style routers ``None`` means
+    dropless, otherwise each expert keeps at most ``ceil(c N k / E)`` assignments. For ``"expert_choice"`` it is
+    required (experts per token). ``normalize``: renormalize the kept gates (default: ``k > 1``; see
+    :func:`~refimpl.moe.routers.top_k_gating`). ``n_null``: ``m`` null experts (router ``"null"`` only).
+    ``n_groups``: ``M`` expert groups (router ``"grouped"`` only). ``alpha``: load-balancing loss coefficient
+    (Switch uses ``1e-2``). ``z_coef``: router z-loss coefficient (ST-MoE uses ``1e-3``). ``dispatch``: ``"sorted"``
+    (default), ``"gather_loop"``, ``"masked_loop"`` or ``"dense"``.
     """
 
     def __init__(
@@ -188,9 +183,8 @@ class MoELayer(nn.Module):
 class MoEStack(nn.Module):
     """``n_layers`` :class:`MoELayer` blocks between a linear read-in and a linear read-out.
 
-    Args:
-        d_in, d_out: input and output widths; ``n_layers``: number of MoE blocks; ``layer_kwargs`` are
-        passed to every :class:`MoELayer` (``d_model``, ``d_hidden``, ``n_experts``, router options).
+    ``d_in, d_out``: input and output widths; ``n_layers``: number of MoE blocks; ``layer_kwargs`` are passed to
+    every :class:`MoELayer` (``d_model``, ``d_hidden``, ``n_experts``, router options).
     """
 
     def __init__(self, d_in: int, d_out: int, n_layers: int, **layer_kwargs: object) -> None:

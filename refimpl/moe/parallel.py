@@ -63,8 +63,7 @@ class ExchangeStats:
 def send_counts(routing: Routing, n_devices: int) -> Tensor:
     """``(P,)`` int64: how many of ``routing``'s assignments go to each device (experts placed contiguously).
 
-    Raises:
-        ValueError: if ``n_devices`` does not divide ``routing.n_experts``.
+    Raises ``ValueError`` if ``n_devices`` does not divide ``routing.n_experts``.
     """
     n_devices = check_positive_int("n_devices", n_devices)
     if routing.n_experts % n_devices:
@@ -119,15 +118,12 @@ def expert_parallel_moe(
 ) -> tuple[Tensor, ExchangeStats]:
     """One expert-parallel MoE forward on this rank (module docstring, steps 2-5); call on every rank.
 
-    Args:
-        x: ``(N_r, d)`` this rank's tokens.
-        routing: this rank's assignments over its ``N_r`` tokens and all ``E`` experts.
-        w1_local, w2_local: ``(E/P, d, h)`` and ``(E/P, h, d)`` weights of this rank's experts.
-        group: process group (default: the world).
+    ``x``: ``(N_r, d)`` this rank's tokens. ``routing``: this rank's assignments over its ``N_r`` tokens and all
+    ``E`` experts. ``w1_local, w2_local``: ``(E/P, d, h)`` and ``(E/P, h, d)`` weights of this rank's experts.
+    ``group``: process group (default: the world).
 
-    Returns:
-        ``(y, stats)``: ``(N_r, d)`` the expert mixture for this rank's tokens, equal to
-        :func:`~refimpl.moe.dispatch.moe_sorted` on one process, and the :class:`ExchangeStats`.
+    Returns ``(y, stats)``: ``(N_r, d)`` the expert mixture for this rank's tokens, equal to
+    :func:`~refimpl.moe.dispatch.moe_sorted` on one process, and the :class:`ExchangeStats`.
     """
     check_tensor("x", x, ndim=2, floating=True)
     check_tensor("w1_local", w1_local, ndim=3, floating=True)
@@ -220,17 +216,14 @@ def run_expert_parallel(
     rank routes its tokens with top-k gating (or MoGE grouped top-k when ``n_groups`` is given) and calls
     :func:`expert_parallel_moe`; with ``grad_y`` it also back-propagates ``grad_y`` through the exchange.
 
-    Args:
-        x: ``(N, d)`` all tokens; ``logits``: ``(N, E)`` their router logits.
-        w1, w2: ``(E, d, h)``, ``(E, h, d)`` all experts' weights; ``world_size`` must divide ``E``.
-        k, n_groups, normalize: routing options (:func:`~refimpl.moe.routers.top_k_gating`,
-            :func:`~refimpl.moe.routers.grouped_top_k_gating`).
-        grad_y: optional ``(N, d)`` gradient of the output.
+    ``x``: ``(N, d)`` all tokens; ``logits``: ``(N, E)`` their router logits. ``w1, w2``: ``(E, d, h)``, ``(E, h,
+    d)`` all experts' weights; ``world_size`` must divide ``E``. ``k, n_groups, normalize``: routing options
+    (:func:`~refimpl.moe.routers.top_k_gating`, :func:`~refimpl.moe.routers.grouped_top_k_gating`). ``grad_y``:
+    optional ``(N, d)`` gradient of the output.
 
-    Returns:
-        dict with ``y (N, d)``; ``rows_sent``/``rows_received`` ``(P, P)`` (row r: what rank r sent/received);
-        ``bytes_sent_remote (P,)``; and, with ``grad_y``, ``grad_x``, ``grad_logits``, ``grad_w1``, ``grad_w2``
-        assembled in the global layout.
+    Returns dict with ``y (N, d)``; ``rows_sent``/``rows_received`` ``(P, P)`` (row r: what rank r sent/received);
+    ``bytes_sent_remote (P,)``; and, with ``grad_y``, ``grad_x``, ``grad_logits``, ``grad_w1``, ``grad_w2``
+    assembled in the global layout.
     """
     import torch.multiprocessing as mp
 

@@ -113,16 +113,11 @@ def top_k_gating(logits: Tensor, k: int, *, normalize: bool = True) -> TopKGate:
     (GShard, Algorithm 1: ``g1 / (g1 + g2)``). With ``k=1`` normalization makes every gate exactly 1 and the
     router then receives no gradient from the task loss, which is why Switch keeps the raw ``p_i(x)``.
 
-    Args:
-        logits: ``(N, E)`` router logits ``h(x)``.
-        k: experts per token, ``1 <= k <= E``.
-        normalize: renormalize the kept gates to sum to 1.
+    ``logits``: ``(N, E)`` router logits ``h(x)``. ``k``: experts per token, ``1 <= k <= E``. ``normalize``:
+    renormalize the kept gates to sum to 1.
 
-    Returns:
-        :class:`TopKGate` with ``probs (N, E)``, ``index (N, k)``, ``gate (N, k)``.
-
-    Raises:
-        ValueError: if ``logits`` is not 2-D or ``k`` is outside ``[1, E]``.
+    Returns :class:`TopKGate` with ``probs (N, E)``, ``index (N, k)``, ``gate (N, k)``. Raises ``ValueError`` if
+    ``logits`` is not 2-D or ``k`` is outside ``[1, E]``.
     """
     logits = _check_logits(logits)
     k = check_int("k", k, min_value=1, max_value=logits.shape[1])
@@ -139,8 +134,7 @@ def expert_capacity(n_tokens: int, n_experts: int, k: int, capacity_factor: floa
     ``capacity_factor = 1`` gives each expert exactly its share of a perfectly balanced load; larger values
     leave slack for imbalance at the cost of padding (dense dispatch) and memory.
 
-    Raises:
-        ValueError: if ``capacity_factor <= 0``, ``n_tokens < 0``, or ``n_experts``/``k`` are not positive.
+    Raises ``ValueError`` if ``capacity_factor <= 0``, ``n_tokens < 0``, or ``n_experts``/``k`` are not positive.
     """
     n_tokens = check_int("n_tokens", n_tokens, min_value=0)
     n_experts = check_positive_int("n_experts", n_experts)
@@ -156,12 +150,9 @@ def queue_positions(expert: Tensor, n_experts: int) -> Tensor:
     ``position[a] = #{b < a : expert[b] == expert[a]}``. Computed with one stable sort, O(A log A) and no
     ``(A, E)`` one-hot.
 
-    Args:
-        expert: ``(A,)`` int64 expert index per assignment, in priority order.
-        n_experts: ``E``.
+    ``expert``: ``(A,)`` int64 expert index per assignment, in priority order. ``n_experts``: ``E``.
 
-    Returns:
-        ``(A,)`` int64 positions.
+    Returns ``(A,)`` int64 positions.
     """
     check_tensor("expert", expert, ndim=1, dtypes=[torch.int64])
     n_experts = check_positive_int("n_experts", n_experts)
@@ -177,13 +168,10 @@ def queue_positions(expert: Tensor, n_experts: int) -> Tensor:
 def apply_capacity(routing: Routing, capacity: int) -> tuple[Routing, Tensor]:
     """Drop the assignments beyond each expert's ``capacity`` by position priority (module docstring).
 
-    Args:
-        routing: assignments in priority order.
-        capacity: ``C >= 0``, the most assignments an expert accepts.
+    ``routing``: assignments in priority order. ``capacity``: ``C >= 0``, the most assignments an expert accepts.
 
-    Returns:
-        ``(kept, dropped_per_expert)``: the kept assignments (order kept) and ``(E,)`` int64 counts of dropped
-        assignments, equal to ``max(0, count_i - C)``.
+    Returns ``(kept, dropped_per_expert)``: the kept assignments (order kept) and ``(E,)`` int64 counts of dropped
+    assignments, equal to ``max(0, count_i - C)``.
     """
     capacity = check_int("capacity", capacity, min_value=0)
     position = queue_positions(routing.expert, routing.n_experts)
@@ -201,12 +189,9 @@ def expert_choice(logits: Tensor, capacity_factor: float) -> Routing:
     construction; a token may get several experts or none. The top-k runs over the whole batch, so in an
     autoregressive decoder a token's routing depends on later tokens.
 
-    Args:
-        logits: ``(N, E)`` router logits.
-        capacity_factor: ``c > 0``.
+    ``logits``: ``(N, E)`` router logits. ``capacity_factor``: ``c > 0``.
 
-    Returns:
-        :class:`Routing` in expert-major order, ``min(C, N)`` assignments per expert, weight ``S[token, e]``.
+    Returns :class:`Routing` in expert-major order, ``min(C, N)`` assignments per expert, weight ``S[token, e]``.
     """
     logits = _check_logits(logits)
     capacity_factor = check_float("capacity_factor", capacity_factor, min_value=0.0, min_inclusive=False)
@@ -226,15 +211,11 @@ def null_expert_gating(logits: Tensor, k: int, n_null: int) -> tuple[TopKGate, R
     the authors' release, the gates of the chosen real experts are renormalized to sum to 1 (when a token
     chose at least one), and null choices are removed from the routing.
 
-    Args:
-        logits: ``(N, E + m)`` router logits, real experts first.
-        k: choices per token over real and null experts, ``1 <= k <= E + m``.
-        n_null: ``m >= 1`` null experts; at least one real expert must remain.
+    ``logits``: ``(N, E + m)`` router logits, real experts first. ``k``: choices per token over real and null
+    experts, ``1 <= k <= E + m``. ``n_null``: ``m >= 1`` null experts; at least one real expert must remain.
 
-    Returns:
-        ``(gate, routing)``: the top-k over all ``E + m`` columns (its ``probs``/``index`` feed the balancing
-        loss, which AdaMoE applies over real and null experts alike) and the routing over the ``E`` real
-        experts only.
+    Returns ``(gate, routing)``: the top-k over all ``E + m`` columns (its ``probs``/``index`` feed the balancing
+    loss, which AdaMoE applies over real and null experts alike) and the routing over the ``E`` real experts only.
     """
     logits = _check_logits(logits)
     total = logits.shape[1]
@@ -258,14 +239,10 @@ def grouped_top_k_gating(logits: Tensor, k: int, n_groups: int, *, normalize: bo
     Scores come from one global softmax over all ``E`` experts; each token then takes its top ``K' = k / M``
     experts *within every group*. Every group, hence every device, receives exactly ``N K'`` assignments.
 
-    Args:
-        logits: ``(N, E)`` router logits.
-        k: experts per token; must be a multiple of ``n_groups``.
-        n_groups: ``M``; must divide ``E``.
-        normalize: renormalize the ``k`` kept gates to sum to 1.
+    ``logits``: ``(N, E)`` router logits. ``k``: experts per token; must be a multiple of ``n_groups``.
+    ``n_groups``: ``M``; must divide ``E``. ``normalize``: renormalize the ``k`` kept gates to sum to 1.
 
-    Returns:
-        :class:`TopKGate` with ``index (N, k)`` holding global expert ids, group-major (group 0's picks first).
+    Returns :class:`TopKGate` with ``index (N, k)`` holding global expert ids, group-major (group 0's picks first).
     """
     logits = _check_logits(logits)
     n, e = logits.shape
@@ -294,11 +271,8 @@ def imbalance_score(expert: Tensor, n_experts: int, n_devices: int, n_tokens: in
     contiguously, ``E / D`` per device; ``|X|`` is the number of tokens in the batch. Zero means every device
     does the same work.
 
-    Args:
-        expert: any-shape int64 tensor of chosen expert ids (e.g. ``TopKGate.index`` or ``Routing.expert``).
-        n_experts: ``E``.
-        n_devices: ``D``; must divide ``E``.
-        n_tokens: ``|X| >= 1``.
+    ``expert``: any-shape int64 tensor of chosen expert ids (e.g. ``TopKGate.index`` or ``Routing.expert``).
+    ``n_experts``: ``E``. ``n_devices``: ``D``; must divide ``E``. ``n_tokens``: ``|X| >= 1``.
     """
     check_tensor("expert", expert, dtypes=[torch.int64])
     n_experts = check_positive_int("n_experts", n_experts)

@@ -102,10 +102,9 @@ class Workload:
         flash_attention: fused IO-aware attention (scores stay on chip) vs three materializing operators.
         logits: ``"last"`` (only each sequence's last token, as in generation) or ``"all"`` positions.
 
-    Raises:
-        ValueError / TypeError naming the field: an unknown stage, dtype or logits choice, a non-positive
-        ``batch``, ``seq`` or ``kv_budget``, bits outside ``(0, 64]``, ``active_experts < 1``, a non-bool
-        ``flash_attention``. ``active_experts`` above the model's expert count is caught by :func:`analyze`.
+    Raises ``ValueError`` or ``TypeError`` naming the field for an unknown stage, dtype or logits choice, a
+    non-positive ``batch``, ``seq`` or ``kv_budget``, bits outside ``(0, 64]``, ``active_experts < 1`` or a
+    non-bool ``flash_attention``; ``active_experts`` above the model's expert count is caught by :func:`analyze`.
     """
 
     stage: str = "decode"
@@ -514,18 +513,13 @@ def layer_operators(model: ModelConfig | str, workload: Workload = Workload()) -
 def analyze(model: ModelConfig | str, hardware: Hardware | str, workload: Workload = Workload()) -> Analysis:
     """Roofline analysis of one inference stage of ``model`` on ``hardware``.
 
-    Args:
-        model: a :class:`ModelConfig` or a name from :func:`list_models`.
-        hardware: a :class:`Hardware` or a name from :func:`list_hardware`.
-        workload: the stage, batch, sequence length and precisions (:class:`Workload`; default: decode of one
-            sequence at context 1024 in fp16).
+    ``model``: a :class:`ModelConfig` or a name from :func:`list_models`. ``hardware``: a :class:`Hardware` or a
+    name from :func:`list_hardware`. ``workload``: the stage, batch, sequence length and precisions
+    (:class:`Workload`; default: decode of one sequence at context 1024 in fp16).
 
-    Returns:
-        :class:`Analysis` with per-operator rows and totals.
-
-    Raises:
-        ValueError / TypeError naming the argument for an unknown model or hardware, a dtype the hardware has no
-        peak for, or more ``active_experts`` than the model has (the workload validates its own fields).
+    Returns :class:`Analysis` with per-operator rows and totals. Raises ``ValueError`` or ``TypeError`` naming
+    the argument for an unknown model or hardware, a dtype the hardware has no peak for, or more
+    ``active_experts`` than the model has (the workload validates its own fields).
     """
     hw = resolve_hardware(hardware)
     cfg = resolve_model(model)
