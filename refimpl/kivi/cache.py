@@ -56,7 +56,8 @@ def bits_per_element(
 
     A quantized element costs ``bits`` plus its share of one scale and one zero point per group of ``G``
     (``2 * stat_bits / G``); a residual element costs ``residual_bits``. This is the ``kv_bits`` to give the
-    roofline model (:func:`refimpl.roofline.analyze`); ``16 / bits_per_element`` is the compression over fp16.
+    roofline model (``Workload(kv_bits=...)`` of :func:`refimpl.roofline.analyze`); ``16 / bits_per_element`` is
+    the compression over fp16.
     """
     seq = check_positive_int("seq", seq)
     check_choice("bits", bits, BITS)
