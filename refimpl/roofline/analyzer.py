@@ -382,6 +382,7 @@ class Analysis:
 
     ``rows`` lists each operator once with its per-execution cost and its ``count`` (``n_layers`` for a
     decoder-layer operator, 1 for ``embedding``, ``final_norm``, ``lm_head``); totals multiply by ``count``.
+    ``workload`` is the one analyzed, its ``active_experts`` resolved against the model.
     """
 
     model: ModelConfig
