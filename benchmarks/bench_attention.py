@@ -26,6 +26,7 @@ import argparse
 from collections.abc import Callable
 
 import torch
+from _common import report
 
 from refimpl.attention import flash_attention, naive_attention, peak_memory
 from refimpl.roofline.measure import time_interleaved
@@ -104,9 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     finally:
         torch.set_num_threads(previous_threads)
 
-    print(f"# attention, B=1 H=1 d={d} float32, time at N={n_time}, memory at N={n_mem}")
-    for name, value in results.items():
-        print(f"{name}: {value:.6g}")
+    report(results, header=f"attention, B=1 H=1 d={d} float32, time at N={n_time}, memory at N={n_mem}")
     return results
 
 

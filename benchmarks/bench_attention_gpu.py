@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from _common import progress, report, require_cuda
 
 from refimpl.recording import provenance, write_recording
 
@@ -58,20 +59,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="one small size, no recording unless --out")
     parser.add_argument("--out", type=Path, default=None, help=f"recording path (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print(
-            "bench_attention_gpu: no CUDA device is available; this benchmark measures GPU kernels and cannot "
-            "run on a CPU (the CPU benchmark is benchmarks/bench_attention.py)",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
+    require_cuda("bench_attention_gpu", "GPU kernels", "benchmarks/bench_attention.py")
     from triton.testing import do_bench
 
     batch, heads, d, dtype = (1, 2, 128, torch.bfloat16) if args.quick else (4, 16, 128, torch.bfloat16)
     sizes = (1024,) if args.quick else (1024, 4096, 16384)
     impls = _implementations()
     rows = []
-    for n in sizes:
+    for n in progress(sizes, desc="bench_attention_gpu"):
         for causal in (False, True):
             g = torch.Generator(device="cuda").manual_seed(0)
             q, k, v, do = (torch.randn(batch, heads, n, d, device="cuda", dtype=dtype, generator=g) for _ in range(4))
@@ -110,16 +105,17 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     if out is not None:
         write_recording(out, record)
-    print(f"# {record['device']}, B={batch} H={heads} d={d} {record['config']['dtype']}")
+    values = {}
     for r in rows:
         tag = f"{r['impl']}_{r.get('direction', 'fwd')}_{'causal' if r['causal'] else 'full'}_n{r['n']}"
-        print(f"{tag}_tflops: {r['tflops']:.4g}" if "tflops" in r else f"{tag}_error: {r['error']}")
+        values.update({f"{tag}_tflops": r["tflops"]} if "tflops" in r else {f"{tag}_error": r["error"]})
     by_key = {(r["impl"], r["direction"], r["causal"], r["n"]): r["tflops"] for r in rows if "tflops" in r}
     n_ref = 4096 if 4096 in sizes else sizes[0]
     for causal in (False, True):
         ours, theirs = by_key.get(("triton", "fwd", causal, n_ref)), by_key.get(("sdpa_flash", "fwd", causal, n_ref))
         if ours and theirs:
-            print(f"triton_vs_sdpa_flash_fwd_{'causal' if causal else 'full'}_n{n_ref}: {ours / theirs:.4g}")
+            values[f"triton_vs_sdpa_flash_fwd_{'causal' if causal else 'full'}_n{n_ref}"] = ours / theirs
+    report(values, header=f"{record['device']}, B={batch} H={heads} d={d} {record['config']['dtype']}")
     return record
 
 

@@ -18,6 +18,7 @@ import argparse
 import math
 
 import torch
+from _common import progress, report
 
 
 def _decoded_ppl(result, prefill: int) -> float:
@@ -41,25 +42,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     budget = n // 5
     model, tokenizer = load_model()
     ids = eval_ids(n, tokenizer)
-    print(f"# SmolLM2-135M, {n} tokens of the eval slice, prefill {prefill}, budget {budget} (20%)")
     out: dict[str, float] = {}
     full = evaluate(model, ids, "full", prefill=prefill)
     out["full_ppl"] = _decoded_ppl(full, prefill)
-    for name in ("scissorhands", "window"):
+    for name in progress(("scissorhands", "window"), desc="bench_eviction"):
         r = evaluate(model, ids, name, prefill=prefill, cache_kwargs={"budget": budget})
         out[f"{name}_ppl_at_5x"] = _decoded_ppl(r, prefill)
         out[f"{name}_ppl_increase_at_5x"] = out[f"{name}_ppl_at_5x"] / out["full_ppl"] - 1
         out[f"{name}_cache_compression"] = full.peak_cache_bytes / r.peak_cache_bytes  # memory to provide
-    for key in (
-        "full_ppl",
-        "scissorhands_ppl_at_5x",
-        "window_ppl_at_5x",
-        "scissorhands_ppl_increase_at_5x",
-        "window_ppl_increase_at_5x",
-        "scissorhands_cache_compression",
-        "window_cache_compression",
-    ):
-        print(f"{key}: {out[key]:.4f}")
+    report(out, header=f"SmolLM2-135M, {n} tokens of the eval slice, prefill {prefill}, budget {budget} (20%)")
     return out
 
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import progress, report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -57,7 +58,7 @@ def ppl_increase(prefill: int, decode: int) -> dict[str, float]:
         "kivi2_keys_per_token": ("kivi2", {"key_axis": "token"}),
     }
     ppl = {}
-    for name, (cache, kwargs) in policies.items():
+    for name, (cache, kwargs) in progress(policies.items(), desc="bench_kivi", total=len(policies)):
         result = evaluate(model, ids, cache, prefill=prefill, cache_kwargs=kwargs)
         ppl[name] = math.exp(float(result.nll_per_token[prefill:].mean()))  # the decoded tokens
     return {name: ppl[name] / ppl["full"] - 1 for name in policies if name != "full"} | {"full_ppl": ppl["full"]}
@@ -76,15 +77,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     ratio, bits = bytes_ratio(context)
-    print(f"context: {context}")
-    print(f"kivi2_bytes_ratio: {ratio:.4f}")
-    print(f"kivi2_bits_per_element: {bits:.4f}")
+    report({"context": context, "kivi2_bytes_ratio": ratio, "kivi2_bits_per_element": bits})
     inc = ppl_increase(prefill, decode)
-    print(f"ppl_tokens_decoded: {decode}")
-    print(f"full_ppl: {inc.pop('full_ppl'):.4f}")
-    for name, value in inc.items():
-        print(f"{name}_ppl_increase: {value:.4f}")
-    print(f"seconds: {time.perf_counter() - t0:.1f}")
+    values = {"ppl_tokens_decoded": decode, "full_ppl": inc.pop("full_ppl")}
+    values.update({f"{name}_ppl_increase": value for name, value in inc.items()})
+    report({**values, "seconds": time.perf_counter() - t0})
     return 0
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
 
 import torch  # noqa: E402
+from _common import report  # noqa: E402
 
 from refimpl.llm import corpus, load_model  # noqa: E402
 from refimpl.llm.perf import decode_bytes, forward_flops, time_decode, time_matvecs  # noqa: E402
@@ -71,26 +72,24 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
     model_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    lines = [
-        f"threads: {model_threads}",
-        f"weight_bytes_per_token: {bytes_per_token:.0f}",
-        f"stream_bandwidth_GBps: {bandwidth / 1e9:.3f}",
-        f"decode_context: {args.context}",
-        f"decode_ms_per_token: {s_decode * 1e3:.3f}",
-        f"decode_tokens_per_s: {1 / s_decode:.3f}",
-        f"decode_bound_tokens_per_s: {decode_bound:.3f}",
-        f"decode_roofline_fraction: {1 / s_decode / decode_bound:.3f}",
-        f"decode_matvecs_ms: {s_matvecs * 1e3:.3f}",
-        f"matvec_bandwidth_GBps: {c.decode_weight_bytes() / s_matvecs / 1e9:.3f}",
-        f"matmul_GFLOPs: {peak / 1e9:.3f}",
-        f"prefill_tokens: {t}",
-        f"prefill_tokens_per_s: {t / s_prefill:.3f}",
-        f"prefill_bound_tokens_per_s: {prefill_bound:.3f}",
-        f"prefill_roofline_fraction: {t / s_prefill / prefill_bound:.3f}",
-    ]
-    for line in lines:
-        print(line)
-    return lines
+    values = {
+        "threads": model_threads,
+        "weight_bytes_per_token": bytes_per_token,
+        "stream_bandwidth_GBps": bandwidth / 1e9,
+        "decode_context": args.context,
+        "decode_ms_per_token": s_decode * 1e3,
+        "decode_tokens_per_s": 1 / s_decode,
+        "decode_bound_tokens_per_s": decode_bound,
+        "decode_roofline_fraction": 1 / s_decode / decode_bound,
+        "decode_matvecs_ms": s_matvecs * 1e3,
+        "matvec_bandwidth_GBps": c.decode_weight_bytes() / s_matvecs / 1e9,
+        "matmul_GFLOPs": peak / 1e9,
+        "prefill_tokens": t,
+        "prefill_tokens_per_s": t / s_prefill,
+        "prefill_bound_tokens_per_s": prefill_bound,
+        "prefill_roofline_fraction": t / s_prefill / prefill_bound,
+    }
+    return report(values)
 
 
 if __name__ == "__main__":

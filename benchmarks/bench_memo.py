@@ -25,6 +25,7 @@ import math
 import time
 
 import torch
+from _common import progress, report
 
 from refimpl.memo import (
     FullOffload,
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
     best = dict.fromkeys(strategies, float("inf"))
     peaks, host = {}, {}
-    for _ in range(args.repeats):  # interleaved rounds: noise hits every strategy alike
+    for _ in progress(range(args.repeats), desc="bench_memo"):  # interleaved rounds: noise hits all alike
         for name, strategy in strategies.items():
             result = run(strategy)
             best[name] = min(best[name], result.seconds)
@@ -112,9 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "keep_peak_megabytes": peaks["keep"] / 1e6,
         "keep_step_seconds": best["keep"],
     }
-    print(f"# bench_memo: L={L} s={s} b={b} h={h} a={a} tile={args.tile} float32, threads={args.threads}")
-    for name, value in out.items():
-        print(f"{name}: {value:.4g}")
+    report(out, header=f"bench_memo: L={L} s={s} b={b} h={h} a={a} tile={args.tile} float32, threads={args.threads}")
     return out
 
 

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 import torch
+from _common import progress, report, require_cuda
 
 from refimpl.recording import provenance, write_recording
 
@@ -92,13 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help=f"recording path (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print(
-            "bench_memo_gpu: no CUDA device is available; this benchmark measures GPU memory, streams and "
-            "host transfers and cannot run on a CPU (the CPU benchmark is benchmarks/bench_memo.py)",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
+    require_cuda("bench_memo_gpu", "GPU memory, streams and host transfers", "benchmarks/bench_memo.py")
     from refimpl.memo import block_activation_bytes, make_stack
 
     if args.quick:
@@ -109,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     layers = layers.to(device=device, dtype=dtype)
     rows: list[dict] = []
     out_of_memory: set[str] = set()
-    for s in args.seqs:
+    for s in progress(args.seqs, desc="bench_memo_gpu"):
         gen = torch.Generator(device=device).manual_seed(0)
         x0 = torch.randn(s, 1, args.hidden, device=device, dtype=dtype, generator=gen)
         grad = torch.randn(s, 1, args.hidden, device=device, dtype=dtype, generator=gen)
@@ -148,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row.update(copy_seconds=copy, overlap=1 - max(0.0, seconds - ideal) / copy)
             rows.append(row)
             print(
-                f"seq {s} {name}: step {seconds * 1e3:.1f} ms, peak {row['peak_bytes'] / 2**30:.2f} GiB"
+                f"# seq {s} {name}: step {seconds * 1e3:.1f} ms, peak {row['peak_bytes'] / 2**30:.2f} GiB"
                 + (f", overlap {row['overlap']:.2f}" if "overlap" in row else ""),
                 flush=True,
             )
@@ -157,8 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name in _strategies(args.alphas)
     }
     summary = {f"memo_gpu_longest_seq_{name}": float(v) for name, v in longest.items()}
-    for name, value in summary.items():
-        print(f"{name}: {value:g}")
+    report(summary)
     out_path = args.out if (args.out is not None or args.quick) else DEFAULT_OUT
     if out_path is not None:
         record = {

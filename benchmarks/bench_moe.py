@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _common import report
 
 from refimpl.moe import (
     apply_capacity,
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "d_model": d,
         "d_hidden": h,
         "capacity": capacity,
-        "assignments_kept": routing.num_assignments,
+        "assignments_kept": routing.n_assignments,
         "assignments_dropped": int(dropped.sum()),
         "sorted_uses_grouped_mm": int(grouped_mm_supported(x, w1)),
         "max_abs_diff_vs_loop": max_diff,
@@ -91,11 +92,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "sorted_vs_dense_speedup": seconds["dense"] / seconds["sorted"],
         "dense_dispatch_tensor_bytes": dense_dispatch_bytes(n, e, capacity, x.dtype),
         "dense_dispatch_plus_combine_bytes": 2 * dense_dispatch_bytes(n, e, capacity, x.dtype),
-        "sorted_permuted_rows_bytes": routing.num_assignments * d * itemsize,
+        "sorted_permuted_rows_bytes": routing.n_assignments * d * itemsize,
     }
-    print(f"# bench_moe: torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
-    for name, value in results.items():
-        print(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")
+    report(results, header=f"bench_moe: torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
     return results
 
 

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from _common import report
 
 from refimpl.recording import provenance, write_recording
-from refimpl.roofline import analyze, list_hardware, list_models, measure
+from refimpl.roofline import Workload, analyze, list_hardware, list_models, measure
 from refimpl.roofline.ops import elementwise, matmul
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,17 +40,21 @@ def ceilings(quick: bool) -> None:
     a, b, out = torch.randn(n * n), torch.randn(n * n), torch.empty(n * n)
     add = elementwise("add", n * n, flops_per_element=1, n_inputs=2, act_bytes=4)
     add_flops = add.flops / measure.time_fn(lambda: torch.add(a, b, out=out), repeats=5)
-    print(f"stream_bandwidth_gbps: {hw.memory_bandwidth / 1e9:.4g}")
-    print(f"matmul_gflops_fp32: {hw.peak('fp32') / 1e9:.4g}")
-    print(f"ridge_point_flop_per_byte: {hw.ridge_point('fp32'):.4g}")
-    print(f"gemm_over_gemv_flops_ratio: {hw.peak('fp32') / gemv_flops:.4g}")
-    print(f"gemv_bandwidth_fraction: {gemv.bytes / (gemv.flops / gemv_flops) / hw.memory_bandwidth:.4g}")
-    print(f"add_bandwidth_fraction: {add.bytes / (add.flops / add_flops) / hw.memory_bandwidth:.4g}")
     model = "smollm2-135m"
     context = 64 if quick else 512
     measured = measure.decode_layer_time(model, batch=1, context=context, repeats=3)
-    predicted = analyze(model, hw, stage="decode", batch=1, seq=context, dtype="fp32").layer_time
-    print(f"smollm2_decode_layer_measured_over_predicted: {measured / predicted:.4g}")
+    predicted = analyze(model, hw, Workload(stage="decode", batch=1, seq=context, dtype="fp32")).layer_time
+    report(
+        {
+            "stream_bandwidth_gbps": hw.memory_bandwidth / 1e9,
+            "matmul_gflops_fp32": hw.peak("fp32") / 1e9,
+            "ridge_point_flop_per_byte": hw.ridge_point("fp32"),
+            "gemm_over_gemv_flops_ratio": hw.peak("fp32") / gemv_flops,
+            "gemv_bandwidth_fraction": gemv.bytes / (gemv.flops / gemv_flops) / hw.memory_bandwidth,
+            "add_bandwidth_fraction": add.bytes / (add.flops / add_flops) / hw.memory_bandwidth,
+            "smollm2_decode_layer_measured_over_predicted": measured / predicted,
+        }
+    )
 
 
 def decode_sweep(model: str, hardware: str, context: int, max_batch: int, quick: bool) -> Path:
@@ -65,12 +70,11 @@ def decode_sweep(model: str, hardware: str, context: int, max_batch: int, quick:
                 model, batch=batch, context=context, dtype=dtype, device=device, repeats=3 if quick else 10
             )
         except torch.OutOfMemoryError:
-            print(f"out_of_memory_at_batch: {batch}")
+            report({"out_of_memory_at_batch": batch})
             break
-        predicted = analyze(model, hardware, stage="decode", batch=batch, seq=context, dtype=dtype).layer_time
+        predicted = analyze(model, hardware, Workload(stage="decode", batch=batch, seq=context, dtype=dtype)).layer_time
         rows.append({"batch": batch, "measured_layer_s": seconds, "predicted_layer_s": predicted})
-        print(f"decode_layer_ms_b{batch}: {seconds * 1e3:.4g}")
-        print(f"predicted_layer_ms_b{batch}: {predicted * 1e3:.4g}")
+        report({f"decode_layer_ms_b{batch}": seconds * 1e3, f"predicted_layer_ms_b{batch}": predicted * 1e3})
         batch *= 2
         if cuda:
             torch.cuda.empty_cache()
@@ -87,7 +91,7 @@ def decode_sweep(model: str, hardware: str, context: int, max_batch: int, quick:
     out = ROOT / "data" / "measurements" / f"roofline_decode_{slug}.json"
     if not quick:
         write_recording(out, record)
-        print(f"recorded: {out.relative_to(ROOT)}")
+        report({"recorded": out.relative_to(ROOT)})
     return out
 
 

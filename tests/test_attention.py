@@ -24,17 +24,9 @@ from refimpl.attention import (
 )
 from refimpl.attention.common import causal_visible
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiled loops issue many small operations; on a busy 2-core machine OpenMP's per-operation fork/join
-    costs more than it gains, so these tests run single-threaded (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

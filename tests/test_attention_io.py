@@ -3,9 +3,7 @@ the benchmark's --quick run."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,8 +26,6 @@ from refimpl.attention import (
 )
 from refimpl.attention.memory import allocation_events
 
-ROOT = Path(__file__).resolve().parent.parent
-
 sizes = st.fixed_dictionaries(
     {
         "batch": st.integers(1, 2),
@@ -44,15 +40,7 @@ sizes = st.fixed_dictionaries(
     }
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiled loops issue many small operations; on a busy 2-core machine OpenMP's per-operation fork/join
-    costs more than it gains, so these tests run single-threaded (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tensors(cfg):
@@ -280,17 +268,8 @@ def test_backward_memory_tiled_linear_naive_quadratic():
 # ------------------------------------------------------------------ the benchmark runs
 
 
-def _load_benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_benchmark_quick_prints_parseable_ratios(capsys):
-    bench = _load_benchmark("bench_attention")
-    bench.main(["--quick"])
-    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines() if ": " in line)
+def test_benchmark_quick_prints_parseable_ratios(run_benchmark):
+    _, lines = run_benchmark("bench_attention", ["--quick"])
     for key in (
         "flash_vs_naive_time_ratio",
         "flash_vs_naive_peak_memory_ratio",
@@ -301,10 +280,10 @@ def test_benchmark_quick_prints_parseable_ratios(capsys):
         assert math.isfinite(value) and value > 0, key
 
 
-def test_gpu_benchmark_exits_clearly_without_cuda(capsys):
+def test_gpu_benchmark_exits_clearly_without_cuda(capsys, load_benchmark):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device exists; the GPU benchmark would run for real")
-    bench = _load_benchmark("bench_attention_gpu")
+    bench = load_benchmark("bench_attention_gpu")
     with pytest.raises(SystemExit) as exc:
         bench.main(["--quick"])
     assert exc.value.code != 0

@@ -6,27 +6,19 @@ marked ``slow`` and ``model``; together they take about 20 s on an idle 2-core C
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
-def model_and_ids():
+def model_and_ids(one_thread):
     from refimpl.llm import load_model
     from refimpl.llm.corpus import eval_ids
 
     model, tokenizer = load_model()
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small operations: one thread is faster on a shared 2-core machine
-    yield model, eval_ids(40, tokenizer)
-    torch.set_num_threads(before)
+    return model, eval_ids(40, tokenizer)
 
 
 def test_evaluate_policies_equals_evaluate(model_and_ids):
@@ -78,17 +70,8 @@ def test_record_attention_rows_are_causal_distributions(model_and_ids):
     torch.testing.assert_close(a, q.view(cfg.n_layers, cfg.n_kv_heads, -1, 12, 12).mean(2))
 
 
-def test_benchmark_quick_prints_numbers(capsys):
-    spec = importlib.util.spec_from_file_location("bench_eviction", ROOT / "benchmarks" / "bench_eviction.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    before = torch.get_num_threads()
-    try:
-        out = bench.main(["--quick"])
-    finally:
-        torch.set_num_threads(before)
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")]
-    values = dict(ln.split(": ") for ln in lines)
+def test_benchmark_quick_prints_numbers(run_benchmark):
+    out, values = run_benchmark("bench_eviction", ["--quick"])
     for key in ("scissorhands_ppl_increase_at_5x", "window_ppl_increase_at_5x", "full_ppl"):
         assert key in values and float(values[key]) == pytest.approx(out[key], abs=1e-4)
     assert float(values["scissorhands_cache_compression"]) > 1

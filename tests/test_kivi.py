@@ -16,7 +16,7 @@ from refimpl.kivi import (
     dequantize,
     dequantize_groups,
     fake_quantize,
-    num_quantized,
+    n_quantized,
     pack_codes,
     quantize,
     quantize_groups,
@@ -208,9 +208,9 @@ def test_axis_quantize_matches_loops(axis: str, bits: int) -> None:
 def test_quantized_tensor_layout_and_bytes() -> None:
     x = _randn(2, 3, 64, 32, seed=1)
     qc = quantize(x, 2, 16, "channel")
-    assert qc.codes.shape == (2, 3, 4, 32, 4) and qc.scale.shape == (2, 3, 4, 32) and qc.num_tokens == 64
+    assert qc.codes.shape == (2, 3, 4, 32, 4) and qc.scale.shape == (2, 3, 4, 32) and qc.n_tokens == 64
     qt = quantize(x, 4, 16, "token")
-    assert qt.codes.shape == (2, 3, 64, 2, 8) and qt.zero.shape == (2, 3, 64, 2) and qt.num_tokens == 64
+    assert qt.codes.shape == (2, 3, 64, 2, 8) and qt.zero.shape == (2, 3, 64, 2) and qt.n_tokens == 64
     n = x.numel()
     assert qc.nbytes() == n * 2 // 8 + 2 * 2 * (n // 16)  # 2-bit codes + fp16 scale and zero per group
     assert dequantize(qt).dtype == x.dtype and dequantize(qc).shape == x.shape
@@ -290,11 +290,11 @@ def test_streaming_equals_one_shot_and_bounds(bits, g, r_groups, chunks, key_axi
         stream.update(k[:, :, t : t + n], v[:, :, t : t + n], torch.arange(t, t + n))
         t += n
         for s in (stream.k_stream, stream.v_stream):
-            assert s.num_quantized + s.num_residual == t == len(stream)
+            assert s.n_quantized + s.n_residual == t == len(stream)
             if s.axis == "channel":
-                assert s.num_residual < max(r, g) and s.num_quantized % g == 0
+                assert s.n_residual < max(r, g) and s.n_quantized % g == 0
             else:
-                assert s.num_residual == min(t, r)
+                assert s.n_residual == min(t, r)
     one_shot = KIVICache(bits, g, r, key_axis=key_axis, value_axis=value_axis)
     one_shot.update(k, v, torch.arange(total))
     (k_ref, _), (v_ref, _) = _reference_kv(k, v, bits, g, r, key_axis, value_axis)
@@ -303,7 +303,7 @@ def test_streaming_equals_one_shot_and_bounds(bits, g, r_groups, chunks, key_axi
         assert torch.equal(kc, k_ref) and torch.equal(vc, v_ref)
         assert torch.equal(cache.key_positions(), torch.arange(total))
     assert stream.nbytes() == one_shot.nbytes()
-    if one_shot.k_stream.num_quantized:  # the same packed codes, not just the same dequantized values
+    if one_shot.k_stream.n_quantized:  # the same packed codes, not just the same dequantized values
         assert torch.equal(stream.k_stream.quantized().codes, one_shot.k_stream.quantized().codes)
 
 
@@ -313,8 +313,8 @@ def test_default_cache_split_follows_the_paper(n: int) -> None:
     cache = KIVICache()
     k, v = _randn(1, 3, n, 64, seed=n), _randn(1, 3, n, 64, seed=n + 1)
     _feed(cache, k, v, [n])
-    assert cache.k_stream.num_quantized == n - n % 128
-    assert cache.v_stream.num_quantized == max(n - 128, 0)
+    assert cache.k_stream.n_quantized == n - n % 128
+    assert cache.v_stream.n_quantized == max(n - 128, 0)
     kc, vc = cache.keys_values()
     assert kc.shape == vc.shape == (1, 3, n, 64)
     assert torch.equal(kc[:, :, n - n % 128 :], k[:, :, n - n % 128 :])  # residual untouched
@@ -363,7 +363,7 @@ def test_bits_per_element_matches_cache_bytes(seq, bits, g, r_groups, key_axis) 
     _feed(cache, _randn(b, h, seq, d, dtype=torch.float16), _randn(b, h, seq, d, seed=1, dtype=torch.float16), [seq])
     per_element = bits_per_element(seq, bits, g, r, key_axis=key_axis)
     assert math.isclose(per_element * 2 * b * h * seq * d / 8, cache.nbytes(), rel_tol=1e-12)
-    assert cache.k_stream.num_quantized == num_quantized(seq, g, r, key_axis)
+    assert cache.k_stream.n_quantized == n_quantized(seq, g, r, key_axis)
 
 
 def test_bits_per_element_limits_and_bad_inputs() -> None:
@@ -375,9 +375,9 @@ def test_bits_per_element_limits_and_bad_inputs() -> None:
     with pytest.raises(ValueError, match="bits"):
         bits_per_element(10, bits=3)
     with pytest.raises(ValueError, match="axis"):
-        num_quantized(10, 32, 128, "head")
-    with pytest.raises(ValueError, match="num_tokens"):
-        num_quantized(-1, 32, 128, "token")
+        n_quantized(10, 32, 128, "head")
+    with pytest.raises(ValueError, match="n_tokens"):
+        n_quantized(-1, 32, 128, "token")
 
 
 @pytest.mark.parametrize("key_axis", ["channel", "token"])
@@ -411,7 +411,7 @@ def test_large_residual_is_lossless_and_quantization_changes_values() -> None:
     cache = KIVICache(2, 16, 64)
     _feed(cache, k, v, [20, 30])
     kc, vc = cache.keys_values()
-    assert torch.equal(kc, k) and torch.equal(vc, v) and cache.k_stream.num_quantized == 0
+    assert torch.equal(kc, k) and torch.equal(vc, v) and cache.k_stream.n_quantized == 0
     cache = KIVICache(2, 16, 16)
     _feed(cache, k, v, [50])
     kc, vc = cache.keys_values()
@@ -425,7 +425,7 @@ def test_constant_tensors_through_the_cache_stay_exact() -> None:
     v = torch.arange(40.0).view(1, 1, 40, 1).expand(1, 2, 40, 16).contiguous()  # constant along channels
     _feed(cache, k, v, [17, 1, 22])
     kc, vc = cache.keys_values()
-    assert cache.k_stream.num_quantized == 40 and cache.v_stream.num_quantized == 32
+    assert cache.k_stream.n_quantized == 40 and cache.v_stream.n_quantized == 32
     assert torch.equal(kc, k) and torch.equal(vc, v)  # representable in fp16, so exact, and no NaN
 
 

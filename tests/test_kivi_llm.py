@@ -3,10 +3,6 @@ policy, K/V collection and channel statistics, and the benchmark's quick mode.""
 
 from __future__ import annotations
 
-import importlib.util
-import re
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,17 +10,7 @@ from refimpl.kivi import KIVICache
 from refimpl.kivi.experiment import RowCaches, channel_magnitude, collect_kv, evaluate_side_by_side
 from refimpl.llm.cache import FullCache
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded: decoding issues many small operations, where OpenMP's fork/join only costs time on a
-    busy 2-core machine (10x slower measured under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +87,9 @@ def test_row_caches_routes_rows_and_checks_batch() -> None:
 
 
 @pytest.mark.model
-def test_benchmark_quick_prints_numbers(capsys, llm) -> None:
-    spec = importlib.util.spec_from_file_location("bench_kivi", ROOT / "benchmarks" / "bench_kivi.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert bench.main(["--quick"]) == 0
-    out = capsys.readouterr().out
-    values = dict(re.findall(r"^(\w+): (\S+)$", out, re.M))
+def test_benchmark_quick_prints_numbers(run_benchmark, llm) -> None:
+    status, values = run_benchmark("bench_kivi", ["--quick"])
+    assert status == 0
     for name in ("kivi2_bytes_ratio", "kivi2_bits_per_element", "kivi2_ppl_increase", "kivi4_ppl_increase"):
-        assert name in values, out
+        assert name in values, values
         float(values[name])

@@ -4,7 +4,6 @@ corpus, command line and their errors. The model is loaded once per module (test
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import numpy as np
@@ -19,17 +18,9 @@ from refimpl.llm.generate import generate, generate_ids, top_p_filter
 from refimpl.llm.model import apply_rope, causal_attention, load_model, rms_norm, rope_cos_sin
 from refimpl.llm.perplexity import evaluate, evaluate_one_shot
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 needs_model = pytest.mark.model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module single-threaded: batch-1 decode is a chain of small operations, and on a CPU shared with
-    other processes OpenMP threads that spin-wait for a busy core slow every step many times over."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -468,12 +459,8 @@ def test_cli_perplexity_and_generate(tmp_path, capsys):
 
 
 @needs_model
-def test_benchmark_quick_prints_numbers():
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    import bench_llm
-
-    lines = bench_llm.main(["--quick"])
-    values = dict(line.split(": ") for line in lines)
+def test_benchmark_quick_prints_numbers(run_benchmark):
+    _, values = run_benchmark("bench_llm", ["--quick"])
     for key in (
         "decode_tokens_per_s",
         "decode_bound_tokens_per_s",

@@ -19,18 +19,9 @@ import torch
 
 from refimpl.llm import corpus, evaluate, evaluate_one_shot, find_gguf, generate, load_model
 
-pytestmark = [pytest.mark.model, pytest.mark.slow]
+pytestmark = [pytest.mark.model, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Single-threaded, as in tests/test_llm.py: robust on a CPU shared with other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

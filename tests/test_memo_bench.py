@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import re
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def _load(name: str):  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_memo_quick_prints_both_ratios(capsys):
-    threads = torch.get_num_threads()
-    try:
-        result = _load("bench_memo").main(["--quick"])
-    finally:
-        torch.set_num_threads(threads)
-    lines = dict(re.findall(r"^(\w+): (\S+)$", capsys.readouterr().out, flags=re.M))
+def test_bench_memo_quick_prints_both_ratios(run_benchmark):
+    result, lines = run_benchmark("bench_memo", ["--quick"])
     for name in ("memo_peak_memory_ratio", "memo_step_time_ratio", "memo_alpha"):
         assert float(lines[name]) == pytest.approx(result[name], rel=1e-3)
     # The memory ratio is exact (a ledger), so its ordering can be asserted; times are only reported.
@@ -36,8 +16,8 @@ def test_bench_memo_quick_prints_both_ratios(capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")
-def test_bench_memo_gpu_exits_clearly_without_cuda(capsys):
+def test_bench_memo_gpu_exits_clearly_without_cuda(capsys, load_benchmark):
     with pytest.raises(SystemExit) as exit_info:
-        _load("bench_memo_gpu").main(["--quick"])
+        load_benchmark("bench_memo_gpu").main(["--quick"])
     assert exit_info.value.code == 2
     assert "no CUDA device" in capsys.readouterr().err

@@ -22,14 +22,7 @@ from refimpl.memo.block import (
     tile_seed,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # noqa: ANN202
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP barriers cost 10-100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference_block(blk: TransformerBlock, x: torch.Tensor) -> torch.Tensor:

@@ -18,16 +18,9 @@ from refimpl.memo.ledger import (
 )
 from refimpl.memo.strategies import KeepAll, forward_stack
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STATS = ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # noqa: ANN202
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP barriers cost 10-100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _ledger_of_one_block(s, b, h, a, *, dtype, dropout, tile, ffn=None):  # noqa: ANN001, ANN202

@@ -22,18 +22,11 @@ from refimpl.memo.strategies import (
     train_step,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ALPHAS = (0.0, 0.25, 0.5, 1.0)
 STRATEGIES = [KeepAll, FullRecompute, FullOffload] + [lambda a=a: MemoTokenwise(a) for a in ALPHAS]
 L, S, B, H, A, TILE = 3, 16, 2, 8, 2, 4  # 4 tiles, so every alpha in ALPHAS is a whole number of tiles
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # noqa: ANN202
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP barriers cost 10-100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _grads(layers, x0, g, strategy):  # noqa: ANN001, ANN202

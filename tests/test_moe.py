@@ -187,7 +187,7 @@ def test_null_experts_only_gives_zero_expert_output_and_identity_layer() -> None
     assert torch.all(y[3:].abs().sum(-1) > 0)
     torch.testing.assert_close(y, _naive_moe(x, routing, w1, w2))
     # Through the layer: a router that sends every token to the null experts leaves x unchanged.
-    layer = MoELayer(4, 8, 3, router="null", k=2, num_null=2).double()
+    layer = MoELayer(4, 8, 3, router="null", k=2, n_null=2).double()
     with torch.no_grad():
         layer.norm.weight.zero_()
         layer.norm.bias.fill_(1.0)  # u = LayerNorm(x) = 1 for every token
@@ -195,7 +195,7 @@ def test_null_experts_only_gives_zero_expert_output_and_identity_layer() -> None
         layer.router.weight[3:] = 1.0  # null logits 4, real logits 0
     x = torch.randn(5, 4, dtype=F64)
     out, aux = layer(x)
-    assert aux.routing.num_assignments == 0 and aux.real_per_token == 0.0
+    assert aux.routing.n_assignments == 0 and aux.real_per_token == 0.0
     assert torch.equal(out, x)
 
 
@@ -206,7 +206,7 @@ def test_null_expert_real_gates_renormalized() -> None:
     has_real = (gate.index < 4).any(-1)
     torch.testing.assert_close(per_token[has_real], torch.ones(int(has_real.sum())))
     assert torch.all(per_token[~has_real] == 0)
-    assert routing.num_assignments == int((gate.index < 4).sum())
+    assert routing.n_assignments == int((gate.index < 4).sum())
 
 
 @settings(max_examples=30, deadline=None)
@@ -353,7 +353,7 @@ def test_dense_dispatch_tensor_layout_and_bytes() -> None:
     routing, _ = apply_capacity(top_k_gating(logits, 2).routing(), 6)
     dispatch, combine = dense_dispatch_tensors(routing, 6)
     assert dispatch.shape == combine.shape == (16, 4, 6)
-    assert int(dispatch.sum()) == routing.num_assignments
+    assert int(dispatch.sum()) == routing.n_assignments
     assert torch.all(dispatch.sum(0) <= 1)  # each (expert, slot) holds at most one token
     pairs = dispatch.sum(-1)  # (N, E): 1 where token n was kept for expert e
     for t, e in zip(routing.token.tolist(), routing.expert.tolist()):
@@ -434,7 +434,7 @@ def test_dropped_tokens_pass_through_residual() -> None:
     out, aux = layer(x)
     capacity = expert_capacity(16, 2, 1, 0.25)
     assert aux.routing.tokens_per_expert().max() <= capacity
-    assert aux.dropped == 16 - aux.routing.num_assignments > 0
+    assert aux.dropped == 16 - aux.routing.n_assignments > 0
     assert aux.requested == int(aux.requested_per_expert.sum()) == 16
     expected_kept = [min(n, capacity) for n in aux.requested_per_expert.tolist()]
     assert aux.tokens_per_expert.tolist() == expected_kept
@@ -449,8 +449,8 @@ def test_dropped_tokens_pass_through_residual() -> None:
     [
         dict(router="top_k", k=2, capacity_factor=1.25),
         dict(router="expert_choice", capacity_factor=2.0),
-        dict(router="null", k=2, num_null=2, alpha=0.01),
-        dict(router="grouped", k=2, num_groups=2, alpha=0.01),
+        dict(router="null", k=2, n_null=2, alpha=0.01),
+        dict(router="grouped", k=2, n_groups=2, alpha=0.01),
     ],
 )
 def test_layer_routers_match_masked_loop(kwargs: dict) -> None:
@@ -465,7 +465,7 @@ def test_layer_routers_match_masked_loop(kwargs: dict) -> None:
 
 def test_train_moe_is_deterministic_and_records_shapes() -> None:
     task = ClusterTask.make(4, 6, 3, seed=1)
-    config = TrainConfig(steps=4, batch=32, layer=dict(d_model=8, d_hidden=8, num_experts=4, k=1, alpha=0.01))
+    config = TrainConfig(steps=4, batch=32, layer=dict(d_model=8, d_hidden=8, n_experts=4, k=1, alpha=0.01))
     a, b = train_moe(task, config), train_moe(task, config)
     torch.testing.assert_close(a.loss, b.loss)
     assert a.eval_loss == b.eval_loss
@@ -495,11 +495,11 @@ def test_bad_inputs_raise_clear_errors() -> None:
         expert_capacity(4, 3, 1, 0.0)
     with pytest.raises(ValueError, match="capacity_factor must be > 0.0"):
         expert_choice(logits, -1.0)
-    with pytest.raises(ValueError, match="num_groups must divide the number of experts 3, got 2"):
+    with pytest.raises(ValueError, match="n_groups must divide the number of experts 3, got 2"):
         grouped_top_k_gating(logits, 2, 2)
-    with pytest.raises(ValueError, match="k must be a multiple of num_groups=2, got 3"):
+    with pytest.raises(ValueError, match="k must be a multiple of n_groups=2, got 3"):
         grouped_top_k_gating(torch.randn(4, 4), 3, 2)
-    with pytest.raises(ValueError, match="num_null must be <= 2"):
+    with pytest.raises(ValueError, match="n_null must be <= 2"):
         null_expert_gating(logits, 1, 3)
     with pytest.raises(ValueError, match="logits must have 2 dimensions"):
         top_k_gating(torch.randn(3), 1)
@@ -507,8 +507,8 @@ def test_bad_inputs_raise_clear_errors() -> None:
         MoELayer(4, 4, 4, k=5)
     with pytest.raises(ValueError, match="capacity_factor must be > 0.0"):
         MoELayer(4, 4, 4, capacity_factor=0.0)
-    with pytest.raises(ValueError, match="num_groups must divide num_experts=6"):
-        MoELayer(4, 4, 6, router="grouped", k=4, num_groups=4)
+    with pytest.raises(ValueError, match="n_groups must divide n_experts=6"):
+        MoELayer(4, 4, 6, router="grouped", k=4, n_groups=4)
     with pytest.raises(ValueError, match="router must be one of"):
         MoELayer(4, 4, 4, router="hash")
     with pytest.raises(ValueError, match="capacity_factor must be given"):
@@ -519,7 +519,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
         moe_sorted(x[:4], routing, w1, w2)
     with pytest.raises(ValueError, match="w1 must be"):
         moe_dense(x, routing, w1[:, :2], w2, 5)
-    with pytest.raises(ValueError, match="num_devices must divide num_experts=3"):
+    with pytest.raises(ValueError, match="n_devices must divide n_experts=3"):
         imbalance_score(routing.expert, 3, 2, 5)
     with pytest.raises(TypeError, match="routing must be a Routing"):
         moe_masked_loop(x, (routing.token, routing.expert), w1, w2)
@@ -529,21 +529,9 @@ def test_bad_inputs_raise_clear_errors() -> None:
 # Benchmark output format
 
 
-def test_benchmark_quick_prints_numeric_lines(capsys: pytest.CaptureFixture[str]) -> None:
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_moe.py"
-    spec = importlib.util.spec_from_file_location("bench_moe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    try:
-        module.main(["--quick", "--repeats", "1", "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
-    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
-    values = {name: float(value) for name, value in (line.split(": ") for line in lines)}
+def test_benchmark_quick_prints_numeric_lines(run_benchmark) -> None:
+    _, lines = run_benchmark("bench_moe", ["--quick", "--repeats", "1", "--threads", "1"])
+    values = {name: float(value) for name, value in lines.items()}
     for name in ("sorted_vs_loop_speedup", "sorted_vs_dense_speedup", "dense_dispatch_tensor_bytes"):
         assert name in values and values[name] > 0
     assert values["dense_dispatch_tensor_bytes"] == values["tokens"] * values["experts"] * values["capacity"] * 4

@@ -39,17 +39,17 @@ def _expected_rows(logits: torch.Tensor, route, world: int, e: int) -> torch.Ten
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    ("world", "num_groups"),
+    ("world", "n_groups"),
     [(2, None), (4, 4)],  # 2 processes with top-2 gating; 4 processes with MoGE (one group per process)
 )
-def test_expert_parallel_equals_single_process(world: int, num_groups: int | None) -> None:
-    n, e, k = 37, 8, 4 if num_groups else 2  # 37 tokens: uneven token shards
+def test_expert_parallel_equals_single_process(world: int, n_groups: int | None) -> None:
+    n, e, k = 37, 8, 4 if n_groups else 2  # 37 tokens: uneven token shards
     x, logits, w1, w2, grad_y = _problem(n, e, seed=world)
-    if num_groups:
-        route = lambda lg: grouped_top_k_gating(lg, k, num_groups, normalize=True)
+    if n_groups:
+        route = lambda lg: grouped_top_k_gating(lg, k, n_groups, normalize=True)
     else:
         route = lambda lg: top_k_gating(lg, k)
-    res = run_expert_parallel(x, logits, w1, w2, world_size=world, k=k, num_groups=num_groups, grad_y=grad_y)
+    res = run_expert_parallel(x, logits, w1, w2, world_size=world, k=k, n_groups=n_groups, grad_y=grad_y)
     y, gx, glogits, gw1, gw2 = _single_process(x, logits, w1, w2, grad_y, route)
     torch.testing.assert_close(res["y"], y)
     torch.testing.assert_close(res["grad_x"], gx)
@@ -64,8 +64,8 @@ def test_expert_parallel_equals_single_process(world: int, num_groups: int | Non
     assert torch.equal(res["bytes_sent_remote"], 2 * remote * x.shape[1] * 4)
     load = rows.sum(0)  # rows each device's experts compute
     assert imbalance_score(route(logits).index, e, world, n) == (load.max() - load.min()).item() / n
-    if num_groups:  # MoGE: every device does exactly N_r k / M rows of each rank's N_r tokens
-        assert torch.all(load == n * k // num_groups)
+    if n_groups:  # MoGE: every device does exactly N_r k / M rows of each rank's N_r tokens
+        assert torch.all(load == n * k // n_groups)
         shards = [len(s) for s in torch.tensor_split(x, world)]
         expected = [expected_exchange_bytes(s, k, x.shape[1], world, 4) for s in shards]
         assert res["bytes_sent_remote"].tolist() == expected
@@ -76,7 +76,7 @@ def test_send_counts_matches_naive_and_rejects_bad_devices() -> None:
     routing = top_k_gating(logits, 2).routing()
     naive = [sum(1 for x in routing.expert.tolist() if x // 2 == dev) for dev in range(4)]
     assert send_counts(routing, 4).tolist() == naive
-    with pytest.raises(ValueError, match="num_devices must divide num_experts=8, got 3"):
+    with pytest.raises(ValueError, match="n_devices must divide n_experts=8, got 3"):
         send_counts(routing, 3)
 
 

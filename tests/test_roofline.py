@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from refimpl.roofline import (
     Hardware,
     Operator,
+    Workload,
     analyze,
     arithmetic_intensity,
     attainable_performance,
     bound,
-    evaluate,
     expected_experts_touched,
     get_model,
     kv_cache_bytes,
@@ -30,6 +30,7 @@ from refimpl.roofline import (
     max_batch,
     memory_footprint,
     normalize_dtype,
+    operator_cost,
     ridge_point,
     roofline_time,
     weight_bytes,
@@ -133,11 +134,11 @@ def test_bound_flips_at_the_ridge(name):
     nbytes = 1e9
     for factor, expected in [(0.99, "memory"), (1.01, "compute")]:
         op = Operator("op", flops=ridge * factor * nbytes, bytes_read=nbytes, bytes_written=0.0)
-        cost = evaluate(op, hw.peak("bf16"), hw.memory_bandwidth)
+        cost = operator_cost(op, hw.peak("bf16"), hw.memory_bandwidth)
         assert cost.bound == expected, factor
     # exactly at the ridge (one second of peak compute over one second of bandwidth) it counts as compute
     at_ridge = Operator("op", flops=hw.peak("bf16"), bytes_read=hw.memory_bandwidth, bytes_written=0.0)
-    assert evaluate(at_ridge, hw.peak("bf16"), hw.memory_bandwidth).bound == "compute"
+    assert operator_cost(at_ridge, hw.peak("bf16"), hw.memory_bandwidth).bound == "compute"
     # at the ridge both ceilings give the same time
     at = roofline_time(ridge * nbytes, nbytes, hw.peak("bf16"), hw.memory_bandwidth)
     assert at == pytest.approx(nbytes / hw.memory_bandwidth) == pytest.approx(ridge * nbytes / hw.peak("bf16"))
@@ -218,21 +219,21 @@ def test_unknown_model_and_bad_config():
 
 
 def test_done_when_llama2_decode_on_a100_is_memory_bound_and_time_follows_from_bytes():
-    a = analyze("llama-2-7b", "a100-40gb", stage="decode", batch=1, seq=1024, dtype="fp16")
+    a = analyze("llama-2-7b", "a100-40gb", Workload(stage="decode", batch=1, seq=1024, dtype="fp16"))
     assert a.bound == "memory" and all(r.bound == "memory" for r in a.rows)
     # every operator is memory-bound, so the step time is exactly the bytes over 1555 GB/s
     assert a.time == pytest.approx(a.bytes / 1555e9, rel=1e-12)
     # and those bytes are the weights plus the KV cache (activations are < 0.1%)
     m = get_model("llama-2-7b")
-    kv = kv_cache_bytes(m, 1, 1024, 16)
-    weights_read = weight_bytes(m, 16) - (m.vocab_size - 1) * m.d_model * 2  # embedding: one row gathered
+    kv = kv_cache_bytes(m, Workload(batch=1, seq=1024))
+    weights_read = weight_bytes(m) - (m.vocab_size - 1) * m.d_model * 2  # embedding: one row gathered
     assert a.bytes == pytest.approx(weights_read + kv, rel=1e-3)
     assert a.bytes > weights_read + kv
     assert 8e-3 < a.time < 10e-3  # ~14 GB at 1.555 TB/s
 
 
 def test_prefill_is_compute_bound_on_a100():
-    a = analyze("llama-2-7b", "a100-40gb", stage="prefill", batch=1, seq=1024)
+    a = analyze("llama-2-7b", "a100-40gb", Workload(stage="prefill", batch=1, seq=1024))
     assert a.bound == "compute"
     for name in ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]:
         assert a.row(name).bound == "compute"
@@ -248,21 +249,21 @@ def test_prefill_is_compute_bound_on_a100():
 @pytest.mark.parametrize("batch", [1, 2, 8, 32, 64])
 def test_decode_gemv_intensity_is_about_batch(batch):
     # GEMM of B tokens with a (k, n) weight at 2 bytes: I = B k n / (B k + k n + B n) = B / (1 + B/n + B/k)
-    a = analyze("llama-2-7b", "h100-sxm", stage="decode", batch=batch, seq=512, dtype="bf16")
+    a = analyze("llama-2-7b", "h100-sxm", Workload(stage="decode", batch=batch, seq=512, dtype="bf16"))
     for name, (k, n) in {"q_proj": (4096, 4096), "gate_proj": (4096, 11008), "down_proj": (11008, 4096)}.items():
         intensity = a.row(name).op.intensity
         assert intensity == pytest.approx(batch / (1 + batch / n + batch / k), rel=1e-12)
         assert intensity == pytest.approx(batch, rel=0.035)  # within B/k + B/n of B
     # halving the weight bytes (8-bit weights) doubles it
-    q8 = analyze("llama-2-7b", "h100-sxm", stage="decode", batch=batch, seq=512, dtype="bf16", weight_bits=8)
+    q8 = analyze("llama-2-7b", "h100-sxm", Workload(stage="decode", batch=batch, seq=512, dtype="bf16", weight_bits=8))
     assert q8.row("gate_proj").op.intensity == pytest.approx(2 * batch, rel=0.05)
 
 
 def test_decode_turns_compute_bound_past_the_ridge():
     hw = load_hardware("a100-40gb")
     ridge = hw.ridge_point("fp16")  # ~200 FLOP/B
-    below = analyze("llama-2-7b", hw, stage="decode", batch=int(0.8 * ridge), seq=128)
-    above = analyze("llama-2-7b", hw, stage="decode", batch=int(1.3 * ridge), seq=128)
+    below = analyze("llama-2-7b", hw, Workload(stage="decode", batch=int(0.8 * ridge), seq=128))
+    above = analyze("llama-2-7b", hw, Workload(stage="decode", batch=int(1.3 * ridge), seq=128))
     assert below.row("gate_proj").bound == "memory" and above.row("gate_proj").bound == "compute"
     # attention reads every sequence's own KV cache: its intensity does not grow with batch
     assert above.row("attention").bound == "memory"
@@ -272,25 +273,25 @@ def test_decode_turns_compute_bound_past_the_ridge():
 def test_kv_bytes_account_for_gqa():
     l2, l3 = get_model("llama-2-7b"), get_model("llama-3-8b")
     # well-known sizes: 0.5 MiB per token for Llama-2-7B (MHA), 128 KiB for Llama-3-8B (8 KV heads), fp16
-    assert kv_cache_bytes(l2, 1, 1, 16) == 2**19
-    assert kv_cache_bytes(l3, 1, 1, 16) == 2**17
-    assert kv_cache_bytes(l3, 4, 4096, 16) == 4 * 4096 * 2**17
+    assert kv_cache_bytes(l2, Workload(batch=1, seq=1)) == 2**19
+    assert kv_cache_bytes(l3, Workload(batch=1, seq=1)) == 2**17
+    assert kv_cache_bytes(l3, Workload(batch=4, seq=4096)) == 4 * 4096 * 2**17
     # the decode step reads exactly the cache (attention) and writes one token's entries
-    a = analyze(l3, "h100-sxm", stage="decode", batch=4, seq=4096)
+    a = analyze(l3, "h100-sxm", Workload(stage="decode", batch=4, seq=4096))
     att, wr = a.row("attention"), a.row("kv_cache_write")
-    assert att.op.kv_bytes * att.op.count == kv_cache_bytes(l3, 4, 4096, 16) == a.memory.kv_cache
-    assert wr.op.kv_bytes * wr.op.count == kv_cache_bytes(l3, 4, 1, 16)
+    assert att.op.kv_bytes * att.op.count == kv_cache_bytes(l3, Workload(batch=4, seq=4096)) == a.memory.kv_cache
+    assert wr.op.kv_bytes * wr.op.count == kv_cache_bytes(l3, Workload(batch=4, seq=1))
     # the same model with MHA reads H / H_kv = 4 times more KV bytes
     mha = dataclasses.replace(l3, n_kv_heads=l3.n_heads)
-    b = analyze(mha, "h100-sxm", stage="decode", batch=4, seq=4096)
+    b = analyze(mha, "h100-sxm", Workload(stage="decode", batch=4, seq=4096))
     assert b.row("attention").op.kv_bytes == 4 * att.op.kv_bytes
     assert b.row("k_proj").op.flops == 4 * a.row("k_proj").op.flops
 
 
 def test_kv_bits_and_budget():
-    base = analyze("llama-2-7b", "h100-sxm", stage="decode", batch=16, seq=4096)
-    kivi = analyze("llama-2-7b", "h100-sxm", stage="decode", batch=16, seq=4096, kv_bits=2)
-    evict = analyze("llama-2-7b", "h100-sxm", stage="decode", batch=16, seq=4096, kv_budget=1024)
+    base = analyze("llama-2-7b", "h100-sxm", Workload(stage="decode", batch=16, seq=4096))
+    kivi = analyze("llama-2-7b", "h100-sxm", Workload(stage="decode", batch=16, seq=4096, kv_bits=2))
+    evict = analyze("llama-2-7b", "h100-sxm", Workload(stage="decode", batch=16, seq=4096, kv_budget=1024))
     assert kivi.memory.kv_cache == base.memory.kv_cache / 8
     assert kivi.row("attention").op.kv_bytes == base.row("attention").op.kv_bytes / 8
     assert evict.memory.kv_cache == base.memory.kv_cache / 4
@@ -299,14 +300,14 @@ def test_kv_bits_and_budget():
     # weights are unaffected
     assert kivi.memory.weights == base.memory.weights
     # prefill computes over the whole prompt even with a budget
-    p1 = analyze("llama-2-7b", "h100-sxm", stage="prefill", batch=1, seq=4096, kv_budget=1024)
-    p2 = analyze("llama-2-7b", "h100-sxm", stage="prefill", batch=1, seq=4096)
+    p1 = analyze("llama-2-7b", "h100-sxm", Workload(stage="prefill", batch=1, seq=4096, kv_budget=1024))
+    p2 = analyze("llama-2-7b", "h100-sxm", Workload(stage="prefill", batch=1, seq=4096))
     assert p1.flops == p2.flops
 
 
 def test_mlp_is_sized_by_ffn_dim_with_three_matrices():
     m = get_model("llama-2-7b")
-    a = analyze(m, "a100-80gb", stage="prefill", batch=2, seq=64)
+    a = analyze(m, "a100-80gb", Workload(stage="prefill", batch=2, seq=64))
     M, d, F = 2 * 64, m.d_model, m.ffn_dim
     for name in ["gate_proj", "up_proj", "down_proj"]:
         assert a.row(name).op.flops == 2 * M * d * F
@@ -314,13 +315,13 @@ def test_mlp_is_sized_by_ffn_dim_with_three_matrices():
     silu = a.row("silu_mul").op
     assert silu.bytes_read == 2 * M * F * 2 and silu.bytes_written == M * F * 2
     assert a.row("up_proj").op.bytes_written == M * F * 2  # the MLP activation is M x d_ff, not M x d
-    bigger = analyze(dataclasses.replace(m, ffn_dim=2 * F), "a100-80gb", stage="prefill", batch=2, seq=64)
+    bigger = analyze(dataclasses.replace(m, ffn_dim=2 * F), "a100-80gb", Workload(stage="prefill", batch=2, seq=64))
     assert bigger.row("silu_mul").op.bytes == 2 * silu.bytes
 
 
 def test_weight_bits_scale_weight_traffic():
-    a16 = analyze("llama-2-7b", "a100-80gb", stage="decode", batch=1, seq=128)
-    a4 = analyze("llama-2-7b", "a100-80gb", stage="decode", batch=1, seq=128, weight_bits=4)
+    a16 = analyze("llama-2-7b", "a100-80gb", Workload(stage="decode", batch=1, seq=128))
+    a4 = analyze("llama-2-7b", "a100-80gb", Workload(stage="decode", batch=1, seq=128, weight_bits=4))
     w16 = sum(r.op.weight_bytes * r.op.count for r in a16.rows)
     w4 = sum(r.op.weight_bytes * r.op.count for r in a4.rows)
     norms = (2 * 32 + 1) * 4096 * 2  # norm vectors stay in the activation dtype
@@ -333,17 +334,17 @@ def test_weight_bytes_read_in_decode_equal_the_weights():
     for name in ["llama-2-7b", "llama-3-8b", "smollm2-135m"]:
         m = get_model(name)
         for batch in [1, 3]:
-            a = analyze(m, "h100-sxm", stage="decode", batch=batch, seq=256, dtype="bf16")
+            a = analyze(m, "h100-sxm", Workload(stage="decode", batch=batch, seq=256, dtype="bf16"))
             read = sum(r.op.weight_bytes * r.op.count for r in a.rows)
             table = m.vocab_size * m.d_model * 2
-            expected = weight_bytes(m, 16) + batch * m.d_model * 2 - (0 if m.tie_embeddings else table)
+            expected = weight_bytes(m) + batch * m.d_model * 2 - (0 if m.tie_embeddings else table)
             assert read == pytest.approx(expected, rel=1e-12), name
 
 
 def test_flash_attention_io():
     kw = dict(stage="prefill", batch=1, seq=2048)
-    fa = analyze("llama-2-7b", "a100-40gb", flash_attention=True, **kw)
-    naive = analyze("llama-2-7b", "a100-40gb", flash_attention=False, **kw)
+    fa = analyze("llama-2-7b", "a100-40gb", Workload(flash_attention=True, **kw))
+    naive = analyze("llama-2-7b", "a100-40gb", Workload(flash_attention=False, **kw))
     scores = 32 * 2048 * 2048 * 2  # (H, T, S) fp16 per layer
     assert naive.row("qk_matmul").op.bytes_written == scores
     assert naive.row("softmax").op.bytes == 2 * scores
@@ -372,19 +373,19 @@ def test_expected_experts_touched_matches_enumeration():
 
 def test_moe_decode_reads_active_experts_then_all():
     mx = get_model("mixtral-8x7b")
-    one = analyze(mx, "h200", stage="decode", batch=1, seq=512, dtype="bf16")
-    many = analyze(mx, "h200", stage="decode", batch=256, seq=512, dtype="bf16")
+    one = analyze(mx, "h200", Workload(stage="decode", batch=1, seq=512, dtype="bf16"))
+    many = analyze(mx, "h200", Workload(stage="decode", batch=256, seq=512, dtype="bf16"))
     per_expert = mx.d_model * mx.ffn_dim * 2
     assert one.row("expert_up_proj").op.weight_bytes == pytest.approx(2 * per_expert)
     assert many.row("expert_up_proj").op.weight_bytes == pytest.approx(8 * per_expert, rel=1e-6)
     assert one.row("expert_up_proj").op.flops == 2 * 1 * 2 * mx.d_model * mx.ffn_dim
-    top1 = analyze(mx, "h200", stage="decode", batch=1, seq=512, dtype="bf16", active_experts=1)
+    top1 = analyze(mx, "h200", Workload(stage="decode", batch=1, seq=512, dtype="bf16", active_experts=1))
     assert top1.row("expert_up_proj").op.flops == one.row("expert_up_proj").op.flops / 2
     assert top1.time < one.time
     # all experts live in memory: 46.7B parameters at 2 bytes do not fit an 80 GiB H100
     assert one.memory.weights == pytest.approx(2 * mx.n_params(), rel=1e-6)
-    assert max_batch(mx, "h100-sxm", seq=512, dtype="bf16") == 0
-    assert max_batch(mx, "h200", seq=512, dtype="bf16") > 0
+    assert max_batch(mx, "h100-sxm", Workload(seq=512, dtype="bf16")) == 0
+    assert max_batch(mx, "h200", Workload(seq=512, dtype="bf16")) > 0
 
 
 @settings(max_examples=25, deadline=None)
@@ -397,7 +398,7 @@ def test_moe_decode_reads_active_experts_then_all():
     flash=st.booleans(),
 )
 def test_totals_and_units_are_consistent(model, hardware, stage, batch, seq, flash):
-    a = analyze(model, hardware, stage=stage, batch=batch, seq=seq, flash_attention=flash, dtype="bf16")
+    a = analyze(model, hardware, Workload(stage=stage, batch=batch, seq=seq, flash_attention=flash, dtype="bf16"))
     hw = load_hardware(hardware)
     assert a.time == pytest.approx(sum(a.time_by_operator().values()), rel=1e-12)
     assert a.time == pytest.approx(sum(a.time_by_bound().values()), rel=1e-12)
@@ -409,57 +410,59 @@ def test_totals_and_units_are_consistent(model, hardware, stage, batch, seq, fla
     assert a.layer_time * a.model.n_layers < a.time
     # doubling the bandwidth never slows anything, and halves every memory-bound operator's time
     fast = dataclasses.replace(hw, memory_bandwidth=2 * hw.memory_bandwidth)
-    b = analyze(model, fast, stage=stage, batch=batch, seq=seq, flash_attention=flash, dtype="bf16")
+    b = analyze(model, fast, Workload(stage=stage, batch=batch, seq=seq, flash_attention=flash, dtype="bf16"))
     assert b.time <= a.time
     for ra, rb in zip(a.rows, b.rows):
         if ra.bound == "memory" and rb.bound == "memory":
             assert rb.time == pytest.approx(ra.time / 2)
     # more work never takes less time
-    c = analyze(model, hardware, stage=stage, batch=batch + 1, seq=seq + 1, flash_attention=flash, dtype="bf16")
+    c = analyze(
+        model, hardware, Workload(stage=stage, batch=batch + 1, seq=seq + 1, flash_attention=flash, dtype="bf16")
+    )
     assert c.time >= a.time and c.memory.total > a.memory.total
 
 
 @settings(max_examples=25, deadline=None)
 @given(seq=st.integers(1, 32768), kv_bits=st.sampled_from([16, 8, 4, 2.5]), hw=st.sampled_from(GPUS))
 def test_max_batch_is_the_largest_that_fits(seq, kv_bits, hw):
-    b = max_batch("llama-3-8b", hw, seq=seq, kv_bits=kv_bits, dtype="bf16")
+    b = max_batch("llama-3-8b", hw, Workload(seq=seq, kv_bits=kv_bits, dtype="bf16"))
     cap = load_hardware(hw).memory_capacity
     if b > 0:
-        assert memory_footprint("llama-3-8b", batch=b, seq=seq, kv_bits=kv_bits, dtype="bf16").total <= cap
-    assert memory_footprint("llama-3-8b", batch=b + 1, seq=seq, kv_bits=kv_bits, dtype="bf16").total > cap
+        assert memory_footprint("llama-3-8b", Workload(batch=b, seq=seq, kv_bits=kv_bits, dtype="bf16")).total <= cap
+    assert memory_footprint("llama-3-8b", Workload(batch=b + 1, seq=seq, kv_bits=kv_bits, dtype="bf16")).total > cap
 
 
 def test_max_batch_grows_with_kv_compression():
-    base = max_batch("llama-2-7b", "a100-80gb", seq=4096)
-    assert max_batch("llama-2-7b", "a100-80gb", seq=4096, kv_bits=4) > 3.5 * base
-    assert max_batch("llama-2-7b", "a100-80gb", seq=4096, memory_fraction=0.5) < base
+    base = max_batch("llama-2-7b", "a100-80gb", Workload(seq=4096))
+    assert max_batch("llama-2-7b", "a100-80gb", Workload(seq=4096, kv_bits=4)) > 3.5 * base
+    assert max_batch("llama-2-7b", "a100-80gb", Workload(seq=4096), memory_fraction=0.5) < base
 
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="batch must be >= 1, got -1"):
-        analyze("llama-2-7b", "a100-40gb", batch=-1)
+        analyze("llama-2-7b", "a100-40gb", Workload(batch=-1))
     with pytest.raises(ValueError, match="seq must be >= 1, got 0"):
-        analyze("llama-2-7b", "a100-40gb", seq=0)
+        analyze("llama-2-7b", "a100-40gb", Workload(seq=0))
     with pytest.raises(TypeError, match="batch must be an int"):
-        analyze("llama-2-7b", "a100-40gb", batch=1.5)
+        analyze("llama-2-7b", "a100-40gb", Workload(batch=1.5))
     with pytest.raises(ValueError, match="dtype must be one of"):
-        analyze("llama-2-7b", "a100-40gb", dtype="fp12")
+        analyze("llama-2-7b", "a100-40gb", Workload(dtype="fp12"))
     with pytest.raises(ValueError, match="dtype must be one of .* for hardware 'a100-40gb'"):
-        analyze("llama-2-7b", "a100-40gb", dtype="fp8")
+        analyze("llama-2-7b", "a100-40gb", Workload(dtype="fp8"))
     with pytest.raises(ValueError, match="stage must be one of"):
-        analyze("llama-2-7b", "a100-40gb", stage="train")
+        analyze("llama-2-7b", "a100-40gb", Workload(stage="train"))
     with pytest.raises(ValueError, match="model must be one of"):
         analyze("llama-9", "a100-40gb")
     with pytest.raises(ValueError, match="hardware must be one of"):
         analyze("llama-2-7b", "a100-20gb")
     with pytest.raises(ValueError, match="kv_bits must be in"):
-        analyze("llama-2-7b", "a100-40gb", kv_bits=0)
+        analyze("llama-2-7b", "a100-40gb", Workload(kv_bits=0))
     with pytest.raises(ValueError, match="active_experts must be <= 8"):
-        analyze("mixtral-8x7b", "h200", active_experts=9)
+        analyze("mixtral-8x7b", "h200", Workload(active_experts=9))
     with pytest.raises(ValueError, match="active_experts must be <= 1"):
-        analyze("llama-2-7b", "h200", active_experts=2)
+        analyze("llama-2-7b", "h200", Workload(active_experts=2))
     with pytest.raises(ValueError, match="kv_budget must be >= 1"):
-        analyze("llama-2-7b", "h200", kv_budget=0)
+        analyze("llama-2-7b", "h200", Workload(kv_budget=0))
     with pytest.raises(ValueError, match="memory_fraction must be <= 1.0"):
         max_batch("llama-2-7b", "h200", memory_fraction=1.5)
     with pytest.raises(ValueError, match="name must be one of"):
@@ -476,11 +479,13 @@ def _parse(text: str) -> dict[str, str]:
 def test_cli_prints_the_four_lines(capsys):
     assert main(["--model", "llama-2-7b", "--hardware", "a100-40gb", "--batch", "1", "--seq", "1024"]) == 0
     out = _parse(capsys.readouterr().out)
-    dec = analyze("llama-2-7b", "a100-40gb", stage="decode", batch=1, seq=1024)
-    pre = analyze("llama-2-7b", "a100-40gb", stage="prefill", batch=1, seq=1024)
+    dec = analyze("llama-2-7b", "a100-40gb", Workload(stage="decode", batch=1, seq=1024))
+    pre = analyze("llama-2-7b", "a100-40gb", Workload(stage="prefill", batch=1, seq=1024))
     assert float(out["decode_step_ms"]) == pytest.approx(dec.time * 1e3, rel=1e-5)
     assert float(out["prefill_ms"]) == pytest.approx(pre.time * 1e3, rel=1e-5)
-    assert float(out["kv_cache_gb"]) == pytest.approx(kv_cache_bytes("llama-2-7b", 1, 1024) / 1e9, rel=1e-5)
+    assert float(out["kv_cache_gb"]) == pytest.approx(
+        kv_cache_bytes("llama-2-7b", Workload(batch=1, seq=1024)) / 1e9, rel=1e-5
+    )
     assert float(out["weights_gb"]) == pytest.approx(weight_bytes("llama-2-7b") / 1e9, rel=1e-5)
     assert out["decode_bound"] == "memory" and out["prefill_bound"] == "compute"
 
@@ -520,7 +525,7 @@ def test_plots_draw_what_the_analysis_says():
 
     from refimpl.roofline.plot import plot_operators, plot_roofline, plot_time_breakdown
 
-    a = analyze("llama-2-7b", "a100-40gb", stage="decode", batch=1, seq=1024)
+    a = analyze("llama-2-7b", "a100-40gb", Workload(stage="decode", batch=1, seq=1024))
     ax = plot_roofline(a.hardware, "fp16", intensity_range=(1.0, 1e3))
     x, y = ax.lines[0].get_data()
     assert y.max() == pytest.approx(312e12) and y[0] == pytest.approx(1555e9 * x[0])
@@ -534,3 +539,30 @@ def test_plots_draw_what_the_analysis_says():
     expected = sorted(r.total_time * 1e3 for r in a.rows)[-5:]
     assert widths == pytest.approx(expected)
     plt.close("all")
+
+
+def test_workload_is_frozen_normalized_and_validated_on_replace():
+    w = Workload(dtype="BFloat16", kv_bits=2)
+    assert w.dtype == "bf16" and w.bits_per_weight == 16 and w.bits_per_kv == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        w.batch = 2  # type: ignore[misc]
+    # replace() runs the same validation; a None precision follows the new dtype
+    assert dataclasses.replace(w, dtype="fp32").bits_per_weight == 32
+    with pytest.raises(ValueError, match="batch must be >= 1, got 0"):
+        dataclasses.replace(w, batch=0)
+    with pytest.raises(ValueError, match="weight_bits must be in \\(0, 64\\], got 65"):
+        Workload(weight_bits=65)
+    with pytest.raises(ValueError, match="logits must be one of"):
+        Workload(logits="first")
+    with pytest.raises(TypeError, match="flash_attention must be a bool"):
+        Workload(flash_attention=1)
+    with pytest.raises(ValueError, match="active_experts must be >= 1"):
+        Workload(active_experts=0)
+    with pytest.raises(TypeError, match="workload must be a Workload, got dict"):
+        analyze("llama-2-7b", "h200", {"batch": 2})  # type: ignore[arg-type]
+    # decode holds min(seq, kv_budget) tokens, prefill the whole prompt
+    assert Workload(seq=4096, kv_budget=1024).keys == 1024
+    assert Workload(stage="prefill", seq=4096, kv_budget=1024).keys == 4096
+    # the analysis reads the workload's fields through, resolved against the model
+    a = analyze("mixtral-8x7b", "h200", Workload(batch=3, dtype="bf16"))
+    assert (a.batch, a.dtype, a.active_experts, a.weight_bits) == (3, "bf16", 2, 16)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from refimpl.roofline import ModelConfig, analyze, get_model
+from refimpl.roofline import ModelConfig, Workload, analyze, get_model
 
 
 def matmul_flops(analysis) -> float:
@@ -54,15 +54,6 @@ def smollm2():
     return Llama.from_gguf_tensors(cfg, {name: torch.zeros(shape) for name, shape in shapes.items()})
 
 
-@pytest.fixture
-def one_thread():
-    """FLOP counts do not depend on threads; one thread avoids barrier stalls when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_smollm2_prefill_and_decode_flops_match_flop_counter(smollm2, one_thread):
     batch, prompt = 2, 5
     ids = torch.randint(0, smollm2.config.vocab_size, (batch, prompt + 1), generator=torch.Generator().manual_seed(0))
@@ -72,8 +63,8 @@ def test_smollm2_prefill_and_decode_flops_match_flop_counter(smollm2, one_thread
     # one decode step at context prompt + 1
     decode = counted(lambda: smollm2(ids[:, prompt:], caches, start_pos=prompt))
     kw = dict(batch=batch, dtype="fp32", flash_attention=False)
-    pre = analyze("smollm2-135m", "h100-sxm", stage="prefill", seq=prompt, logits="all", **kw)
-    dec = analyze("smollm2-135m", "h100-sxm", stage="decode", seq=prompt + 1, **kw)
+    pre = analyze("smollm2-135m", "h100-sxm", Workload(stage="prefill", seq=prompt, logits="all", **kw))
+    dec = analyze("smollm2-135m", "h100-sxm", Workload(stage="decode", seq=prompt + 1, **kw))
     assert matmul_flops(pre) == prefill
     assert matmul_flops(dec) == decode
     # the analyzer's model is the same model: parameter counts agree
@@ -99,6 +90,6 @@ def test_flops_match_transformers_llama_with_gqa_untied_head():
         "tiny", n_layers=2, d_model=128, n_heads=8, n_kv_heads=2, head_dim=24, ffn_dim=352, vocab_size=512
     )
     ids = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(0))
-    a = analyze(ours, "a100-40gb", stage="prefill", batch=3, seq=20, flash_attention=False, logits="all")
+    a = analyze(ours, "a100-40gb", Workload(stage="prefill", batch=3, seq=20, flash_attention=False, logits="all"))
     assert matmul_flops(a) == counted(lambda: model(ids))
     assert ours.n_params() == sum(p.numel() for p in model.parameters())

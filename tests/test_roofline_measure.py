@@ -65,20 +65,14 @@ def test_decode_layer_time_runs_the_model_shapes():
         measure.decode_layer_time(tiny, batch=1, context=0)
 
 
-def _bench_lines(capsys, argv):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_roofline.py"
-    spec = importlib.util.spec_from_file_location("bench_roofline", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert bench.main(argv) == 0
-    return dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines())
+def _bench_lines(run_benchmark, argv):
+    status, lines = run_benchmark("bench_roofline", argv)
+    assert status == 0
+    return lines
 
 
-def test_benchmark_quick_prints_numeric_lines(capsys):
-    lines = _bench_lines(capsys, ["--quick"])
+def test_benchmark_quick_prints_numeric_lines(run_benchmark):
+    lines = _bench_lines(run_benchmark, ["--quick"])
     for key in [
         "stream_bandwidth_gbps",
         "matmul_gflops_fp32",
@@ -89,6 +83,6 @@ def test_benchmark_quick_prints_numeric_lines(capsys):
         "smollm2_decode_layer_measured_over_predicted",
     ]:
         assert math.isfinite(float(lines[key])) and float(lines[key]) > 0, key
-    sweep = _bench_lines(capsys, ["--quick", "--decode-sweep"])
+    sweep = _bench_lines(run_benchmark, ["--quick", "--decode-sweep"])
     assert [k for k in sweep if k.startswith("decode_layer_ms_b")] == [f"decode_layer_ms_b{b}" for b in (1, 2, 4)]
     assert all(float(v) > 0 for v in sweep.values())

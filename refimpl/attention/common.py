@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from refimpl._checks import check_float, check_same_device, check_tensor
+from refimpl._dtypes import accumulation_dtype
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -31,11 +32,6 @@ __all__ = [
 ]
 
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype scores and running statistics are kept in: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> tuple[float, int]:

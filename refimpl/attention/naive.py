@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from refimpl._dtypes import accumulation_dtype
 from refimpl.attention.common import causal_visible, check_attention_inputs
 from refimpl.attention.io_count import IOCounter
 
@@ -68,7 +69,7 @@ def naive_attention(
         io.writes.update({"S": scores, "P": scores, "O": o.numel()})
     if not return_lse:
         return o
-    lse = torch.logsumexp(s.to(torch.float64 if q.dtype == torch.float64 else torch.float32), dim=-1)
+    lse = torch.logsumexp(s.to(accumulation_dtype(q.dtype)), dim=-1)
     if dead is not None:
         lse = lse.masked_fill(dead.squeeze(-1), float("inf"))
     if io is not None:

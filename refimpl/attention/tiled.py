@@ -15,6 +15,8 @@ K/V block is loaded once per group (grouped-query attention).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -61,6 +63,39 @@ def online_softmax(x: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
     return p, m, ell
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """What the three tile loops share: shapes, the accumulation dtype, the causal diagonal."""
+
+    dims: tuple[int, int, int, int, int, int]  # (B, H_kv, G, N_q, N_k, d)
+    acc_dtype: torch.dtype  # float32 (float64 for float64 inputs): see refimpl.attention.common
+    causal: bool
+    offset: int  # bottom-right causal: query i sees keys j <= i + offset
+    q_pos: Tensor  # (N_q,)
+    k_pos: Tensor  # (N_k,)
+
+    @staticmethod
+    def of(q: Tensor, k: Tensor, causal: bool) -> _Grid:
+        b, h_q, n_q, d = q.shape
+        h_kv, n_k = k.shape[1], k.shape[2]
+        dims = (b, h_kv, h_q // h_kv, n_q, n_k, d)
+        pos = torch.arange(n_q, device=q.device), torch.arange(n_k, device=q.device)
+        return _Grid(dims, accumulation_dtype(q.dtype), causal, n_k - n_q, *pos)
+
+    def load_kv(self, io: IOCounter, k: Tensor, v: Tensor, j0: int, j1: int) -> tuple[Tensor, Tensor]:
+        """Load ``K_j, V_j`` (rows ``j0:j1``) to SRAM in the accumulation dtype: ``(B, H_kv, B_c, d)`` each."""
+        return io.load("K", k[:, :, j0:j1]).to(self.acc_dtype), io.load("V", v[:, :, j0:j1]).to(self.acc_dtype)
+
+    def mask_(self, s: Tensor, i0: int, i1: int, j0: int, j1: int) -> bool:
+        """Set the scores of tile ``S_i^(j)`` right of the causal diagonal to ``-inf`` in place; return whether
+        the tile crosses the diagonal (tiles entirely left of it need no mask)."""
+        masked = self.causal and j1 - 1 > i0 + self.offset
+        if masked:
+            visible = causal_visible(self.q_pos[i0:i1], self.k_pos[j0:j1], self.offset)
+            s.masked_fill_(~visible.repeat(self.dims[2], 1), NEG_INF)  # the G stacked query heads share it
+        return masked
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Forward, FlashAttention-2 loop order (Dao 2023, Algorithm 1)
 # ----------------------------------------------------------------------------------------------------------
@@ -70,12 +105,8 @@ def _fa2_forward(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, block_q: int, block_k: int, io: IOCounter
 ) -> tuple[Tensor, Tensor]:
     """Outer loop over query blocks (independent: one GPU thread block each), inner over key blocks."""
-    b, h_q, n_q, d = q.shape
-    h_kv, n_k = k.shape[1], k.shape[2]
-    g = h_q // h_kv
-    acc_dtype = accumulation_dtype(q.dtype)
-    offset = n_k - n_q  # bottom-right causal: query i sees keys j <= i + offset
-    q_pos, k_pos = torch.arange(n_q, device=q.device), torch.arange(n_k, device=q.device)
+    grid = _Grid.of(q, k, causal)
+    (b, h_kv, g, n_q, n_k, d), acc_dtype = grid.dims, grid.acc_dtype
     q5 = q.unflatten(1, (h_kv, g))  # (B, H_kv, G, N_q, d)
     o = q.new_empty(b, h_kv, g, n_q, d)  # HBM
     lse = torch.empty(b, h_kv, g, n_q, dtype=acc_dtype, device=q.device)  # HBM
@@ -89,15 +120,12 @@ def _fa2_forward(
         l_i = torch.zeros(b, h_kv, rows, dtype=acc_dtype, device=q.device)  # l_i^(0) = 0
         acc = torch.zeros(b, h_kv, rows, d, dtype=acc_dtype, device=q.device)  # O~_i^(0) = 0
         # Causal: key blocks right of the diagonal are skipped entirely (never loaded, never computed).
-        j_end = min(n_k, max(0, i1 + offset)) if causal else n_k
+        j_end = min(n_k, max(0, i1 + grid.offset)) if causal else n_k
         for kb, j0 in enumerate(range(0, j_end, block_k)):
             j1 = min(j0 + block_k, n_k)
-            k_j = io.load("K", k[:, :, j0:j1]).to(acc_dtype)  # (B, H_kv, B_c, d)
-            v_j = io.load("V", v[:, :, j0:j1]).to(acc_dtype)
+            k_j, v_j = grid.load_kv(io, k, v, j0, j1)  # (B, H_kv, B_c, d)
             s = q_i @ k_j.transpose(-1, -2)  # S_i^(j) = Q_i K_j^T             (B, H_kv, G B_r, B_c)
-            masked = causal and j1 - 1 > i0 + offset  # the tile crosses the diagonal
-            if masked:
-                s.masked_fill_(~causal_visible(q_pos[i0:i1], k_pos[j0:j1], offset).repeat(g, 1), NEG_INF)
+            masked = grid.mask_(s, i0, i1, j0, j1)
             m_new = torch.maximum(m_i, s.amax(dim=-1))  # m_i^(j) = max(m_i^(j-1), rowmax(S_i^(j)))
             m_use = m_new.masked_fill(m_new == NEG_INF, 0.0)  # a row that saw no key yet: exp(-inf - 0) = 0
             p = torch.exp(s - m_use.unsqueeze(-1))  # P~_i^(j) = exp(S_i^(j) - m_i^(j))
@@ -133,12 +161,8 @@ def _fa1_forward(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, block_q: int, block_k: int, io: IOCounter
 ) -> tuple[Tensor, Tensor]:
     """Outer loop over key blocks, inner over query blocks; O, l, m go back to HBM after every tile."""
-    b, h_q, n_q, d = q.shape
-    h_kv, n_k = k.shape[1], k.shape[2]
-    g = h_q // h_kv
-    acc_dtype = accumulation_dtype(q.dtype)
-    offset = n_k - n_q
-    q_pos, k_pos = torch.arange(n_q, device=q.device), torch.arange(n_k, device=q.device)
+    grid = _Grid.of(q, k, causal)
+    (b, h_kv, g, n_q, n_k, d), acc_dtype = grid.dims, grid.acc_dtype
     q5 = q.unflatten(1, (h_kv, g))
     # Line 2: initialise O = 0, l = 0, m = -inf in HBM.
     o = torch.zeros(b, h_kv, g, n_q, d, dtype=acc_dtype, device=q.device)
@@ -149,9 +173,8 @@ def _fa1_forward(
 
     for kb, j0 in enumerate(range(0, n_k, block_k)):  # line 5
         j1 = min(j0 + block_k, n_k)
-        k_j = io.load("K", k[:, :, j0:j1]).to(acc_dtype)
-        v_j = io.load("V", v[:, :, j0:j1]).to(acc_dtype)
-        for i0 in range(_first_query_block_start(j0, n_q, offset, block_q, causal), n_q, block_q):  # line 7
+        k_j, v_j = grid.load_kv(io, k, v, j0, j1)
+        for i0 in range(_first_query_block_start(j0, n_q, grid.offset, block_q, causal), n_q, block_q):  # line 7
             i1 = min(i0 + block_q, n_q)
             rows = g * (i1 - i0)
             q_i = io.load("Q", q5[:, :, :, i0:i1]).to(acc_dtype).reshape(b, h_kv, rows, d) * scale
@@ -159,9 +182,7 @@ def _fa1_forward(
             l_i = io.load("l", l_hbm[:, :, :, i0:i1]).reshape(b, h_kv, rows)
             m_i = io.load("m", m_hbm[:, :, :, i0:i1]).reshape(b, h_kv, rows)
             s = q_i @ k_j.transpose(-1, -2)  # line 9
-            masked = causal and j1 - 1 > i0 + offset
-            if masked:
-                s.masked_fill_(~causal_visible(q_pos[i0:i1], k_pos[j0:j1], offset).repeat(g, 1), NEG_INF)
+            masked = grid.mask_(s, i0, i1, j0, j1)
             m_t = s.amax(dim=-1)  # line 10: m~_ij = rowmax(S_ij)
             p = torch.exp(s - m_t.masked_fill(m_t == NEG_INF, 0.0).unsqueeze(-1))  # P~_ij = exp(S_ij - m~_ij)
             l_t = p.sum(dim=-1)  # l~_ij = rowsum(P~_ij)
@@ -204,12 +225,8 @@ def _fa2_backward(
     io: IOCounter,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Outer loop over key blocks (each owns dK_j, dV_j), inner over query blocks (dQ_i accumulated in HBM)."""
-    b, h_q, n_q, d = q.shape
-    h_kv, n_k = k.shape[1], k.shape[2]
-    g = h_q // h_kv
-    acc_dtype = accumulation_dtype(q.dtype)
-    offset = n_k - n_q
-    q_pos, k_pos = torch.arange(n_q, device=q.device), torch.arange(n_k, device=q.device)
+    grid = _Grid.of(q, k, causal)
+    (b, h_kv, g, n_q, n_k, d), acc_dtype = grid.dims, grid.acc_dtype
     # First pass: D = rowsum(dO * O), so that dS = P * (dP - D) needs no row sum inside the loop.
     delta = (io.load("dO", do).to(acc_dtype) * io.load("O", o).to(acc_dtype)).sum(dim=-1)  # (B, H_q, N_q)
     io.store("D", delta)
@@ -220,12 +237,11 @@ def _fa2_backward(
 
     for kb, j0 in enumerate(range(0, n_k, block_k)):
         j1 = min(j0 + block_k, n_k)
-        k_j = io.load("K", k[:, :, j0:j1]).to(acc_dtype)  # (B, H_kv, B_c, d)
-        v_j = io.load("V", v[:, :, j0:j1]).to(acc_dtype)
+        k_j, v_j = grid.load_kv(io, k, v, j0, j1)  # (B, H_kv, B_c, d)
         dk_j = torch.zeros_like(k_j)  # summed over every query head of the group: GQA's dK
         dv_j = torch.zeros_like(v_j)
         # Causal: query blocks entirely above the diagonal never see K_j and are skipped.
-        for i0 in range(_first_query_block_start(j0, n_q, offset, block_q, causal), n_q, block_q):
+        for i0 in range(_first_query_block_start(j0, n_q, grid.offset, block_q, causal), n_q, block_q):
             i1 = min(i0 + block_q, n_q)
             rows = g * (i1 - i0)
             q_i = io.load("Q", q5[:, :, :, i0:i1]).to(acc_dtype).reshape(b, h_kv, rows, d) * scale
@@ -233,9 +249,7 @@ def _fa2_backward(
             l_i = io.load("L", lse5[:, :, :, i0:i1]).reshape(b, h_kv, rows, 1)
             d_i = io.load("D", delta5[:, :, :, i0:i1]).reshape(b, h_kv, rows, 1)
             s = q_i @ k_j.transpose(-1, -2)  # S_i^(j) = scale Q_i K_j^T            (B, H_kv, G B_r, B_c)
-            masked = causal and j1 - 1 > i0 + offset
-            if masked:
-                s.masked_fill_(~causal_visible(q_pos[i0:i1], k_pos[j0:j1], offset).repeat(g, 1), NEG_INF)
+            masked = grid.mask_(s, i0, i1, j0, j1)
             p = torch.exp(s - l_i)  # P_i^(j) = exp(S - L_i): the softmax, recomputed from the saved L
             dv_j += p.transpose(-1, -2) @ do_i  # dV_j += P^T dO_i
             dp = do_i @ v_j.transpose(-1, -2)  # dP_i^(j) = dO_i V_j^T

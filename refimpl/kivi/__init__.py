@@ -4,7 +4,7 @@
 * :mod:`refimpl.kivi.cache` - the streaming cache (:class:`KIVICache`) that plugs into the book's LLM.
 """
 
-from refimpl.kivi.cache import KIVICache, QuantizedStream, bits_per_element, num_quantized
+from refimpl.kivi.cache import KIVICache, QuantizedStream, bits_per_element, n_quantized
 from refimpl.kivi.quant import (
     AXES,
     BITS,
@@ -28,7 +28,7 @@ __all__ = [
     "dequantize",
     "dequantize_groups",
     "fake_quantize",
-    "num_quantized",
+    "n_quantized",
     "pack_codes",
     "quantize",
     "quantize_groups",

@@ -23,16 +23,16 @@ from refimpl._checks import check_choice, check_int, check_positive_int
 from refimpl.kivi.quant import AXES, BITS, QuantizedTensor, dequantize, quantize
 from refimpl.llm.cache import KVCache, check_step
 
-__all__ = ["KIVICache", "QuantizedStream", "bits_per_element", "num_quantized"]
+__all__ = ["KIVICache", "QuantizedStream", "bits_per_element", "n_quantized"]
 
 
-def num_quantized(num_tokens: int, group_size: int, residual_length: int, axis: str) -> int:
-    """Tokens KIVI holds quantized once ``l = num_tokens`` tokens have arrived (sec. 3.3).
+def n_quantized(n_tokens: int, group_size: int, residual_length: int, axis: str) -> int:
+    """Tokens KIVI holds quantized once ``l = n_tokens`` tokens have arrived (sec. 3.3).
 
     ``axis="channel"`` (keys): whole blocks of ``R`` tokens (``G`` if ``R = 0``), i.e. ``l - (l mod R)``;
     ``axis="token"`` (values): all but the ``R`` most recent, ``max(l - R, 0)``. The rest is full precision.
     """
-    n = check_int("num_tokens", num_tokens, min_value=0)
+    n = check_int("n_tokens", n_tokens, min_value=0)
     g = check_positive_int("group_size", group_size)
     r = check_int("residual_length", residual_length, min_value=0)
     check_choice("axis", axis, AXES)
@@ -56,7 +56,8 @@ def bits_per_element(
 
     A quantized element costs ``bits`` plus its share of one scale and one zero point per group of ``G``
     (``2 * stat_bits / G``); a residual element costs ``residual_bits``. This is the ``kv_bits`` to give the
-    roofline model (:func:`refimpl.roofline.analyze`); ``16 / bits_per_element`` is the compression over fp16.
+    roofline model (``Workload(kv_bits=...)`` of :func:`refimpl.roofline.analyze`); ``16 / bits_per_element`` is
+    the compression over fp16.
     """
     seq = check_positive_int("seq", seq)
     check_choice("bits", bits, BITS)
@@ -65,7 +66,7 @@ def bits_per_element(
     quantized_bits = bits + 2 * stat_bits / group_size
     total = 0.0
     for axis in (key_axis, value_axis):
-        n_q = num_quantized(seq, group_size, residual_length, axis)
+        n_q = n_quantized(seq, group_size, residual_length, axis)
         total += n_q * quantized_bits + (seq - n_q) * residual_bits
     return total / (2 * seq)
 
@@ -135,7 +136,7 @@ class QuantizedStream:
         res = x if self._residual is None else torch.cat([self._residual, x], dim=2)  # (B, H, T_r + T_new, D)
         self._seen += x.shape[2]
         # The oldest tokens of the residual that the rule moves into the quantized history.
-        n_total = num_quantized(self._seen, self.group_size, self.residual_length, self.axis)
+        n_total = n_quantized(self._seen, self.group_size, self.residual_length, self.axis)
         n_quant = n_total - self._n_quantized
         if n_quant:
             q = quantize(res[:, :, :n_quant], self.bits, self.group_size, self.axis, self.stat_dtype)
@@ -155,12 +156,12 @@ class QuantizedStream:
         )  # fmt: skip
 
     @property
-    def num_quantized(self) -> int:
+    def n_quantized(self) -> int:
         """Tokens in the quantized history."""
         return self._n_quantized
 
     @property
-    def num_residual(self) -> int:
+    def n_residual(self) -> int:
         """Tokens in the full-precision residual ``X_r``."""
         return 0 if self._residual is None else self._residual.shape[2]
 

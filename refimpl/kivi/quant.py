@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from refimpl._checks import check_choice, check_positive_int, check_tensor
+from refimpl._dtypes import accumulation_dtype
 
 __all__ = [
     "AXES",
@@ -47,11 +48,6 @@ __all__ = [
 
 BITS = (2, 4, 8)  # supported code widths: each divides 8, so codes pack into whole bytes
 AXES = ("channel", "token")  # per-channel groups (along tokens) or per-token groups (along channels)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp16/bf16 inputs are quantized in fp32 (as a GPU kernel would in registers); fp64 stays fp64.
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _round_toward(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
@@ -83,7 +79,7 @@ def quantize_groups(
     sdt = x.dtype if stat_dtype is None else stat_dtype
     if not (isinstance(sdt, torch.dtype) and sdt.is_floating_point):
         raise TypeError(f"stat_dtype must be a floating-point torch.dtype or None, got {stat_dtype!r}")
-    cdt = _compute_dtype(x.dtype)
+    cdt = accumulation_dtype(x.dtype)  # fp16/bf16 quantized in fp32, as a GPU kernel would in registers
     levels = 2**bits - 1
     xc = x.to(cdt)
     lo, hi = torch.aminmax(xc, dim=-1)  # (...,) the group's range
@@ -103,7 +99,7 @@ def dequantize_groups(codes: Tensor, scale: Tensor, zero: Tensor, dtype: torch.d
 
     The product is taken in fp32 (fp64 if ``dtype`` is fp64) and returned in ``dtype``.
     """
-    cdt = _compute_dtype(dtype)
+    cdt = accumulation_dtype(dtype)
     out = torch.addcmul(zero.to(cdt).unsqueeze(-1), codes.to(cdt), scale.to(cdt).unsqueeze(-1))  # z + Q s
     return out.to(dtype)
 
@@ -161,7 +157,7 @@ class QuantizedTensor:
     dtype: torch.dtype
 
     @property
-    def num_tokens(self) -> int:
+    def n_tokens(self) -> int:
         """``T``, the number of tokens represented."""
         t = self.codes.shape[2]
         return t * self.group_size if self.axis == "channel" else t

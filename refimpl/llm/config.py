@@ -78,16 +78,18 @@ class LlamaConfig:
         per_layer = sum(self.layer_params().values())
         return self.vocab_size * self.d_model + self.n_layers * per_layer + self.d_model + head
 
-    def decode_weight_bytes(self, bytes_per_param: int = 4) -> int:
-        """Bytes of weights one batch-1 decode step reads: every block, the final norm and the output head.
+    def decode_weight_bytes(self, weight_bits: float = 32) -> float:
+        """Bytes of weights one batch-1 decode step reads at ``weight_bits`` per weight (float32: 32): every
+        block, the final norm and the output head.
 
         The embedding lookup reads one row (``d_model`` values), negligible, so a tied table is counted once,
         as the output head, which reads all of it.
         """
         head = self.vocab_size * self.d_model
         per_layer = sum(self.layer_params().values())
-        return bytes_per_param * (self.n_layers * per_layer + self.d_model + head)
+        return (self.n_layers * per_layer + self.d_model + head) * weight_bits / 8
 
-    def kv_bytes_per_token(self, bytes_per_value: int = 4) -> int:
-        """Bytes the full KV cache holds per token: keys and values of every layer (GQA: ``n_kv_heads``)."""
-        return 2 * self.n_layers * self.kv_dim * bytes_per_value
+    def kv_bytes_per_token(self, kv_bits: float = 32) -> float:
+        """Bytes the full KV cache holds per token at ``kv_bits`` per value (float32: 32; the convention of
+        :func:`refimpl.roofline.kv_cache_bytes`): keys and values of every layer (GQA: ``n_kv_heads``)."""
+        return 2 * self.n_layers * self.kv_dim * kv_bits / 8

@@ -35,11 +35,11 @@ def forward_flops(config: LlamaConfig, t: int, context: int = 0, causal: bool = 
     return 2.0 * (matrix + head) * t + c.n_layers * c.n_heads * 4 * c.head_dim * pairs
 
 
-def decode_bytes(config: LlamaConfig, context: int, bytes_per_value: int = 4) -> int:
+def decode_bytes(config: LlamaConfig, context: int, weight_bits: float = 32, kv_bits: float = 32) -> float:
     """Bytes one batch-1 decode step reads: every weight once (:meth:`LlamaConfig.decode_weight_bytes`) plus
     the full KV cache of ``context`` tokens (:meth:`LlamaConfig.kv_bytes_per_token` each)."""
     context = check_int("context", context, min_value=0)
-    return config.decode_weight_bytes(bytes_per_value) + context * config.kv_bytes_per_token(bytes_per_value)
+    return config.decode_weight_bytes(weight_bits) + context * config.kv_bytes_per_token(kv_bits)
 
 
 def time_decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, repeats: int = 3) -> float:

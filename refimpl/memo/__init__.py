@@ -4,6 +4,7 @@ Million Sequence Length on 8 GPUs").
 * :mod:`refimpl.memo.block` - the book's GPT block, whose saved activations are Korthikanti et al.'s (2022);
 * :mod:`refimpl.memo.ledger` - the device/host byte ledger and the closed forms of activation memory;
 * :mod:`refimpl.memo.strategies` - keep everything, full recomputation, full offload, MEMO token-wise;
+* :mod:`refimpl.memo.swap` - the machinery under them: saved-tensor lifetimes, host copies, the swap space;
 * :mod:`refimpl.memo.overlap` - when swapping hides behind compute, on the roofline of ``refimpl.roofline``;
 * :mod:`refimpl.memo.planning` - lifetimes of a layer's tensors, a best-fit caching allocator, an exact MILP plan.
 
@@ -15,58 +16,22 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {
+_EXPORTS = {  # submodule -> the names it exports (its __all__), as one string each
     "block": (
-        "ACTIVATION_NAMES",
-        "MaskedScale",
-        "Tape",
-        "TapeEntry",
-        "TransformerBlock",
-        "dropout_keep_mask",
-        "make_stack",
-        "splitmix64",
-        "tile_seed",
-    ),
-    "ledger": (
-        "KORTHIKANTI_TERMS",
-        "Ledger",
-        "OutOfMemoryError",
-        "block_activation_bytes",
-        "korthikanti_activation_bytes",
-    ),
+        "ACTIVATION_NAMES MaskedScale Tape TapeEntry TransformerBlock dropout_keep_mask make_stack splitmix64 tile_seed"
+    ).split(),
+    "ledger": "KORTHIKANTI_TERMS Ledger OutOfMemoryError block_activation_bytes korthikanti_activation_bytes".split(),
     "strategies": (
-        "FullOffload",
-        "FullRecompute",
-        "KeepAll",
-        "MemoTokenwise",
-        "StepResult",
-        "Strategy",
-        "forward_stack",
-        "train_step",
-    ),
+        "FullOffload FullRecompute KeepAll MemoTokenwise StepResult Strategy forward_stack train_step"
+    ).split(),
+    "swap": (),  # machinery of the strategies: reached as the submodule, nothing re-exported
     "overlap": (
-        "LayerTimes",
-        "MemoPrediction",
-        "choose_alpha",
-        "gpt_layer_operators",
-        "host_link_bandwidth",
-        "layer_times",
-        "predict_memo",
-    ),
+        "LayerTimes MemoPrediction choose_alpha gpt_layer_operators host_link_bandwidth layer_times predict_memo"
+    ).split(),
     "planning": (
-        "Layout",
-        "LifetimeTracer",
-        "TensorLife",
-        "best_fit_layout",
-        "check_layout",
-        "conflicts",
-        "first_fit_in_order",
-        "max_live_bytes",
-        "milp_layout",
-        "plot_layout",
-        "round_up",
-        "trace_lifetimes",
-    ),
+        "Layout LifetimeTracer TensorLife best_fit_layout check_layout conflicts first_fit_in_order "
+        "max_live_bytes milp_layout plot_layout round_up trace_lifetimes"
+    ).split(),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = tuple(_EXPORTS)

@@ -104,19 +104,14 @@ def dropout_keep_mask(
 ) -> torch.Tensor:
     """Counter-based dropout at tile granularity: the mask of one tile is a pure function of its coordinates.
 
-    Args:
-        seed: the layer's dropout seed (an int >= 0); change it between steps for fresh masks.
-        site: which dropout of the layer (an int >= 0).
-        tile: which tile of tokens (an int >= 0).
-        shape: the tile's shape.
-        keep_prob: probability of keeping an element, in ``(0, 1]``.
-        device: where to build the mask.
+    ``seed``: the layer's dropout seed (an int >= 0); change it between steps for fresh masks. ``site``: which
+    dropout of the layer (an int >= 0). ``tile``: which tile of tokens (an int >= 0). ``shape``: the tile's shape.
+    ``keep_prob``: probability of keeping an element, in ``(0, 1]``. ``device``: where to build the mask.
 
-    Returns:
-        A bool tensor of ``shape`` (1 byte per element, Korthikanti et al.'s mask size) drawn from a generator
-        seeded with :func:`tile_seed`. A stateful stream (one generator for the whole step) could not give the
-        mask of tile ``j`` without replaying tiles ``0 .. j-1``; seeding per tile can, as Philox's
-        ``(seed, offset)`` does on GPUs, so a recomputed tile gets the forward pass's mask bit for bit.
+    Returns a bool tensor of ``shape`` (1 byte per element, Korthikanti et al.'s mask size) drawn from a generator
+    seeded with :func:`tile_seed`. A stateful stream (one generator for the whole step) could not give the mask of
+    tile ``j`` without replaying tiles ``0 .. j-1``; seeding per tile can, as Philox's ``(seed, offset)`` does on
+    GPUs, so a recomputed tile gets the forward pass's mask bit for bit.
     """
     seed = check_int("seed", seed, min_value=0)
     site = check_int("site", site, min_value=0)
@@ -195,19 +190,15 @@ class Tape:
 class TransformerBlock(nn.Module):
     """A pre-LayerNorm GPT layer on ``(s, b, h)`` activations, computed in tiles of ``tile`` tokens.
 
-    Args:
-        hidden: ``h``, the model width.
-        heads: ``a``, the number of attention heads (must divide ``hidden``).
-        ffn_hidden: width of the MLP (default ``4 h``, Korthikanti et al.'s assumption).
-        dropout: dropout probability ``p`` in ``[0, 1)`` on the attention probabilities and on both residual
-            branches (0 disables dropout and its masks).
-        tile: tokens per tile (the granularity of MEMO's token split).
-        seed: the counter-based dropout seed; a training loop sets ``block.seed`` per step.
-        eps: LayerNorm epsilon.
-        dtype, device: of the parameters.
-
     ``forward(x)`` with ``x: (s, b, h)`` returns ``(s, b, h)``: causal self-attention and a GeLU MLP, each with a
     residual connection.
+
+    ``hidden``: ``h``, the model width. ``heads``: ``a``, the number of attention heads (must divide ``hidden``).
+    ``ffn_hidden``: width of the MLP (default ``4 h``, Korthikanti et al.'s assumption). ``dropout``: dropout
+    probability ``p`` in ``[0, 1)`` on the attention probabilities and on both residual branches (0 disables dropout
+    and its masks). ``tile``: tokens per tile (the granularity of MEMO's token split). ``seed``: the counter-based
+    dropout seed; a training loop sets ``block.seed`` per step. ``eps``: LayerNorm epsilon. ``dtype, device``: of
+    the parameters.
     """
 
     def __init__(

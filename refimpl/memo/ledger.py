@@ -96,19 +96,16 @@ def block_activation_bytes(
 ) -> dict[str, int]:
     """Exact bytes saved for backward by one :class:`~refimpl.memo.block.TransformerBlock`, by tensor name.
 
-    Args:
-        s, b, h, a: sequence length, micro-batch, hidden size, heads.
-        ffn_hidden: MLP width ``f`` (default ``4 h``).
-        dropout: whether the block has dropout (``p > 0``); without it there are no masks and the softmax
-            output is the input of ``P V`` (one tensor instead of two).
-        act_bytes: ``e``, bytes per activation element (4 for float32, 2 for bfloat16/float16).
-        mask_bytes: ``m``, bytes per dropout-mask element (1: ``torch.bool``).
-        stat_bytes: bytes per LayerNorm mean/rstd element (default ``act_bytes``: what PyTorch keeps on the CPU).
+    ``s, b, h, a``: sequence length, micro-batch, hidden size, heads. ``ffn_hidden``: MLP width ``f`` (default
+    ``4 h``). ``dropout``: whether the block has dropout (``p > 0``); without it there are no masks and the softmax
+    output is the input of ``P V`` (one tensor instead of two). ``act_bytes``: ``e``, bytes per activation element
+    (4 for float32, 2 for bfloat16/float16). ``mask_bytes``: ``m``, bytes per dropout-mask element (1:
+    ``torch.bool``). ``stat_bytes``: bytes per LayerNorm mean/rstd element (default ``act_bytes``: what PyTorch
+    keeps on the CPU).
 
-    Returns:
-        ``{name: bytes}`` for the names of :data:`~refimpl.memo.block.ACTIVATION_NAMES` present. The sum without
-        the four ``*_mean``/``*_rstd`` entries, at ``e = 2, m = 1, f = 4h``, equals
-        :func:`korthikanti_activation_bytes`.
+    Returns ``{name: bytes}`` for the names of :data:`~refimpl.memo.block.ACTIVATION_NAMES` present. The sum without
+    the four ``*_mean``/``*_rstd`` entries, at ``e = 2, m = 1, f = 4h``, equals
+    :func:`korthikanti_activation_bytes`.
     """
     s, b, h, a = (check_positive_int(n, v) for n, v in (("s", s), ("b", b), ("h", h), ("a", a)))
     f = check_positive_int("ffn_hidden", 4 * h if ffn_hidden is None else ffn_hidden)
@@ -158,15 +155,14 @@ class _Account:
 class Ledger:
     """Bytes held on the "device" and the "host", acquired and released by key (a storage, a host buffer).
 
-    Args:
-        device_capacity: bytes the device may hold (``None``: unlimited); exceeding it raises
-            :class:`OutOfMemoryError`, as a GPU allocation would.
-        host_capacity: the same for host memory (pinned buffers for offloaded activations).
-
     Attributes read by the chapter: ``device_bytes``, ``host_bytes``, ``peak_device_bytes``, ``peak_host_bytes``,
     ``bytes_to_host`` and ``bytes_to_device`` (traffic over the host link), ``by_name`` (device bytes first
     acquired per activation name, after :meth:`label`), ``timeline`` (``(device_bytes, host_bytes)`` after every
     change).
+
+    ``device_capacity``: bytes the device may hold (``None``: unlimited); exceeding it raises
+    :class:`OutOfMemoryError`, as a GPU allocation would. ``host_capacity``: the same for host memory (pinned
+    buffers for offloaded activations).
     """
 
     device_capacity: int | None = None

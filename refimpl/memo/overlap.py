@@ -145,12 +145,12 @@ def layer_times(
     """Roofline times (``max(FLOPs / peak, bytes / bandwidth)`` per operator) of :func:`gpt_layer_operators` on
     ``hardware`` (a :class:`~refimpl.roofline.Hardware` or a name for ``refimpl.roofline.load_hardware``)."""
     from refimpl.roofline.hardware import resolve_hardware
-    from refimpl.roofline.ops import evaluate
+    from refimpl.roofline.ops import operator_cost
 
     hw = resolve_hardware(hardware)
     peak = hw.peak(dtype)
     ops = gpt_layer_operators(s, b, h, a, ffn_hidden=ffn_hidden, dtype=dtype, sequence_parallel=sequence_parallel)
-    times = {op.name: evaluate(op, peak, hw.memory_bandwidth).time for op in ops}
+    times = {op.name: operator_cost(op, peak, hw.memory_bandwidth).time for op in ops}
     attention = times.pop("attention")
     return LayerTimes(attention=attention, other=sum(times.values()))
 

@@ -21,8 +21,9 @@ bit for bit when every unpacked tensor does.
 
 Device and host: on the CPU both are this machine's memory, and a :class:`~refimpl.memo.ledger.Ledger` is the
 budgeted "device": offloaded tensors are copied into separate host storage, the device copy is dropped, and the
-ledger counts both sides and the bytes moved. On CUDA the same code uses pinned host buffers, a side stream
-and events, so the copies overlap compute, and prefetches the next layer's tensors in the backward pass.
+ledger counts both sides and the bytes moved. The machinery (handle lifetimes, the host link with its CUDA
+streams, the swap space that full offload and MEMO share) is in :mod:`refimpl.memo.swap`; this module holds
+the policies.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ from torch import nn
 from refimpl._checks import check_float, check_tensor
 from refimpl.memo.block import Tape, TransformerBlock
 from refimpl.memo.ledger import Ledger
+from refimpl.memo.swap import Handle, HostLink, LayerState, SwapState, storage_as_bytes, storage_bytes, storage_key
 
 __all__ = [
     "FullOffload",
@@ -53,159 +54,15 @@ __all__ = [
 ]
 
 
-def _key(t: torch.Tensor) -> int:
-    """A saved tensor's storage: the unit of memory (views of one storage are one allocation)."""
-    return t.untyped_storage().data_ptr()
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.untyped_storage().nbytes()
-
-
-def _storage_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 tensor over ``t``'s whole storage."""
-    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
-
-
-@dataclass(frozen=True)
-class _Geometry:
-    """How a saved tensor views its storage, so it can be rebuilt on a copy of the storage."""
-
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int
-    dtype: torch.dtype
-
-    @staticmethod
-    def of(t: torch.Tensor) -> _Geometry:
-        return _Geometry(tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype)
-
-    def on_bytes(self, flat: torch.Tensor) -> torch.Tensor:
-        """The view on a flat uint8 copy of the storage."""
-        return flat.view(self.dtype).as_strided(self.size, self.stride, self.offset)
-
-    def on_tensor(self, base: torch.Tensor) -> torch.Tensor:
-        """The view on a tensor that owns a same-shaped copy of the storage."""
-        return base.as_strided(self.size, self.stride, self.offset)
-
-
-class _HostLink:
-    """Copies between the device and the host.
-
-    CUDA: pinned host buffers, one side stream and an event per fetch, so that copies overlap the compute on the
-    default stream; ``record_stream`` tells the caching allocator a tensor is in use on the side stream. CPU:
-    plain copies into separate storage (nothing to overlap with; the ledger still counts the bytes).
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda" and torch.cuda.is_available()
-        self.device = device
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
-
-    def to_host(self, t: torch.Tensor) -> torch.Tensor:
-        """Start copying ``t`` into a new host buffer; the caller may drop ``t`` afterwards."""
-        t = t.detach()  # a copy_ from a tensor that requires grad would put the host buffer in the graph
-        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
-        if not self.cuda:
-            return host.copy_(t)
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # t has been written
-        with torch.cuda.stream(self.stream):
-            host.copy_(t, non_blocking=True)
-        t.record_stream(self.stream)  # t's memory is not reused before the copy ends
-        return host
-
-    def start_to_device(self, host: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Start copying ``host`` to the device; returns ``(tensor, event)`` for :meth:`wait`."""
-        if not self.cuda:
-            return host.to(self.device, copy=True), None
-        with torch.cuda.stream(self.stream):
-            dev = host.to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        return dev, event
-
-    def wait(self, pending: tuple[torch.Tensor, Any]) -> torch.Tensor:
-        """Make the compute stream wait for a fetch started by :meth:`start_to_device`; return the tensor."""
-        dev, event = pending
-        if event is not None:
-            stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(event)
-            dev.record_stream(stream)
-        return dev
-
-
-class _Handle:
-    """What the autograd graph stores in place of a saved activation; tells its layer state when it dies."""
-
-    __slots__ = ("state", "key", "geometry", "tensor", "__weakref__")
-
-    def __init__(self, state: _LayerState, key: Any, geometry: _Geometry | None, tensor: Any = None) -> None:
-        self.state, self.key, self.geometry, self.tensor = state, key, geometry, tensor
-        state.handle_born(key)
-
-    def __del__(self) -> None:
-        try:
-            self.state.handle_died(self.key)
-        except Exception:  # noqa: BLE001  (interpreter shutdown: nothing left to account)
-            pass
-
-
-class _LayerState:
-    """One layer's saved activations during one step: the pack/unpack hooks and the ledger bookkeeping."""
-
-    def __init__(self, layer: nn.Module, x: torch.Tensor, ledger: Ledger, link: _HostLink) -> None:
-        self.layer, self.ledger, self.link = layer, ledger, link
-        self.params = {_key(p) for p in layer.parameters()} | {_key(b) for b in layer.buffers()}
-        self.alive: Counter[Any] = Counter()  # key -> live handles
-        self.previous: weakref.ReferenceType[_LayerState] | None = None  # the layer before this one
-
-    def handle_born(self, key: Any) -> None:
-        self.alive[key] += 1
-
-    def handle_died(self, key: Any) -> None:
-        self.alive[key] -= 1
-        if self.alive[key] == 0:
-            del self.alive[key]
-            self.drop(key)
-            if not self.alive:
-                self.drop_all()
-
-    # Overridden by each policy.
-    def pack(self, t: torch.Tensor) -> Any:
-        raise NotImplementedError
-
-    def unpack(self, obj: Any) -> torch.Tensor:
-        raise NotImplementedError
-
-    def finish(self, tape: Tape | None) -> None:
-        """Called once the layer's forward pass has returned."""
-
-    def drop(self, key: Any) -> None:
-        """The last handle of ``key`` died: free what backs it."""
-
-    def drop_all(self) -> None:
-        """Every handle died: free anything left (also runs when the graph is freed without a backward)."""
-
-    def prefetch(self) -> None:
-        """Start fetching this layer's tensors before its backward pass needs them (CUDA only)."""
-
-    def label(self, tape: Tape | None, tensors: dict[int, torch.Tensor]) -> None:
-        if tape is None:
-            return
-        for key, t in tensors.items():
-            entry = tape.lookup(t)
-            self.ledger.label(key, entry.name if entry is not None else "unnamed")
-
-
 class Strategy:
     """A policy for the activations of each layer; subclasses say what a layer's saved tensors become."""
 
     name = "strategy"
 
     def __init__(self) -> None:
-        self._last: weakref.ReferenceType[_LayerState] | None = None
+        self._last: weakref.ReferenceType[LayerState] | None = None
 
-    def make_state(self, layer: nn.Module, x: torch.Tensor, ledger: Ledger) -> _LayerState:
+    def make_state(self, layer: nn.Module, x: torch.Tensor, ledger: Ledger) -> LayerState:
         raise NotImplementedError
 
     def begin_step(self) -> None:
@@ -231,19 +88,19 @@ class Strategy:
 # Keep everything
 
 
-class _KeepState(_LayerState):
+class _KeepState(LayerState):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.seen: dict[int, torch.Tensor] = {}
 
     def pack(self, t: torch.Tensor) -> Any:
-        if _key(t) in self.params:
+        if storage_key(t) in self.params:
             return t
-        key = _key(t)
-        self.ledger.acquire(key, _nbytes(t))
+        key = storage_key(t)
+        self.ledger.acquire(key, storage_bytes(t))
         self.seen.setdefault(key, t)
         # detach: a saved output would otherwise reference its own grad_fn, a cycle that keeps the graph alive
-        return _Handle(self, key, None, t.detach())
+        return Handle(self, key, None, t.detach())
 
     def unpack(self, obj: Any) -> torch.Tensor:
         return obj if isinstance(obj, torch.Tensor) else obj.tensor
@@ -261,31 +118,31 @@ class KeepAll(Strategy):
 
     name = "keep all"
 
-    def make_state(self, layer: nn.Module, x: torch.Tensor, ledger: Ledger) -> _LayerState:
-        return _KeepState(layer, x, ledger, _HostLink(x.device))
+    def make_state(self, layer: nn.Module, x: torch.Tensor, ledger: Ledger) -> LayerState:
+        return _KeepState(layer, x, ledger, HostLink(x.device))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Full recomputation (activation checkpointing)
 
 
-class _RecomputeState(_LayerState):
-    def __init__(self, layer: nn.Module, x: torch.Tensor, ledger: Ledger, link: _HostLink) -> None:
+class _RecomputeState(LayerState):
+    def __init__(self, layer: nn.Module, x: torch.Tensor, ledger: Ledger, link: HostLink) -> None:
         super().__init__(layer, x, ledger, link)
         # The checkpoint: the layer input stays on the device (detached: the state must not hold the graph).
         self.x: torch.Tensor | None = x.detach()
         self.x_requires_grad = x.requires_grad
-        ledger.acquire(_key(x), _nbytes(x))
+        ledger.acquire(storage_key(x), storage_bytes(x))
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state(x.device) if link.cuda else None
         self.count = 0  # saved tensors (parameters excluded), in save order
         self.values: dict[int, torch.Tensor] | None = None
 
     def pack(self, t: torch.Tensor) -> Any:
-        if _key(t) in self.params:
+        if storage_key(t) in self.params:
             return t
         self.count += 1
-        return _Handle(self, self.count - 1, None)  # the tensor itself is dropped
+        return Handle(self, self.count - 1, None)  # the tensor itself is dropped
 
     def unpack(self, obj: Any) -> torch.Tensor:
         if isinstance(obj, torch.Tensor):
@@ -296,7 +153,7 @@ class _RecomputeState(_LayerState):
 
     def finish(self, tape: Tape | None) -> None:
         if self.x is not None and tape is not None:
-            self.ledger.label(_key(self.x), "x")
+            self.ledger.label(storage_key(self.x), "x")
         if self.count == 0:  # nothing saved (no grad): nothing to recompute
             self.drop_all()
 
@@ -305,7 +162,7 @@ class _RecomputeState(_LayerState):
         collected: list[torch.Tensor] = []
 
         def collect(t: torch.Tensor) -> None:
-            if _key(t) not in self.params:
+            if storage_key(t) not in self.params:
                 collected.append(t.detach())
             # Returning nothing: the recomputation's own graph is never used, and holding a saved output there
             # would make a reference cycle through its grad_fn that outlives the step.
@@ -325,19 +182,19 @@ class _RecomputeState(_LayerState):
             )
         self.values = dict(enumerate(collected))
         for i in self.alive:  # only tensors the graph still needs are held
-            self.ledger.acquire(_key(self.values[i]), _nbytes(self.values[i]))
+            self.ledger.acquire(storage_key(self.values[i]), storage_bytes(self.values[i]))
         for i in set(self.values) - set(self.alive):
             del self.values[i]
-        self.ledger.release(_key(self.x))
+        self.ledger.release(storage_key(self.x))
         self.x = None
 
     def drop(self, key: Any) -> None:
         if self.values is not None and key in self.values:
-            self.ledger.release(_key(self.values.pop(key)))
+            self.ledger.release(storage_key(self.values.pop(key)))
 
     def drop_all(self) -> None:
         if self.x is not None:
-            self.ledger.release(_key(self.x))
+            self.ledger.release(storage_key(self.x))
             self.x = None
 
 
@@ -346,86 +203,43 @@ class FullRecompute(Strategy):
 
     name = "full recompute"
 
-    def make_state(self, layer: nn.Module, x: torch.Tensor, ledger: Ledger) -> _LayerState:
-        return _RecomputeState(layer, x, ledger, _HostLink(x.device))
+    def make_state(self, layer: nn.Module, x: torch.Tensor, ledger: Ledger) -> LayerState:
+        return _RecomputeState(layer, x, ledger, HostLink(x.device))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Full offload
 
 
-def _check_host_room(ledger: Ledger, need: int, what: str) -> None:
-    cap = ledger.host_capacity
-    if cap is not None and need > cap:
-        raise ValueError(f"host_capacity={cap} bytes is smaller than one layer's offload ({what}): {need} bytes")
+class _OffloadState(SwapState):
+    """Every saved storage goes to the host after the forward pass, and comes back whole at first use."""
 
-
-class _OffloadState(_LayerState):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.src: dict[int, torch.Tensor] = {}  # storage -> a saved view (kept alive until finish)
-        self.host: dict[int, torch.Tensor] = {}  # storage -> flat host copy
-        self.pending: dict[int, tuple[torch.Tensor, Any]] = {}  # storage -> fetch in flight
         self.dev: dict[int, torch.Tensor] = {}  # storage -> flat device copy in the backward pass
         self.backward_started = False
 
-    def pack(self, t: torch.Tensor) -> Any:
-        key = _key(t)
-        if key in self.params:
-            return t
-        if key not in self.src:
-            self.src[key] = t
-            self.ledger.acquire(key, _nbytes(t))
-        return _Handle(self, key, _Geometry.of(t))
-
     def finish(self, tape: Tape | None) -> None:
         self.label(tape, self.src)
-        _check_host_room(self.ledger, sum(_nbytes(t) for t in self.src.values()), "full offload")
-        for key, t in self.src.items():
-            host = self.link.to_host(_storage_bytes(t))
-            self.ledger.acquire(_key(host), host.nbytes, "host")
-            self.ledger.bytes_to_host += host.nbytes
-            self.host[key] = host
-            self.ledger.release(key)
+        self.swap.send({key: storage_as_bytes(t) for key, t in self.src.items()}, "full offload", free_sources=True)
         self.src = {}
-
-    def prefetch(self) -> None:
-        if self.link.cuda:
-            for key in list(self.host):
-                self._start_fetch(key)
-
-    def _start_fetch(self, key: int) -> None:
-        host = self.host.pop(key)
-        self.pending[key] = self.link.start_to_device(host)
-        self.ledger.acquire(("fetch", id(self), key), host.nbytes)
-        self.ledger.bytes_to_device += host.nbytes
-        self.ledger.release(_key(host), "host")
 
     def unpack(self, obj: Any) -> torch.Tensor:
         if isinstance(obj, torch.Tensor):
             return obj
         if not self.backward_started:
             self.backward_started = True
-            prev = self.previous() if self.previous is not None else None
-            if prev is not None:  # the layer whose backward pass runs next
-                prev.prefetch()
-        key = obj.key
-        if key not in self.dev:
-            if key not in self.pending:
-                self._start_fetch(key)
-            self.dev[key] = self.link.wait(self.pending.pop(key))
-        return obj.geometry.on_bytes(self.dev[key])
+            self.prefetch_previous()
+        if obj.key not in self.dev:
+            self.dev[obj.key] = self.swap.fetch(obj.key)
+        return obj.geometry.on_bytes(self.dev[obj.key])
 
     def drop(self, key: Any) -> None:
         self.dev.pop(key, None)
-        self.pending.pop(key, None)
-        self.ledger.release(("fetch", id(self), key))
-        host = self.host.pop(key, None)
-        if host is not None:
-            self.ledger.release(_key(host), "host")
+        self.swap.free(key)
 
     def drop_all(self) -> None:
-        for key in list(self.host) + list(self.pending) + list(self.dev):
+        for key in list(self.swap.host) + list(self.swap.pending) + list(self.dev):
             self.drop(key)
 
 
@@ -434,39 +248,29 @@ class FullOffload(Strategy):
 
     name = "full offload"
 
-    def make_state(self, layer: nn.Module, x: torch.Tensor, ledger: Ledger) -> _LayerState:
-        return _OffloadState(layer, x, ledger, _HostLink(x.device))
+    def make_state(self, layer: nn.Module, x: torch.Tensor, ledger: Ledger) -> LayerState:
+        return _OffloadState(layer, x, ledger, HostLink(x.device))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # MEMO: token-wise swapping and recomputation
 
 
-class _MemoState(_LayerState):
-    def __init__(self, layer: TransformerBlock, x: torch.Tensor, ledger: Ledger, link: _HostLink, alpha: float):
+class _MemoState(SwapState):
+    """MEMO for one layer (Zhao et al. 2024, sec. 3.1): tokens ``< t0`` swapped, tokens ``>= t0`` recomputed."""
+
+    def __init__(self, layer: TransformerBlock, x: torch.Tensor, ledger: Ledger, link: HostLink, alpha: float):
         super().__init__(layer, x, ledger, link)
-        self.s = x.shape[0]
-        self.n_tiles = len(layer.tiles(self.s))
+        self.s, self.n_tiles = x.shape[0], len(layer.tiles(x.shape[0]))
         # The split is at a tile boundary, rounded down: t0 = j0 * tile tokens go to the host.
         self.j0 = math.floor(alpha * self.n_tiles + 1e-9)
         self.t0 = min(self.j0 * layer.tile, self.s)
-        self.src: dict[int, torch.Tensor] = {}  # storage -> a saved view (kept alive until finish)
-        self.name_of: dict[int, tuple[str, int | None]] = {}  # storage -> (name, tile)
-        self.host: dict[tuple[str, int | None], torch.Tensor] = {}
-        self.pending: dict[tuple[str, int | None], tuple[torch.Tensor, Any]] = {}
-        self.x_keep: torch.Tensor | None = None  # layer input of tokens t0: (s - t0, b, h)
-        self.full: dict[tuple[str, int | None], torch.Tensor] | None = None
-
-    def pack(self, t: torch.Tensor) -> Any:
-        key = _key(t)
-        if key in self.params:
-            return t
-        if key not in self.src:
-            self.src[key] = t
-            self.ledger.acquire(key, _nbytes(t))
-        return _Handle(self, key, _Geometry.of(t))
+        self.name_of: dict[int, tuple[str, int | None]] = {}  # storage -> (name, tile) on the block's tape
+        self.x_keep: torch.Tensor | None = None  # layer input of tokens t0..: (s - t0, b, h)
+        self.full: dict[tuple[str, int | None], torch.Tensor] | None = None  # rebuilt for the backward pass
 
     def finish(self, tape: Tape | None) -> None:
+        """Send the first ``t0`` tokens' activations to the host; keep only the others' layer input."""
         if not self.src:
             return
         parts: dict[tuple[str, int | None], torch.Tensor] = {}  # what goes to the host
@@ -474,85 +278,54 @@ class _MemoState(_LayerState):
             entry = tape.lookup(t)
             if entry is None:
                 raise RuntimeError(f"MEMO: a saved tensor of shape {tuple(t.shape)} is not on the block's tape")
-            name = (entry.name, entry.tile)
-            self.name_of[key] = name
+            self.name_of[key] = name = (entry.name, entry.tile)
             self.ledger.label(key, entry.name)
-            if entry.tile is None:  # x, kt, v: the first t0 tokens along the token axis
-                if self.t0 > 0:
-                    parts[name] = entry.tensor.narrow(entry.token_dim, 0, self.t0)
-            elif entry.tile < self.j0:  # a tile of the first tokens: all of it
+            if entry.tile is None and self.t0 > 0:  # x, kt, v: the first t0 tokens along the token axis
+                parts[name] = entry.tensor.narrow(entry.token_dim, 0, self.t0)
+            elif entry.tile is not None and entry.tile < self.j0:  # a tile of the first tokens: all of it
                 parts[name] = entry.tensor
-        _check_host_room(self.ledger, sum(p.numel() * p.element_size() for p in parts.values()), "MEMO")
-        for name, part in parts.items():
-            host = self.link.to_host(part)
-            self.ledger.acquire(_key(host), host.nbytes, "host")
-            self.ledger.bytes_to_host += host.nbytes
-            self.host[name] = host
+        self.swap.send(parts, "MEMO")
         # Free the device copies, then keep the layer input of the tokens that will be recomputed.
         x = tape.entries[("x", None)].tensor.detach()
         for key in self.src:
-            if key != _key(x):
+            if key != storage_key(x):
                 self.ledger.release(key)
         if self.t0 == 0:
             self.x_keep = x
         elif self.t0 < self.s:
             self.x_keep = x[self.t0 :].clone()
         if self.x_keep is not None:
-            self.ledger.acquire(_key(self.x_keep), _nbytes(self.x_keep))
-            self.ledger.label(_key(self.x_keep), "x_kept")
-        self.ledger.release(_key(x))
+            self.ledger.acquire(storage_key(self.x_keep), storage_bytes(self.x_keep))
+            self.ledger.label(storage_key(self.x_keep), "x_kept")
+        self.ledger.release(storage_key(x))
         self.src = {}
-
-    def prefetch(self) -> None:
-        if self.link.cuda:
-            for name in list(self.host):
-                self._start_fetch(name)
-
-    def _start_fetch(self, name: tuple[str, int | None]) -> None:
-        host = self.host.pop(name)
-        self.pending[name] = self.link.start_to_device(host)
-        self.ledger.acquire(("fetch", id(self), name), host.nbytes)
-        self.ledger.bytes_to_device += host.nbytes
-        self.ledger.release(_key(host), "host")
 
     def materialize(self) -> None:
         """Fetch the first tokens' activations, recompute the others' from the kept input, assemble."""
-        if self.previous is not None:
-            prev = self.previous()
-            if prev is not None:
-                prev.prefetch()
-        for name in list(self.host):
-            self._start_fetch(name)
-        fetched = {name: self.link.wait(p) for name, p in self.pending.items()}
-        block: TransformerBlock = self.layer
-        x_prefix = fetched.pop(("x", None), None)
-        if self.t0 == 0:
-            x_full = self.x_keep
-        elif self.t0 == self.s:
-            x_full = x_prefix
-        else:  # the same values as the forward input, in a storage of the same shape
-            x_full = torch.cat([x_prefix, self.x_keep], dim=0)
-        full = dict(fetched)
+        self.prefetch_previous()
+        names = list(self.swap.pending) + list(self.swap.host)
+        full = {name: self.swap.fetch(name) for name in names}
+        x_prefix = full.pop(("x", None), None)
+        parts = [t for t in (x_prefix, self.x_keep) if t is not None]
+        # the same values as the forward input, in a storage of the same shape
+        x_full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if self.j0 < self.n_tiles:
             kv = None
             if self.j0 > 0:  # K of the first t0 tokens from K^T: (b a, d, t0) -> (b a, t0, d)
                 kv = (full.pop(("kt", None)).transpose(1, 2), full.pop(("v", None)))
             tape = Tape()
             with torch.no_grad():
-                block.forward_tiles(x_full, first_tile=self.j0, kv_prefix=kv, tape=tape)
+                self.layer.forward_tiles(x_full, first_tile=self.j0, kv_prefix=kv, tape=tape)
             full.update((name, e.tensor) for name, e in tape.entries.items())
         full[("x", None)] = x_full
         # The fetch buffers and the kept input live on (or not) as parts of ``full``: count them once. Like
         # every strategy here, the ledger counts activations, not the working buffers of one operation.
-        for name in self.pending:
-            self.ledger.release(("fetch", id(self), name))
-        self.pending = {}
-        if self.x_keep is not None:
-            self.ledger.release(_key(self.x_keep))
-            self.x_keep = None
+        for name in names:
+            self.swap.free(name)
+        self._release_kept_input()
         self.full = {name: full[name] for name in set(self.name_of.values())}
         for t in self.full.values():
-            self.ledger.acquire(_key(t), _nbytes(t))
+            self.ledger.acquire(storage_key(t), storage_bytes(t))
 
     def unpack(self, obj: Any) -> torch.Tensor:
         if isinstance(obj, torch.Tensor):
@@ -566,28 +339,26 @@ class _MemoState(_LayerState):
             return
         t = self.full.pop(self.name_of[key], None)  # one storage per name: its last handle died
         if t is not None:
-            self.ledger.release(_key(t))
+            self.ledger.release(storage_key(t))
 
     def drop_all(self) -> None:
-        for name in list(self.host):
-            self.ledger.release(_key(self.host.pop(name)), "host")
-        for name in list(self.pending):
-            self.ledger.release(("fetch", id(self), name))
-        self.pending = {}
-        if self.x_keep is not None:
-            self.ledger.release(_key(self.x_keep))
-            self.x_keep = None
+        self.swap.free_all()
+        self._release_kept_input()
         for t in (self.full or {}).values():
-            self.ledger.release(_key(t))
+            self.ledger.release(storage_key(t))
         self.full = {} if self.full is not None else None
+
+    def _release_kept_input(self) -> None:
+        if self.x_keep is not None:
+            self.ledger.release(storage_key(self.x_keep))
+            self.x_keep = None
 
 
 class MemoTokenwise(Strategy):
     """MEMO's token-wise swapping and recomputation (Zhao et al. 2024) with swap fraction ``alpha``.
 
-    Args:
-        alpha: fraction of each layer's tokens whose activations are offloaded to the host, in ``[0, 1]``;
-            rounded down to whole tiles of the block (the effective value is ``t0 / s``).
+    ``alpha``: fraction of each layer's tokens whose activations are offloaded to the host, in ``[0, 1]``; rounded
+    down to whole tiles of the block (the effective value is ``t0 / s``).
     """
 
     name = "MEMO"
@@ -596,13 +367,13 @@ class MemoTokenwise(Strategy):
         super().__init__()
         self.alpha = check_float("alpha", alpha, min_value=0.0, max_value=1.0)
 
-    def make_state(self, layer: nn.Module, x: torch.Tensor, ledger: Ledger) -> _LayerState:
+    def make_state(self, layer: nn.Module, x: torch.Tensor, ledger: Ledger) -> LayerState:
         if not isinstance(layer, TransformerBlock):
             raise TypeError(
                 f"MemoTokenwise needs refimpl.memo.TransformerBlock layers (their tape names the token axis), "
                 f"got {type(layer).__name__}"
             )
-        return _MemoState(layer, x, ledger, _HostLink(x.device), self.alpha)
+        return _MemoState(layer, x, ledger, HostLink(x.device), self.alpha)
 
     def __repr__(self) -> str:
         return f"MemoTokenwise(alpha={self.alpha})"
@@ -617,11 +388,9 @@ def forward_stack(
 ) -> torch.Tensor:
     """Run ``x`` through ``layers`` in order, each under ``strategy``'s hooks; bytes go to ``ledger``.
 
-    Args:
-        layers: at least one module mapping a tensor to a tensor of the same kind (e.g. ``(s, b, h)``).
-        x: the input of the first layer.
-        strategy: a :class:`Strategy` instance.
-        ledger: where bytes are counted (a fresh unlimited one if ``None``).
+    ``layers``: at least one module mapping a tensor to a tensor of the same kind (e.g. ``(s, b, h)``). ``x``: the
+    input of the first layer. ``strategy``: a :class:`Strategy` instance. ``ledger``: where bytes are counted (a
+    fresh unlimited one if ``None``).
     """
     if len(layers) == 0:
         raise ValueError("layers must hold at least one layer, got an empty model (0 layers)")

@@ -60,10 +60,10 @@ def _check_problem(x: Tensor, routing: Routing, w1: Tensor, w2: Tensor) -> None:
         raise ValueError(
             f"w1 must be (E, d={d}, h) and w2 (E, h, d), got w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)}"
         )
-    if routing.num_tokens != n or routing.num_experts != e:
+    if routing.n_tokens != n or routing.n_experts != e:
         raise ValueError(
             f"routing must cover x's {n} tokens and w1's {e} experts, "
-            f"got num_tokens={routing.num_tokens}, num_experts={routing.num_experts}"
+            f"got n_tokens={routing.n_tokens}, n_experts={routing.n_experts}"
         )
 
 
@@ -103,15 +103,12 @@ def grouped_mm_supported(a: Tensor, b: Tensor) -> bool:
 def grouped_matmul(a: Tensor, b: Tensor, counts: Tensor, *, impl: str = "auto") -> Tensor:
     """Jagged batched product: rows ``[o_i, o_i + counts[i])`` of ``a`` times ``b[i]``, for every group ``i``.
 
-    Args:
-        a: ``(A, K)`` rows sorted by group, ``A = counts.sum()``.
-        b: ``(G, K, M)`` one matrix per group.
-        counts: ``(G,)`` int64 rows per group (zeros allowed).
-        impl: ``"grouped_mm"`` (one ``torch.nn.functional.grouped_mm`` call; needs a supported dtype/device),
-            ``"loop"`` (a matmul per contiguous slice), or ``"auto"`` (grouped_mm when supported).
+    ``a``: ``(A, K)`` rows sorted by group, ``A = counts.sum()``. ``b``: ``(G, K, M)`` one matrix per group.
+    ``counts``: ``(G,)`` int64 rows per group (zeros allowed). ``impl``: ``"grouped_mm"`` (one
+    ``torch.nn.functional.grouped_mm`` call; needs a supported dtype/device), ``"loop"`` (a matmul per contiguous
+    slice), or ``"auto"`` (grouped_mm when supported).
 
-    Returns:
-        ``(A, M)``.
+    Returns ``(A, M)``.
     """
     check_tensor("a", a, ndim=2, floating=True)
     check_tensor("b", b, ndim=3, floating=True)
@@ -137,16 +134,13 @@ def moe_masked_loop(x: Tensor, routing: Routing, w1: Tensor, w2: Tensor) -> Tens
     ``G`` is the ``(N, E)`` gate matrix, zero wherever a token was not routed (or was dropped), so the
     skipped work is multiplied by zero. Differentiable in ``x``, the weights and ``routing.weight``.
 
-    Args:
-        x: ``(N, d)`` tokens.
-        routing: assignments over ``N`` tokens and ``E`` experts.
-        w1, w2: ``(E, d, h)`` and ``(E, h, d)`` expert weights.
+    ``x``: ``(N, d)`` tokens. ``routing``: assignments over ``N`` tokens and ``E`` experts. ``w1, w2``: ``(E, d,
+    h)`` and ``(E, h, d)`` expert weights.
 
-    Returns:
-        ``(N, d)`` the expert mixture (without the residual).
+    Returns ``(N, d)`` the expert mixture (without the residual).
     """
     _check_problem(x, routing, w1, w2)
-    n, e = routing.num_tokens, routing.num_experts
+    n, e = routing.n_tokens, routing.n_experts
     gates = routing.weight.new_zeros(n, e).index_put((routing.token, routing.expert), routing.weight, True)
     y = x.new_zeros(x.shape)
     for i in range(e):
@@ -161,7 +155,7 @@ def moe_gather_loop(x: Tensor, routing: Routing, w1: Tensor, w2: Tensor) -> Tens
     """
     _check_problem(x, routing, w1, w2)
     y = x.new_zeros(x.shape)
-    for i in range(routing.num_experts):
+    for i in range(routing.n_experts):
         mine = torch.nonzero(routing.expert == i).squeeze(1)  # (A_i,) this expert's assignments
         token = routing.token[mine]
         out = expert_ffn(x.index_select(0, token), w1[i], w2[i])  # (A_i, d)
@@ -176,21 +170,20 @@ def dense_dispatch_tensors(routing: Routing, capacity: int, dtype: torch.dtype |
     its position in the expert's priority queue (:func:`~refimpl.moe.routers.queue_positions`);
     ``combine`` holds the gate at the same place. Each tensor takes ``N E C`` elements of memory.
 
-    Raises:
-        ValueError: if some expert has more than ``capacity`` assignments (apply the capacity first).
+    Raises ``ValueError`` if some expert has more than ``capacity`` assignments (apply the capacity first).
     """
     if not isinstance(routing, Routing):
         raise TypeError(f"routing must be a Routing, got {type(routing).__name__}")
     capacity = check_int("capacity", capacity, min_value=0)
-    position = queue_positions(routing.expert, routing.num_experts)  # (A,) slot in the expert's buffer
-    if routing.num_assignments and int(position.max()) >= capacity:
+    position = queue_positions(routing.expert, routing.n_experts)  # (A,) slot in the expert's buffer
+    if routing.n_assignments and int(position.max()) >= capacity:
         most = int(routing.tokens_per_expert().max())
         raise ValueError(
             f"capacity must be >= the most assignments of one expert ({most}) for dense dispatch, got {capacity}; "
             "drop the overflow with apply_capacity first"
         )
     dtype = routing.weight.dtype if dtype is None else dtype
-    shape = (routing.num_tokens, routing.num_experts, capacity)
+    shape = (routing.n_tokens, routing.n_experts, capacity)
     where = (routing.token, routing.expert, position)
     dispatch = torch.zeros(shape, dtype=dtype, device=routing.weight.device)
     dispatch[where] = 1.0
@@ -198,25 +191,22 @@ def dense_dispatch_tensors(routing: Routing, capacity: int, dtype: torch.dtype |
     return dispatch, combine
 
 
-def dense_dispatch_bytes(num_tokens: int, num_experts: int, capacity: int, dtype: torch.dtype) -> int:
+def dense_dispatch_bytes(n_tokens: int, n_experts: int, capacity: int, dtype: torch.dtype) -> int:
     """Bytes of ONE ``(N, E, C)`` dispatch (or combine) tensor of ``dtype``: ``N * E * C * itemsize``."""
-    num_tokens = check_int("num_tokens", num_tokens, min_value=0)
-    num_experts = check_int("num_experts", num_experts, min_value=1)
+    n_tokens = check_int("n_tokens", n_tokens, min_value=0)
+    n_experts = check_int("n_experts", n_experts, min_value=1)
     capacity = check_int("capacity", capacity, min_value=0)
-    return num_tokens * num_experts * capacity * torch.empty((), dtype=dtype).element_size()
+    return n_tokens * n_experts * capacity * torch.empty((), dtype=dtype).element_size()
 
 
 def moe_dense(x: Tensor, routing: Routing, w1: Tensor, w2: Tensor, capacity: int) -> Tensor:
     """Capacity-based dense dispatch (GShard, Switch Transformer): einsum in, batched FFN, einsum out.
 
-    Args:
-        x: ``(N, d)`` tokens.
-        routing: assignments, at most ``capacity`` per expert (see :func:`~refimpl.moe.routers.apply_capacity`).
-        w1, w2: ``(E, d, h)`` and ``(E, h, d)`` expert weights.
-        capacity: ``C``, the slots per expert buffer.
+    ``x``: ``(N, d)`` tokens. ``routing``: assignments, at most ``capacity`` per expert (see
+    :func:`~refimpl.moe.routers.apply_capacity`). ``w1, w2``: ``(E, d, h)`` and ``(E, h, d)`` expert weights.
+    ``capacity``: ``C``, the slots per expert buffer.
 
-    Returns:
-        ``(N, d)`` the expert mixture, equal to :func:`moe_masked_loop` on the same routing.
+    Returns ``(N, d)`` the expert mixture, equal to :func:`moe_masked_loop` on the same routing.
     """
     _check_problem(x, routing, w1, w2)
     dispatch, combine = dense_dispatch_tensors(routing, capacity, dtype=x.dtype)  # (N, E, C) each
@@ -229,9 +219,8 @@ def moe_dense(x: Tensor, routing: Routing, w1: Tensor, w2: Tensor, capacity: int
 def sort_by_expert(routing: Routing) -> tuple[Tensor, Tensor]:
     """Permutation that makes every expert's assignments contiguous, and the ``(E,)`` segment lengths.
 
-    Returns:
-        ``(order, counts)``: ``order (A,)`` int64 with ``routing.expert[order]`` non-decreasing (stable, so
-        priority order is kept within an expert) and ``counts (E,)`` int64.
+    Returns ``(order, counts)``: ``order (A,)`` int64 with ``routing.expert[order]`` non-decreasing (stable, so
+    priority order is kept within an expert) and ``counts (E,)`` int64.
     """
     order = torch.argsort(routing.expert, stable=True)
     return order, routing.tokens_per_expert()
@@ -240,14 +229,11 @@ def sort_by_expert(routing: Routing) -> tuple[Tensor, Tensor]:
 def moe_sorted(x: Tensor, routing: Routing, w1: Tensor, w2: Tensor, *, impl: str = "auto") -> Tensor:
     """Dropless sort-based MoE (MegaBlocks, Gale et al. 2023): permute, grouped matmul, un-permute.
 
-    Args:
-        x: ``(N, d)`` tokens.
-        routing: any assignments (no capacity needed; pass a capacity-filtered routing to drop).
-        w1, w2: ``(E, d, h)`` and ``(E, h, d)`` expert weights.
-        impl: how to run the grouped matmul, see :func:`grouped_matmul`.
+    ``x``: ``(N, d)`` tokens. ``routing``: any assignments (no capacity needed; pass a capacity-filtered routing to
+    drop). ``w1, w2``: ``(E, d, h)`` and ``(E, h, d)`` expert weights. ``impl``: how to run the grouped matmul, see
+    :func:`grouped_matmul`.
 
-    Returns:
-        ``(N, d)`` the expert mixture, equal to :func:`moe_masked_loop` on the same routing.
+    Returns ``(N, d)`` the expert mixture, equal to :func:`moe_masked_loop` on the same routing.
     """
     _check_problem(x, routing, w1, w2)
     order, counts = sort_by_expert(routing)

@@ -64,35 +64,30 @@ class MoEAux:
 class MoELayer(nn.Module):
     """Pre-norm residual MoE feed-forward layer with a choice of router.
 
-    Args:
-        d_model: ``d``, token width.
-        d_hidden: ``h``, hidden width of each expert FFN.
-        num_experts: ``E`` real experts.
-        router: ``"top_k"`` (Switch/GShard), ``"expert_choice"`` (Zhou et al. 2022), ``"null"`` (AdaMoE null
-            experts, Zeng et al. 2024) or ``"grouped"`` (MoGE, Tang et al. 2025).
-        k: choices per token (for ``"null"``: over real and null experts).
-        capacity_factor: ``c``; for top-k style routers ``None`` means dropless, otherwise each expert keeps at
-            most ``ceil(c N k / E)`` assignments. For ``"expert_choice"`` it is required (experts per token).
-        normalize: renormalize the kept gates (default: ``k > 1``; see :func:`~refimpl.moe.routers.top_k_gating`).
-        num_null: ``m`` null experts (router ``"null"`` only).
-        num_groups: ``M`` expert groups (router ``"grouped"`` only).
-        alpha: load-balancing loss coefficient (Switch uses ``1e-2``).
-        z_coef: router z-loss coefficient (ST-MoE uses ``1e-3``).
-        dispatch: ``"sorted"`` (default), ``"gather_loop"``, ``"masked_loop"`` or ``"dense"``.
+    ``d_model``: ``d``, token width. ``d_hidden``: ``h``, hidden width of each expert FFN. ``n_experts``: ``E`` real
+    experts. ``router``: ``"top_k"`` (Switch/GShard), ``"expert_choice"`` (Zhou et al. 2022), ``"null"`` (AdaMoE
+    null experts, Zeng et al. 2024) or ``"grouped"`` (MoGE, Tang et al. 2025). ``k``: choices per token (for
+    ``"null"``: over real and null experts). ``capacity_factor``: ``c``; for top-k style routers ``None`` means
+    dropless, otherwise each expert keeps at most ``ceil(c N k / E)`` assignments. For ``"expert_choice"`` it is
+    required (experts per token). ``normalize``: renormalize the kept gates (default: ``k > 1``; see
+    :func:`~refimpl.moe.routers.top_k_gating`). ``n_null``: ``m`` null experts (router ``"null"`` only).
+    ``n_groups``: ``M`` expert groups (router ``"grouped"`` only). ``alpha``: load-balancing loss coefficient
+    (Switch uses ``1e-2``). ``z_coef``: router z-loss coefficient (ST-MoE uses ``1e-3``). ``dispatch``: ``"sorted"``
+    (default), ``"gather_loop"``, ``"masked_loop"`` or ``"dense"``.
     """
 
     def __init__(
         self,
         d_model: int,
         d_hidden: int,
-        num_experts: int,
+        n_experts: int,
         *,
         router: str = "top_k",
         k: int = 1,
         capacity_factor: float | None = None,
         normalize: bool | None = None,
-        num_null: int = 0,
-        num_groups: int = 1,
+        n_null: int = 0,
+        n_groups: int = 1,
         alpha: float = 0.0,
         z_coef: float = 0.0,
         dispatch: str = "sorted",
@@ -100,16 +95,16 @@ class MoELayer(nn.Module):
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
         self.d_hidden = check_positive_int("d_hidden", d_hidden)
-        self.num_experts = check_positive_int("num_experts", num_experts)
+        self.n_experts = check_positive_int("n_experts", n_experts)
         self.router_kind = check_choice("router", router, ROUTERS)
         self.dispatch = check_choice("dispatch", dispatch, DISPATCH)
-        self.num_null = check_int("num_null", num_null, min_value=1 if router == "null" else 0)
-        if router != "null" and self.num_null:
-            raise ValueError(f"num_null must be 0 unless router='null', got {num_null} with router={router!r}")
-        self.k = check_int("k", k, min_value=1, max_value=num_experts + self.num_null)
-        self.num_groups = check_positive_int("num_groups", num_groups)
-        if router == "grouped" and (num_experts % num_groups or k % num_groups):
-            raise ValueError(f"num_groups must divide num_experts={num_experts} and k={k}, got num_groups={num_groups}")
+        self.n_null = check_int("n_null", n_null, min_value=1 if router == "null" else 0)
+        if router != "null" and self.n_null:
+            raise ValueError(f"n_null must be 0 unless router='null', got {n_null} with router={router!r}")
+        self.k = check_int("k", k, min_value=1, max_value=n_experts + self.n_null)
+        self.n_groups = check_positive_int("n_groups", n_groups)
+        if router == "grouped" and (n_experts % n_groups or k % n_groups):
+            raise ValueError(f"n_groups must divide n_experts={n_experts} and k={k}, got n_groups={n_groups}")
         if capacity_factor is not None:
             capacity_factor = check_float("capacity_factor", capacity_factor, min_value=0.0, min_inclusive=False)
         elif router == "expert_choice":
@@ -120,10 +115,10 @@ class MoELayer(nn.Module):
         self.z_coef = check_float("z_coef", z_coef, min_value=0.0)
 
         self.norm = nn.LayerNorm(d_model)
-        self.router = nn.Linear(d_model, num_experts + self.num_null, bias=False)  # W_r
+        self.router = nn.Linear(d_model, n_experts + self.n_null, bias=False)  # W_r
         # Experts stacked as (E, d, h) and (E, h, d); init like nn.Linear (uniform, fan-in scaled).
-        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_hidden).uniform_(-1, 1) / math.sqrt(d_model))
-        self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model).uniform_(-1, 1) / math.sqrt(d_hidden))
+        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, d_hidden).uniform_(-1, 1) / math.sqrt(d_model))
+        self.w2 = nn.Parameter(torch.empty(n_experts, d_hidden, d_model).uniform_(-1, 1) / math.sqrt(d_hidden))
 
     def route(self, logits: Tensor) -> tuple[Routing, Tensor, Tensor, Tensor, int]:
         """Route by the ``(N, E [+ m])`` logits: ``(routing, balance_loss, z_loss, requested_per_expert, dropped)``."""
@@ -137,16 +132,16 @@ class MoELayer(nn.Module):
             gate = top_k_gating(logits, self.k, normalize=self.normalize)
             routing = gate.routing()
         elif self.router_kind == "grouped":
-            gate = grouped_top_k_gating(logits, self.k, self.num_groups, normalize=self.normalize)
+            gate = grouped_top_k_gating(logits, self.k, self.n_groups, normalize=self.normalize)
             routing = gate.routing()
         else:  # "null": AdaMoE
-            gate, routing = null_expert_gating(logits, self.k, self.num_null)
+            gate, routing = null_expert_gating(logits, self.k, self.n_null)
         if self.alpha:
             balance = load_balancing_loss(gate.probs, gate.index, self.alpha)
         requested = routing.tokens_per_expert()
         dropped = 0
         if self.capacity_factor is not None:
-            capacity = expert_capacity(n, self.num_experts, self.k, self.capacity_factor)
+            capacity = expert_capacity(n, self.n_experts, self.k, self.capacity_factor)
             routing, dropped_per_expert = apply_capacity(routing, capacity)
             dropped = int(dropped_per_expert.sum())
         return routing, balance, z, requested, dropped
@@ -166,9 +161,9 @@ class MoELayer(nn.Module):
         elif self.dispatch == "masked_loop":
             y = moe_masked_loop(u, routing, self.w1, self.w2)
         else:
-            capacity = int(routing.tokens_per_expert().max()) if routing.num_assignments else 0
+            capacity = int(routing.tokens_per_expert().max()) if routing.n_assignments else 0
             if self.capacity_factor is not None and self.router_kind != "expert_choice":
-                capacity = expert_capacity(x.shape[0], self.num_experts, self.k, self.capacity_factor)
+                capacity = expert_capacity(x.shape[0], self.n_experts, self.k, self.capacity_factor)
             y = moe_dense(u, routing, self.w1, self.w2, capacity)
         aux = MoEAux(
             aux_loss=balance + z,
@@ -179,29 +174,25 @@ class MoELayer(nn.Module):
             requested_per_expert=requested,
             dropped=dropped,
             requested=int(requested.sum()),
-            real_per_token=routing.num_assignments / max(x.shape[0], 1),
+            real_per_token=routing.n_assignments / max(x.shape[0], 1),
             router_logits=logits,
         )
         return x + y, aux
 
 
 class MoEStack(nn.Module):
-    """``num_layers`` :class:`MoELayer` blocks between a linear read-in and a linear read-out.
+    """``n_layers`` :class:`MoELayer` blocks between a linear read-in and a linear read-out.
 
-    Args:
-        d_in: input width.
-        d_out: output width.
-        num_layers: number of MoE blocks.
-        layer_kwargs: passed to every :class:`MoELayer` (``d_model``, ``d_hidden``, ``num_experts``, router
-            options).
+    ``d_in, d_out``: input and output widths; ``n_layers``: number of MoE blocks; ``layer_kwargs`` are passed to
+    every :class:`MoELayer` (``d_model``, ``d_hidden``, ``n_experts``, router options).
     """
 
-    def __init__(self, d_in: int, d_out: int, num_layers: int, **layer_kwargs: object) -> None:
+    def __init__(self, d_in: int, d_out: int, n_layers: int, **layer_kwargs: object) -> None:
         super().__init__()
-        num_layers = check_positive_int("num_layers", num_layers)
+        n_layers = check_positive_int("n_layers", n_layers)
         d_model = check_positive_int("d_model", layer_kwargs.get("d_model"))
         self.read_in = nn.Linear(check_positive_int("d_in", d_in), d_model)
-        self.layers = nn.ModuleList([MoELayer(**layer_kwargs) for _ in range(num_layers)])  # type: ignore[arg-type]
+        self.layers = nn.ModuleList([MoELayer(**layer_kwargs) for _ in range(n_layers)])  # type: ignore[arg-type]
         self.read_out = nn.Linear(d_model, check_positive_int("d_out", d_out))
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[MoEAux]]:

@@ -10,18 +10,15 @@ from refimpl._checks import check_float, check_tensor
 __all__ = ["expert_fractions", "load_balancing_loss", "router_z_loss"]
 
 
-def expert_fractions(index: Tensor, num_experts: int, dtype: torch.dtype = torch.float32) -> Tensor:
+def expert_fractions(index: Tensor, n_experts: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """``f_i``: the fraction of the ``N k`` assignments that go to expert ``i`` (Switch eq. 5, all k choices).
 
-    Args:
-        index: ``(N, k)`` int64 chosen experts.
-        num_experts: ``E``.
+    ``index``: ``(N, k)`` int64 chosen experts. ``n_experts``: ``E``.
 
-    Returns:
-        ``(E,)`` fractions of ``dtype`` summing to 1 (all zeros when ``N = 0``).
+    Returns ``(E,)`` fractions of ``dtype`` summing to 1 (all zeros when ``N = 0``).
     """
     check_tensor("index", index, ndim=2, dtypes=[torch.int64])
-    counts = torch.bincount(index.reshape(-1), minlength=num_experts).to(dtype)  # (E,)
+    counts = torch.bincount(index.reshape(-1), minlength=n_experts).to(dtype)  # (E,)
     return counts / max(index.numel(), 1)
 
 
@@ -35,23 +32,21 @@ def load_balancing_loss(probs: Tensor, index: Tensor, alpha: float = 1e-2) -> Te
     loss equals ``alpha``, and when the router's choices follow its probabilities (``f = P``)
     Cauchy-Schwarz gives ``E * sum_i P_i^2 >= 1``, with equality only at the uniform distribution.
 
-    Args:
-        probs: ``(N, E)`` router probabilities ``p(x)`` (rows sum to 1).
-        index: ``(N, k)`` int64 experts chosen per token (the top-k of ``probs`` or of a wider set).
-        alpha: the loss coefficient (Switch uses ``1e-2``); ``alpha >= 0``.
+    ``probs``: ``(N, E)`` router probabilities ``p(x)`` (rows sum to 1). ``index``: ``(N, k)`` int64 experts chosen
+    per token (the top-k of ``probs`` or of a wider set). ``alpha``: the loss coefficient (Switch uses ``1e-2``);
+    ``alpha >= 0``.
 
-    Returns:
-        scalar tensor.
+    Returns a scalar tensor.
     """
     check_tensor("probs", probs, ndim=2, floating=True)
     check_tensor("index", index, ndim=2, dtypes=[torch.int64])
     if index.shape[0] != probs.shape[0]:
         raise ValueError(f"index must have {probs.shape[0]} rows like probs, got shape {tuple(index.shape)}")
     alpha = check_float("alpha", alpha, min_value=0.0)
-    num_experts = probs.shape[1]
-    f = expert_fractions(index, num_experts, probs.dtype)  # (E,)  f_i, eq. (5)
+    n_experts = probs.shape[1]
+    f = expert_fractions(index, n_experts, probs.dtype)  # (E,)  f_i, eq. (5)
     p = probs.mean(dim=0)  # (E,)  P_i, eq. (6)
-    return alpha * num_experts * torch.sum(f * p)  # eq. (4)
+    return alpha * n_experts * torch.sum(f * p)  # eq. (4)
 
 
 def router_z_loss(logits: Tensor, coef: float = 1e-3) -> Tensor:
@@ -60,12 +55,9 @@ def router_z_loss(logits: Tensor, coef: float = 1e-3) -> Tensor:
     It penalizes large router logits, which make the softmax round-off-sensitive in low precision and make
     training unstable; it leaves the routing decisions (the argmax) free. ST-MoE uses ``coef = 1e-3``.
 
-    Args:
-        logits: ``(N, E)`` router logits.
-        coef: ``c_z >= 0``.
+    ``logits``: ``(N, E)`` router logits. ``coef``: ``c_z >= 0``.
 
-    Returns:
-        scalar tensor (0 for ``N = 0``).
+    Returns a scalar tensor (0 for ``N = 0``).
     """
     check_tensor("logits", logits, ndim=2, floating=True)
     coef = check_float("coef", coef, min_value=0.0)

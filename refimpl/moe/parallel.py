@@ -60,17 +60,16 @@ class ExchangeStats:
     bytes_sent_remote: int
 
 
-def send_counts(routing: Routing, num_devices: int) -> Tensor:
+def send_counts(routing: Routing, n_devices: int) -> Tensor:
     """``(P,)`` int64: how many of ``routing``'s assignments go to each device (experts placed contiguously).
 
-    Raises:
-        ValueError: if ``num_devices`` does not divide ``routing.num_experts``.
+    Raises ``ValueError`` if ``n_devices`` does not divide ``routing.n_experts``.
     """
-    num_devices = check_positive_int("num_devices", num_devices)
-    if routing.num_experts % num_devices:
-        raise ValueError(f"num_devices must divide num_experts={routing.num_experts}, got {num_devices}")
-    per_device = routing.num_experts // num_devices
-    return torch.bincount(routing.expert // per_device, minlength=num_devices)
+    n_devices = check_positive_int("n_devices", n_devices)
+    if routing.n_experts % n_devices:
+        raise ValueError(f"n_devices must divide n_experts={routing.n_experts}, got {n_devices}")
+    per_device = routing.n_experts // n_devices
+    return torch.bincount(routing.expert // per_device, minlength=n_devices)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -89,19 +88,19 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(grad.contiguous(), in_splits, out_splits, ctx.group), None, None, None
 
 
-def expected_exchange_bytes(num_tokens: int, k: int, d_model: int, world_size: int, itemsize: int) -> float:
+def expected_exchange_bytes(n_tokens: int, k: int, d_model: int, world_size: int, itemsize: int) -> float:
     """Bytes one rank sends to other ranks per MoE layer (dispatch + combine) when its choices spread evenly.
 
     ``2 * N k (P - 1) / P * d * itemsize``: each of the ``N k`` rows leaves the rank unless its expert is local
     (probability ``1/P``), and comes back after the experts ran. Exact for MoGE with one expert group per rank
     (every token sends ``k / P`` rows to every rank); the expectation for uniform top-k routing.
     """
-    num_tokens = check_int("num_tokens", num_tokens, min_value=0)
+    n_tokens = check_int("n_tokens", n_tokens, min_value=0)
     k = check_positive_int("k", k)
     d_model = check_positive_int("d_model", d_model)
     world = check_positive_int("world_size", world_size)
     itemsize = check_positive_int("itemsize", itemsize)
-    return 2.0 * num_tokens * k * (world - 1) / world * d_model * itemsize
+    return 2.0 * n_tokens * k * (world - 1) / world * d_model * itemsize
 
 
 def _all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup | None) -> Tensor:
@@ -119,15 +118,12 @@ def expert_parallel_moe(
 ) -> tuple[Tensor, ExchangeStats]:
     """One expert-parallel MoE forward on this rank (module docstring, steps 2-5); call on every rank.
 
-    Args:
-        x: ``(N_r, d)`` this rank's tokens.
-        routing: this rank's assignments over its ``N_r`` tokens and all ``E`` experts.
-        w1_local, w2_local: ``(E/P, d, h)`` and ``(E/P, h, d)`` weights of this rank's experts.
-        group: process group (default: the world).
+    ``x``: ``(N_r, d)`` this rank's tokens. ``routing``: this rank's assignments over its ``N_r`` tokens and all
+    ``E`` experts. ``w1_local, w2_local``: ``(E/P, d, h)`` and ``(E/P, h, d)`` weights of this rank's experts.
+    ``group``: process group (default: the world).
 
-    Returns:
-        ``(y, stats)``: ``(N_r, d)`` the expert mixture for this rank's tokens, equal to
-        :func:`~refimpl.moe.dispatch.moe_sorted` on one process, and the :class:`ExchangeStats`.
+    Returns ``(y, stats)``: ``(N_r, d)`` the expert mixture for this rank's tokens, equal to
+    :func:`~refimpl.moe.dispatch.moe_sorted` on one process, and the :class:`ExchangeStats`.
     """
     check_tensor("x", x, ndim=2, floating=True)
     check_tensor("w1_local", w1_local, ndim=3, floating=True)
@@ -135,12 +131,12 @@ def expert_parallel_moe(
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     local = w1_local.shape[0]
-    if routing.num_experts != world * local:
+    if routing.n_experts != world * local:
         raise ValueError(
-            f"routing.num_experts must equal world size {world} x local experts {local}, got {routing.num_experts}"
+            f"routing.n_experts must equal world size {world} x local experts {local}, got {routing.n_experts}"
         )
-    if routing.num_tokens != x.shape[0]:
-        raise ValueError(f"routing must cover x's {x.shape[0]} tokens, got num_tokens={routing.num_tokens}")
+    if routing.n_tokens != x.shape[0]:
+        raise ValueError(f"routing must cover x's {x.shape[0]} tokens, got n_tokens={routing.n_tokens}")
 
     # Step 2: sorted by global expert = sorted by (destination rank, its local expert).
     order, counts = sort_by_expert(routing)
@@ -172,13 +168,13 @@ def expert_parallel_moe(
     return y, stats
 
 
-def _route(logits: Tensor, k: int, num_groups: int | None, normalize: bool) -> Routing:
-    if num_groups is None:
+def _route(logits: Tensor, k: int, n_groups: int | None, normalize: bool) -> Routing:
+    if n_groups is None:
         return top_k_gating(logits, k, normalize=normalize).routing()
-    return grouped_top_k_gating(logits, k, num_groups, normalize=normalize).routing()
+    return grouped_top_k_gating(logits, k, n_groups, normalize=normalize).routing()
 
 
-def _worker(rank: int, world: int, workdir: str, k: int, num_groups: int | None, normalize: bool) -> None:
+def _worker(rank: int, world: int, workdir: str, k: int, n_groups: int | None, normalize: bool) -> None:
     """Body of one spawned rank: shard, route, run forward (+ backward), save what this rank computed."""
     torch.set_num_threads(1)  # P processes share the machine's cores
     store = os.path.join(workdir, "store")
@@ -189,7 +185,7 @@ def _worker(rank: int, world: int, workdir: str, k: int, num_groups: int | None,
         logits = torch.tensor_split(data["logits"], world)[rank].clone().requires_grad_(True)
         w1 = torch.tensor_split(data["w1"], world)[rank].clone().requires_grad_(True)
         w2 = torch.tensor_split(data["w2"], world)[rank].clone().requires_grad_(True)
-        routing = _route(logits, k, num_groups, normalize)
+        routing = _route(logits, k, n_groups, normalize)
         y, stats = expert_parallel_moe(x, routing, w1, w2)
         out = {"y": y.detach(), "rows_sent": stats.rows_sent, "rows_received": stats.rows_received}
         out["bytes_sent_remote"] = stats.bytes_sent_remote
@@ -210,27 +206,24 @@ def run_expert_parallel(
     *,
     world_size: int,
     k: int,
-    num_groups: int | None = None,
+    n_groups: int | None = None,
     normalize: bool = True,
     grad_y: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Run one expert-parallel MoE layer in ``world_size`` spawned CPU processes (gloo) and gather the results.
 
     Tokens are split into ``world_size`` contiguous shards (``torch.tensor_split``), experts likewise. Each
-    rank routes its tokens with top-k gating (or MoGE grouped top-k when ``num_groups`` is given) and calls
+    rank routes its tokens with top-k gating (or MoGE grouped top-k when ``n_groups`` is given) and calls
     :func:`expert_parallel_moe`; with ``grad_y`` it also back-propagates ``grad_y`` through the exchange.
 
-    Args:
-        x: ``(N, d)`` all tokens; ``logits``: ``(N, E)`` their router logits.
-        w1, w2: ``(E, d, h)``, ``(E, h, d)`` all experts' weights; ``world_size`` must divide ``E``.
-        k, num_groups, normalize: routing options (:func:`~refimpl.moe.routers.top_k_gating`,
-            :func:`~refimpl.moe.routers.grouped_top_k_gating`).
-        grad_y: optional ``(N, d)`` gradient of the output.
+    ``x``: ``(N, d)`` all tokens; ``logits``: ``(N, E)`` their router logits. ``w1, w2``: ``(E, d, h)``, ``(E, h,
+    d)`` all experts' weights; ``world_size`` must divide ``E``. ``k, n_groups, normalize``: routing options
+    (:func:`~refimpl.moe.routers.top_k_gating`, :func:`~refimpl.moe.routers.grouped_top_k_gating`). ``grad_y``:
+    optional ``(N, d)`` gradient of the output.
 
-    Returns:
-        dict with ``y (N, d)``; ``rows_sent``/``rows_received`` ``(P, P)`` (row r: what rank r sent/received);
-        ``bytes_sent_remote (P,)``; and, with ``grad_y``, ``grad_x``, ``grad_logits``, ``grad_w1``, ``grad_w2``
-        assembled in the global layout.
+    Returns dict with ``y (N, d)``; ``rows_sent``/``rows_received`` ``(P, P)`` (row r: what rank r sent/received);
+    ``bytes_sent_remote (P,)``; and, with ``grad_y``, ``grad_x``, ``grad_logits``, ``grad_w1``, ``grad_w2``
+    assembled in the global layout.
     """
     import torch.multiprocessing as mp
 
@@ -245,7 +238,7 @@ def run_expert_parallel(
         inputs = {"x": x.detach(), "logits": logits.detach(), "w1": w1.detach(), "w2": w2.detach()}
         inputs["grad_y"] = None if grad_y is None else grad_y.detach()
         torch.save(inputs, os.path.join(workdir, "inputs.pt"))
-        mp.start_processes(_worker, args=(world, workdir, k, num_groups, normalize), nprocs=world, start_method="spawn")
+        mp.start_processes(_worker, args=(world, workdir, k, n_groups, normalize), nprocs=world, start_method="spawn")
         parts = [torch.load(os.path.join(workdir, f"rank{r}.pt")) for r in range(world)]
     result: dict[str, Tensor] = {"y": torch.cat([p["y"] for p in parts])}
     result["rows_sent"] = torch.stack([p["rows_sent"] for p in parts])

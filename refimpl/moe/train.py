@@ -34,17 +34,17 @@ class ClusterTask:
 
     @classmethod
     def make(
-        cls, num_clusters: int, d_in: int, d_out: int, *, d_teacher: int = 32, noise: float = 0.5, seed: int = 0
+        cls, n_clusters: int, d_in: int, d_out: int, *, d_teacher: int = 32, noise: float = 0.5, seed: int = 0
     ) -> ClusterTask:
-        """A task with ``num_clusters`` clusters (standard-normal centers, spread ``noise``)."""
-        num_clusters = check_positive_int("num_clusters", num_clusters)
+        """A task with ``n_clusters`` clusters (standard-normal centers, spread ``noise``)."""
+        n_clusters = check_positive_int("n_clusters", n_clusters)
         d_in, d_out = check_positive_int("d_in", d_in), check_positive_int("d_out", d_out)
         d_teacher = check_positive_int("d_teacher", d_teacher)
         noise = check_float("noise", noise, min_value=0.0)
         g = torch.Generator().manual_seed(check_int("seed", seed))
-        centers = torch.randn(num_clusters, d_in, generator=g)
-        a = torch.randn(num_clusters, d_in, d_teacher, generator=g) / d_in**0.5
-        b = torch.randn(num_clusters, d_teacher, d_out, generator=g) / d_teacher**0.5
+        centers = torch.randn(n_clusters, d_in, generator=g)
+        a = torch.randn(n_clusters, d_in, d_teacher, generator=g) / d_in**0.5
+        b = torch.randn(n_clusters, d_teacher, d_out, generator=g) / d_teacher**0.5
         return cls(centers, a, b, noise)
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
@@ -63,7 +63,7 @@ class TrainConfig:
     steps: int = 200
     batch: int = 512
     lr: float = 3e-3
-    num_layers: int = 2
+    n_layers: int = 2
     seed: int = 0
     layer: dict = field(default_factory=dict)
 
@@ -105,7 +105,7 @@ def train_moe(task: ClusterTask, config: TrainConfig) -> TrainHistory:
     steps = check_positive_int("steps", config.steps)
     torch.manual_seed(config.seed)
     d_in, d_out = task.centers.shape[1], task.teacher_b.shape[2]
-    model = MoEStack(d_in, d_out, config.num_layers, **config.layer)
+    model = MoEStack(d_in, d_out, config.n_layers, **config.layer)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     data = torch.Generator().manual_seed(config.seed + 1)
     loss_t, aux_t, drop_t, real_t, z_t, tpe, rpe = [], [], [], [], [], [], []

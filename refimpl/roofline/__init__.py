@@ -7,7 +7,8 @@ does, with tested formulas:
 * :mod:`~refimpl.roofline.hardware` - ceilings from datasheets (``refimpl/data/hardware.yaml``) or measured (``"cpu"``);
 * :mod:`~refimpl.roofline.ops` - operators as (FLOPs, bytes read, bytes written), intensity, bound, time;
 * :mod:`~refimpl.roofline.models` - Llama-2-7B, Llama-3-8B, SmolLM2-135M (from its GGUF file), Mixtral-8x7B;
-* :mod:`~refimpl.roofline.analyzer` - per-operator prefill/decode analysis, memory footprint, max batch;
+* :mod:`~refimpl.roofline.analyzer` - a :class:`Workload` (stage, batch, length, precisions) analyzed per
+  operator, its memory footprint, the max batch;
 * :mod:`~refimpl.roofline.measure` - streaming copy and matmul micro-benchmarks (imports torch; loaded lazily);
 * :mod:`~refimpl.roofline.plot` - roofline figures for every chapter (imports matplotlib; loaded lazily).
 
@@ -22,6 +23,7 @@ from typing import Any
 from refimpl.roofline.analyzer import (
     Analysis,
     MemoryFootprint,
+    Workload,
     analyze,
     expected_experts_touched,
     kv_cache_bytes,
@@ -38,7 +40,7 @@ from refimpl.roofline.ops import (
     arithmetic_intensity,
     attainable_performance,
     bound,
-    evaluate,
+    operator_cost,
     ridge_point,
     roofline_time,
 )
@@ -50,12 +52,12 @@ __all__ = [
     "ModelConfig",
     "Operator",
     "OperatorCost",
+    "Workload",
     "analyze",
     "arithmetic_intensity",
     "attainable_performance",
     "bound",
     "dtype_bits",
-    "evaluate",
     "expected_experts_touched",
     "get_model",
     "kv_cache_bytes",
@@ -67,6 +69,7 @@ __all__ = [
     "measure",
     "memory_footprint",
     "normalize_dtype",
+    "operator_cost",
     "plot",
     "ridge_point",
     "roofline_time",

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import replace
 
-from refimpl.roofline.analyzer import analyze, max_batch
+from refimpl.roofline.analyzer import Workload, analyze, max_batch
 from refimpl.roofline.hardware import DTYPE_BITS, list_hardware, load_hardware
 from refimpl.roofline.models import list_models
 
@@ -44,41 +45,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     hardware = load_hardware(args.hardware)
     dtype = args.dtype or ("fp16" if "fp16" in hardware.peak_flops else "fp32")
-    kwargs = dict(
-        batch=args.batch,
-        seq=args.seq,
-        dtype=dtype,
-        weight_bits=args.weight_bits,
-        kv_bits=args.kv_bits,
-        kv_budget=args.kv_budget,
-        active_experts=args.active_experts,
-        flash_attention=not args.no_flash_attention,
-    )
     try:
-        prefill = analyze(args.model, hardware, stage="prefill", **kwargs)
-        decode = analyze(args.model, hardware, stage="decode", **kwargs)
-        kwargs.pop("batch")
-        fits = max_batch(args.model, hardware, **kwargs)
+        workload = Workload(
+            batch=args.batch,
+            seq=args.seq,
+            dtype=dtype,
+            weight_bits=args.weight_bits,
+            kv_bits=args.kv_bits,
+            kv_budget=args.kv_budget,
+            active_experts=args.active_experts,
+            flash_attention=not args.no_flash_attention,
+        )
+        prefill = analyze(args.model, hardware, replace(workload, stage="prefill"))
+        decode = analyze(args.model, hardware, replace(workload, stage="decode"))
+        fits = max_batch(args.model, hardware, workload)
     except (ValueError, TypeError) as err:
         parser.error(str(err))
     if args.table:
         print(prefill.table(), end="\n\n")
         print(decode.table(), end="\n\n")
-    print(f"model: {args.model}")
-    print(f"hardware: {args.hardware}")
-    print(f"dtype: {dtype}")
-    print(f"prefill_ms: {prefill.time * 1e3:.6g}")
-    print(f"prefill_bound: {prefill.bound}")
-    print(f"prefill_intensity_flop_per_byte: {prefill.intensity:.6g}")
-    print(f"decode_step_ms: {decode.time * 1e3:.6g}")
-    print(f"decode_bound: {decode.bound}")
-    print(f"decode_intensity_flop_per_byte: {decode.intensity:.6g}")
-    print(f"decode_tokens_per_s: {decode.batch / decode.time:.6g}")
-    print(f"ridge_point_flop_per_byte: {decode.ridge_point:.6g}")
-    print(f"weights_gb: {decode.memory.weights / 1e9:.6g}")
-    print(f"kv_cache_gb: {decode.memory.kv_cache / 1e9:.6g}")
-    print(f"memory_total_gb: {decode.memory.total / 1e9:.6g}")
-    print(f"max_batch: {fits}")
+    lines = {
+        "model": args.model,
+        "hardware": args.hardware,
+        "dtype": dtype,
+        "prefill_ms": prefill.time * 1e3,
+        "prefill_bound": prefill.bound,
+        "prefill_intensity_flop_per_byte": prefill.intensity,
+        "decode_step_ms": decode.time * 1e3,
+        "decode_bound": decode.bound,
+        "decode_intensity_flop_per_byte": decode.intensity,
+        "decode_tokens_per_s": decode.batch / decode.time,
+        "ridge_point_flop_per_byte": decode.ridge_point,
+        "weights_gb": decode.memory.weights / 1e9,
+        "kv_cache_gb": decode.memory.kv_cache / 1e9,
+        "memory_total_gb": decode.memory.total / 1e9,
+        "max_batch": fits,
+    }
+    for name, value in lines.items():
+        print(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")
     return 0
 
 

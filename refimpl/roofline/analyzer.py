@@ -26,19 +26,20 @@ the cost of (de)quantizing weights or KV entries, the router's top-k, kernel lau
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from refimpl._checks import check_choice, check_float, check_int, check_positive_int
 from refimpl.roofline.hardware import Hardware, dtype_bits, normalize_dtype, resolve_hardware
 from refimpl.roofline.models import ModelConfig, resolve_model
-from refimpl.roofline.ops import Operator, OperatorCost, elementwise, evaluate, matmul
+from refimpl.roofline.ops import Operator, OperatorCost, elementwise, matmul, operator_cost
 from refimpl.roofline.ops import bound as roofline_bound
 
 __all__ = [
     "STAGES",
     "Analysis",
     "MemoryFootprint",
+    "Workload",
     "analyze",
     "expected_experts_touched",
     "kv_cache_bytes",
@@ -81,20 +82,64 @@ class MemoryFootprint:
 
 
 @dataclass(frozen=True)
-class _Setting:
-    """Validated inputs of one analysis (internal)."""
+class Workload:
+    """One inference stage to analyze: what runs, for how many sequences, how long, at what precision.
 
-    model: ModelConfig
-    stage: str
-    batch: int
-    seq: int
-    dtype: str
-    weight_bits: float
-    kv_bits: float
-    kv_budget: int | None
-    active_experts: int
-    flash_attention: bool
-    logits: str
+    Frozen and validated on construction, so a bad value fails where it is written; vary one field with
+    :func:`dataclasses.replace` (``replace(w, batch=64)``), which validates again.
+
+    Attributes:
+        stage: ``"prefill"`` (``seq`` prompt tokens per sequence) or ``"decode"`` (one token per sequence at
+            context ``seq``: attention reads ``seq`` cached tokens, including the new one).
+        batch: sequences ``B``.
+        seq: prompt length (prefill) or context length (decode) ``s``.
+        dtype: compute and activation dtype (a name or ``torch.dtype``, stored as its canonical name); selects
+            the compute ceiling ``hardware.peak(dtype)``.
+        weight_bits: bits per stored weight (``None``: the dtype's; 4 for a 4-bit weight-only quantization).
+        kv_bits: bits per stored KV element including any scales (``None``: the dtype's; KIVI-2 is about 2-3).
+        kv_budget: tokens kept per sequence by KV eviction during decode (``None``: keep all).
+        active_experts: experts each token runs in an MoE model (``None``: the model's top-k).
+        flash_attention: fused IO-aware attention (scores stay on chip) vs three materializing operators.
+        logits: ``"last"`` (only each sequence's last token, as in generation) or ``"all"`` positions.
+
+    Raises ``ValueError`` or ``TypeError`` naming the field for an unknown stage, dtype or logits choice, a
+    non-positive ``batch``, ``seq`` or ``kv_budget``, bits outside ``(0, 64]``, ``active_experts < 1`` or a
+    non-bool ``flash_attention``; ``active_experts`` above the model's expert count is caught by :func:`analyze`.
+    """
+
+    stage: str = "decode"
+    batch: int = 1
+    seq: int = 1024
+    dtype: Any = "fp16"
+    weight_bits: float | None = None
+    kv_bits: float | None = None
+    kv_budget: int | None = None
+    active_experts: int | None = None
+    flash_attention: bool = True
+    logits: str = "last"
+
+    def __post_init__(self) -> None:
+        def set_(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)  # frozen: normalize once, here
+
+        check_choice("stage", self.stage, STAGES)
+        set_("batch", check_positive_int("batch", self.batch))
+        set_("seq", check_positive_int("seq", self.seq))
+        set_("dtype", normalize_dtype(self.dtype))
+        for name in ("weight_bits", "kv_bits"):
+            bits = getattr(self, name)
+            if bits is not None:
+                bits = check_float(name, bits)
+                if not 0 < bits <= 64:
+                    raise ValueError(f"{name} must be in (0, 64], got {bits}")
+                set_(name, bits)
+        if self.kv_budget is not None:
+            set_("kv_budget", check_positive_int("kv_budget", self.kv_budget))
+        if self.active_experts is not None:
+            set_("active_experts", check_positive_int("active_experts", self.active_experts))
+        if not isinstance(self.flash_attention, bool):
+            raise TypeError(f"flash_attention must be a bool, got {type(self.flash_attention).__name__}")
+        check_choice("logits", self.logits, ("last", "all"))
 
     @property
     def new_tokens(self) -> int:
@@ -102,51 +147,35 @@ class _Setting:
         return self.seq if self.stage == "prefill" else 1
 
     @property
+    def tokens(self) -> int:
+        """``M = B T``: tokens every operator of a layer sees."""
+        return self.batch * self.new_tokens
+
+    @property
     def keys(self) -> int:
-        """``S``: keys each query attends to (eviction keeps ``kv_budget`` of them during decode)."""
+        """``S``: keys each query attends to, and tokens per sequence held in the KV cache (eviction keeps
+        ``kv_budget`` of them during decode)."""
         if self.stage == "decode" and self.kv_budget is not None:
             return min(self.seq, self.kv_budget)
         return self.seq
 
     @property
-    def cached_tokens(self) -> int:
-        """Tokens per sequence held in the KV cache during this stage."""
-        return self.keys
+    def bits_per_weight(self) -> float:
+        """``weight_bits``, or the dtype's bits when it is ``None``."""
+        return dtype_bits(self.dtype) if self.weight_bits is None else self.weight_bits
+
+    @property
+    def bits_per_kv(self) -> float:
+        """``kv_bits``, or the dtype's bits when it is ``None``."""
+        return dtype_bits(self.dtype) if self.kv_bits is None else self.kv_bits
 
 
-def _validate(
-    model: ModelConfig | str,
-    stage: str,
-    batch: int,
-    seq: int,
-    dtype: Any,
-    weight_bits: float | None,
-    kv_bits: float | None,
-    kv_budget: int | None,
-    active_experts: int | None,
-    flash_attention: bool,
-    logits: str,
-) -> _Setting:
-    cfg = resolve_model(model)
-    check_choice("stage", stage, STAGES)
-    batch = check_positive_int("batch", batch)
-    seq = check_positive_int("seq", seq)
-    dtype = normalize_dtype(dtype)
-    bits = dtype_bits(dtype)
-    weight_bits = bits if weight_bits is None else check_float("weight_bits", weight_bits, min_value=0.0)
-    kv_bits = bits if kv_bits is None else check_float("kv_bits", kv_bits, min_value=0.0)
-    if weight_bits <= 0 or weight_bits > 64:
-        raise ValueError(f"weight_bits must be in (0, 64], got {weight_bits}")
-    if kv_bits <= 0 or kv_bits > 64:
-        raise ValueError(f"kv_bits must be in (0, 64], got {kv_bits}")
-    if kv_budget is not None:
-        kv_budget = check_positive_int("kv_budget", kv_budget)
-    k = cfg.experts_per_token if active_experts is None else active_experts
-    k = check_int("active_experts", k, min_value=1, max_value=cfg.n_experts)
-    if not isinstance(flash_attention, bool):
-        raise TypeError(f"flash_attention must be a bool, got {type(flash_attention).__name__}")
-    check_choice("logits", logits, ("last", "all"))
-    return _Setting(cfg, stage, batch, seq, dtype, weight_bits, kv_bits, kv_budget, k, flash_attention, logits)
+def _for_model(cfg: ModelConfig, workload: Workload) -> Workload:
+    """``workload`` with ``active_experts`` resolved against ``cfg`` (its top-k by default) and checked."""
+    if not isinstance(workload, Workload):
+        raise TypeError(f"workload must be a Workload, got {type(workload).__name__}")
+    k = cfg.experts_per_token if workload.active_experts is None else workload.active_experts
+    return replace(workload, active_experts=check_int("active_experts", k, min_value=1, max_value=cfg.n_experts))
 
 
 def expected_experts_touched(n_experts: int, experts_per_token: int, tokens: int) -> float:
@@ -162,15 +191,15 @@ def expected_experts_touched(n_experts: int, experts_per_token: int, tokens: int
     return n_experts * (1.0 - (1.0 - k / n_experts) ** tokens)
 
 
-def _attention_ops(st: _Setting, a: float, c: float) -> list[Operator]:
-    cfg, B, T, S, L = st.model, st.batch, st.new_tokens, st.keys, st.model.n_layers
+def _attention_ops(cfg: ModelConfig, wl: Workload, a: float, c: float) -> list[Operator]:
+    B, T, S, L = wl.batch, wl.new_tokens, wl.keys, cfg.n_layers
     H, D, Hkv = cfg.n_heads, cfg.head_dim, cfg.n_kv_heads
     M = B * T
     q_bytes = M * H * D * a  # Q: (B, H, T, D)
     o_bytes = M * H * D * a  # O: (B, H, T, D)
     kv_read = B * S * Hkv * D * c  # K or V: (B, H_kv, S, D); GQA: each KV head read once for its group
-    causal = st.stage == "prefill"
-    if st.flash_attention:
+    causal = wl.stage == "prefill"
+    if wl.flash_attention:
         # Fused kernel; causal prefill skips the masked query-key pairs (T = S = s there).
         pairs = S * (S + 1) // 2 if causal else T * S
         flops = B * H * (4 * pairs * D + SOFTMAX_FLOPS * pairs)  # QK^T and PV: 2 D each per pair
@@ -209,9 +238,8 @@ def _attention_ops(st: _Setting, a: float, c: float) -> list[Operator]:
     ]
 
 
-def _mlp_ops(st: _Setting, a: float, w: float) -> list[Operator]:
-    cfg, L = st.model, st.model.n_layers
-    M, d, F = st.batch * st.new_tokens, cfg.d_model, cfg.ffn_dim
+def _mlp_ops(cfg: ModelConfig, wl: Workload, a: float, w: float) -> list[Operator]:
+    L, M, d, F = cfg.n_layers, wl.tokens, cfg.d_model, cfg.ffn_dim
     if not cfg.is_moe:
         # SwiGLU (Shazeer 2020): down( silu(x W_gate) * (x W_up) ), three d x d_ff matrices.
         return [
@@ -222,7 +250,7 @@ def _mlp_ops(st: _Setting, a: float, w: float) -> list[Operator]:
         ]
     # Mixture of Experts: each token runs k of E experts. FLOPs follow the M k token-expert assignments;
     # weight bytes follow the experts actually touched (k at one token, all E for a large batch).
-    k, E = st.active_experts, cfg.n_experts
+    k, E = wl.active_experts, cfg.n_experts
     touched = expected_experts_touched(E, k, M)
     Mk = M * k
 
@@ -255,10 +283,9 @@ def _mlp_ops(st: _Setting, a: float, w: float) -> list[Operator]:
     ]
 
 
-def _layer_ops(st: _Setting) -> list[Operator]:
-    cfg, L = st.model, st.model.n_layers
-    a, w, c = dtype_bits(st.dtype) / 8, st.weight_bits / 8, st.kv_bits / 8
-    M, d = st.batch * st.new_tokens, cfg.d_model
+def _layer_ops(cfg: ModelConfig, wl: Workload) -> list[Operator]:
+    a, w, c = dtype_bits(wl.dtype) / 8, wl.bits_per_weight / 8, wl.bits_per_kv / 8
+    L, M, d = cfg.n_layers, wl.tokens, cfg.d_model
 
     def norm(name: str) -> Operator:
         return elementwise(
@@ -292,21 +319,20 @@ def _layer_ops(st: _Setting) -> list[Operator]:
             count=L,
             kind="memory",
         ),
-        *_attention_ops(st, a, c),
+        *_attention_ops(cfg, wl, a, c),
         matmul("o_proj", M, cfg.q_dim, d, act_bytes=a, weight_bytes=w, count=L),
         residual("attn_residual"),
         norm("mlp_norm"),
-        *_mlp_ops(st, a, w),
+        *_mlp_ops(cfg, wl, a, w),
         residual("mlp_residual"),
     ]
 
 
-def _model_ops(st: _Setting) -> tuple[list[Operator], list[Operator]]:
+def _model_ops(cfg: ModelConfig, wl: Workload) -> tuple[list[Operator], list[Operator]]:
     """(ops before the layers, ops after them), each executed once per forward."""
-    cfg = st.model
-    a, w = dtype_bits(st.dtype) / 8, st.weight_bits / 8
-    M, d = st.batch * st.new_tokens, cfg.d_model
-    n_logits = M if st.logits == "all" else st.batch  # "last": only each sequence's last token needs logits
+    a, w = dtype_bits(wl.dtype) / 8, wl.bits_per_weight / 8
+    M, d = wl.tokens, cfg.d_model
+    n_logits = M if wl.logits == "all" else wl.batch  # "last": only each sequence's last token needs logits
     embed = Operator(
         "embedding",  # gather M rows of the (V, d) table
         flops=0.0,
@@ -322,35 +348,30 @@ def _model_ops(st: _Setting) -> tuple[list[Operator], list[Operator]]:
     return [embed], [final_norm, lm_head]
 
 
-def weight_bytes(model: ModelConfig | str, weight_bits: float = 16, norm_bits: float = 16) -> float:
-    """Bytes of all weights: matrices (all experts, embedding, untied LM head) at ``weight_bits``, norm
-    vectors at ``norm_bits``."""
+def weight_bytes(model: ModelConfig | str, workload: Workload = Workload()) -> float:
+    """Bytes of all weights: matrices (all experts, embedding, untied LM head) at ``workload.bits_per_weight``,
+    norm vectors at the workload's dtype."""
     cfg = resolve_model(model)
-    weight_bits = check_float("weight_bits", weight_bits, min_value=0.0, min_inclusive=False)
-    norm_bits = check_float("norm_bits", norm_bits, min_value=0.0, min_inclusive=False)
+    wl = _for_model(cfg, workload)
     n_norm = (2 * cfg.n_layers + 1) * cfg.d_model
-    return (cfg.n_params() - n_norm) * weight_bits / 8 + n_norm * norm_bits / 8
+    return (cfg.n_params() - n_norm) * wl.bits_per_weight / 8 + n_norm * dtype_bits(wl.dtype) / 8
 
 
-def kv_cache_bytes(
-    model: ModelConfig | str, batch: int, seq: int, kv_bits: float = 16, kv_budget: int | None = None
-) -> float:
-    """Bytes of the KV cache of ``batch`` sequences holding ``min(seq, kv_budget)`` tokens each.
+def kv_cache_bytes(model: ModelConfig | str, workload: Workload = Workload()) -> float:
+    """Bytes of the KV cache of ``workload.batch`` sequences holding ``workload.keys`` tokens each (``seq``, or
+    ``min(seq, kv_budget)`` during decode).
 
-    ``2 L B S H_kv D c``: keys and values, every layer, ``H_kv`` heads (GQA), ``c = kv_bits / 8`` bytes each.
+    ``2 L B S H_kv D c``: keys and values, every layer, ``H_kv`` heads (GQA), ``c = bits_per_kv / 8`` bytes each.
     """
     cfg = resolve_model(model)
-    batch = check_positive_int("batch", batch)
-    seq = check_positive_int("seq", seq)
-    kv_bits = check_float("kv_bits", kv_bits, min_value=0.0, min_inclusive=False)
-    tokens = seq if kv_budget is None else min(seq, check_positive_int("kv_budget", kv_budget))
-    return 2 * cfg.n_layers * batch * tokens * cfg.n_kv_heads * cfg.head_dim * kv_bits / 8
+    wl = _for_model(cfg, workload)
+    return 2 * cfg.n_layers * wl.batch * wl.keys * cfg.n_kv_heads * cfg.head_dim * wl.bits_per_kv / 8
 
 
-def _footprint(st: _Setting, ops: list[Operator]) -> MemoryFootprint:
+def _footprint(cfg: ModelConfig, wl: Workload, ops: list[Operator]) -> MemoryFootprint:
     return MemoryFootprint(
-        weights=weight_bytes(st.model, st.weight_bits, dtype_bits(st.dtype)),
-        kv_cache=kv_cache_bytes(st.model, st.batch, st.cached_tokens, st.kv_bits),
+        weights=weight_bytes(cfg, wl),
+        kv_cache=kv_cache_bytes(cfg, wl),
         activations=max(op.activation_bytes for op in ops),
     )
 
@@ -361,23 +382,27 @@ class Analysis:
 
     ``rows`` lists each operator once with its per-execution cost and its ``count`` (``n_layers`` for a
     decoder-layer operator, 1 for ``embedding``, ``final_norm``, ``lm_head``); totals multiply by ``count``.
+    ``workload`` is the one analyzed, its ``active_experts`` resolved against the model.
     """
 
     model: ModelConfig
     hardware: Hardware
-    stage: str
-    batch: int
-    seq: int
-    dtype: str
-    weight_bits: float
-    kv_bits: float
-    kv_budget: int | None
-    active_experts: int
-    flash_attention: bool
-    logits: str
+    workload: Workload
     rows: list[OperatorCost]
     memory: MemoryFootprint
     layer_op_names: tuple[str, ...] = field(default=())
+
+    # The workload's fields, read through (``active_experts`` resolved against the model, bits against the dtype).
+    stage = property(lambda self: self.workload.stage, doc="``workload.stage``.")
+    batch = property(lambda self: self.workload.batch, doc="``workload.batch``.")
+    seq = property(lambda self: self.workload.seq, doc="``workload.seq``.")
+    dtype = property(lambda self: self.workload.dtype, doc="``workload.dtype`` (canonical name).")
+    weight_bits = property(lambda self: self.workload.bits_per_weight, doc="Bits per stored weight.")
+    kv_bits = property(lambda self: self.workload.bits_per_kv, doc="Bits per stored KV element.")
+    kv_budget = property(lambda self: self.workload.kv_budget, doc="``workload.kv_budget``.")
+    active_experts = property(lambda self: self.workload.active_experts, doc="Experts each token runs.")
+    flash_attention = property(lambda self: self.workload.flash_attention, doc="``workload.flash_attention``.")
+    logits = property(lambda self: self.workload.logits, doc="``workload.logits``.")
 
     @property
     def peak_flops(self) -> float:
@@ -477,164 +502,79 @@ class Analysis:
         return "\n".join(lines)
 
 
-def layer_operators(
-    model: ModelConfig | str,
-    *,
-    stage: str = "decode",
-    batch: int = 1,
-    seq: int = 1024,
-    dtype: Any = "fp16",
-    weight_bits: float | None = None,
-    kv_bits: float | None = None,
-    kv_budget: int | None = None,
-    active_experts: int | None = None,
-    flash_attention: bool = True,
-    logits: str = "last",
-) -> list[Operator]:
-    """All operators of one forward (embedding, one decoder layer's operators with ``count = n_layers``,
-    final norm, LM head), independent of any hardware. Arguments as in :func:`analyze`."""
-    st = _validate(
-        model, stage, batch, seq, dtype, weight_bits, kv_bits, kv_budget, active_experts, flash_attention, logits
-    )
-    head, tail = _model_ops(st)
-    return [*head, *_layer_ops(st), *tail]
+def layer_operators(model: ModelConfig | str, workload: Workload = Workload()) -> list[Operator]:
+    """All operators of one forward of ``workload`` (embedding, one decoder layer's operators with
+    ``count = n_layers``, final norm, LM head), independent of any hardware."""
+    cfg = resolve_model(model)
+    wl = _for_model(cfg, workload)
+    head, tail = _model_ops(cfg, wl)
+    return [*head, *_layer_ops(cfg, wl), *tail]
 
 
-def analyze(
-    model: ModelConfig | str,
-    hardware: Hardware | str,
-    *,
-    stage: str = "decode",
-    batch: int = 1,
-    seq: int = 1024,
-    dtype: Any = "fp16",
-    weight_bits: float | None = None,
-    kv_bits: float | None = None,
-    kv_budget: int | None = None,
-    active_experts: int | None = None,
-    flash_attention: bool = True,
-    logits: str = "last",
-) -> Analysis:
+def analyze(model: ModelConfig | str, hardware: Hardware | str, workload: Workload = Workload()) -> Analysis:
     """Roofline analysis of one inference stage of ``model`` on ``hardware``.
 
-    Args:
-        model: a :class:`ModelConfig` or a name from :func:`list_models`.
-        hardware: a :class:`Hardware` or a name from :func:`list_hardware`.
-        stage: ``"prefill"`` (``seq`` prompt tokens per sequence) or ``"decode"`` (one token per sequence at
-            context ``seq``: attention reads ``seq`` cached tokens, including the new one).
-        batch: sequences ``B``.
-        seq: prompt length (prefill) or context length (decode) ``s``.
-        dtype: compute and activation dtype; selects the compute ceiling ``hardware.peak(dtype)``.
-        weight_bits: bits per stored weight (default: the dtype's; 4 for a 4-bit weight-only quantization).
-        kv_bits: bits per stored KV element including any scales (default: the dtype's; KIVI-2 is about 2-3).
-        kv_budget: tokens kept per sequence by KV eviction during decode (``None``: keep all).
-        active_experts: experts each token runs in an MoE model (default: the model's top-k).
-        flash_attention: fused IO-aware attention (scores stay on chip) vs three materializing operators.
-        logits: ``"last"`` (only each sequence's last token, as in generation) or ``"all"`` positions.
+    ``model``: a :class:`ModelConfig` or a name from :func:`list_models`. ``hardware``: a :class:`Hardware` or a
+    name from :func:`list_hardware`. ``workload``: the stage, batch, sequence length and precisions
+    (:class:`Workload`; default: decode of one sequence at context 1024 in fp16).
 
-    Returns:
-        :class:`Analysis` with per-operator rows and totals.
-
-    Raises:
-        ValueError: naming the argument, for a non-positive batch or seq, an unknown model, hardware, stage
-            or dtype, a dtype the hardware has no peak for, or bits outside ``(0, 64]``.
-        TypeError: naming the argument, for an argument of the wrong type.
+    Returns :class:`Analysis` with per-operator rows and totals. Raises ``ValueError`` or ``TypeError`` naming
+    the argument for an unknown model or hardware, a dtype the hardware has no peak for, or more
+    ``active_experts`` than the model has (the workload validates its own fields).
     """
     hw = resolve_hardware(hardware)
-    st = _validate(
-        model, stage, batch, seq, dtype, weight_bits, kv_bits, kv_budget, active_experts, flash_attention, logits
-    )
-    peak, bandwidth = hw.peak(st.dtype), hw.memory_bandwidth
-    head, tail = _model_ops(st)
-    layer = _layer_ops(st)
+    cfg = resolve_model(model)
+    wl = _for_model(cfg, workload)
+    peak, bandwidth = hw.peak(wl.dtype), hw.memory_bandwidth
+    head, tail = _model_ops(cfg, wl)
+    layer = _layer_ops(cfg, wl)
     ops = [*head, *layer, *tail]
     return Analysis(
-        model=st.model,
+        model=cfg,
         hardware=hw,
-        stage=st.stage,
-        batch=st.batch,
-        seq=st.seq,
-        dtype=st.dtype,
-        weight_bits=st.weight_bits,
-        kv_bits=st.kv_bits,
-        kv_budget=st.kv_budget,
-        active_experts=st.active_experts,
-        flash_attention=st.flash_attention,
-        logits=st.logits,
-        rows=[evaluate(op, peak, bandwidth) for op in ops],
-        memory=_footprint(st, ops),
+        workload=wl,
+        rows=[operator_cost(op, peak, bandwidth) for op in ops],
+        memory=_footprint(cfg, wl, ops),
         layer_op_names=tuple(op.name for op in layer),
     )
 
 
-def memory_footprint(
-    model: ModelConfig | str,
-    *,
-    stage: str = "decode",
-    batch: int = 1,
-    seq: int = 1024,
-    dtype: Any = "fp16",
-    weight_bits: float | None = None,
-    kv_bits: float | None = None,
-    kv_budget: int | None = None,
-    active_experts: int | None = None,
-    flash_attention: bool = True,
-    logits: str = "last",
-) -> MemoryFootprint:
-    """Bytes resident during one stage (weights, KV cache, activations); arguments as in :func:`analyze`."""
-    st = _validate(
-        model, stage, batch, seq, dtype, weight_bits, kv_bits, kv_budget, active_experts, flash_attention, logits
-    )
-    head, tail = _model_ops(st)
-    return _footprint(st, [*head, *_layer_ops(st), *tail])
+def memory_footprint(model: ModelConfig | str, workload: Workload = Workload()) -> MemoryFootprint:
+    """Bytes resident during one stage of ``workload`` (weights, KV cache, activations)."""
+    cfg = resolve_model(model)
+    wl = _for_model(cfg, workload)
+    head, tail = _model_ops(cfg, wl)
+    return _footprint(cfg, wl, [*head, *_layer_ops(cfg, wl), *tail])
 
 
 def max_batch(
     model: ModelConfig | str,
     hardware: Hardware | str,
+    workload: Workload = Workload(),
     *,
-    seq: int = 1024,
-    stage: str = "decode",
-    dtype: Any = "fp16",
-    weight_bits: float | None = None,
-    kv_bits: float | None = None,
-    kv_budget: int | None = None,
-    active_experts: int | None = None,
-    flash_attention: bool = True,
-    logits: str = "last",
     memory_fraction: float = 1.0,
 ) -> int:
     """Largest batch whose :func:`memory_footprint` fits in ``memory_fraction * hardware.memory_capacity``.
 
-    Returns 0 when not even the weights plus one sequence fit. The footprint is
-    ``weights + B * (KV cache + activations of one sequence)`` (every term is linear in ``B``), so the answer is
-    that line solved for ``B``, then checked against the exact footprint.
+    Every field of ``workload`` but ``batch`` (which this searches) applies. Returns 0 when not even the weights
+    plus one sequence fit. The footprint is ``weights + B * (KV cache + activations of one sequence)`` (every
+    term is linear in ``B``), so the answer is that line solved for ``B``, then checked against the exact
+    footprint.
     """
     hw = resolve_hardware(hardware)
     memory_fraction = check_float("memory_fraction", memory_fraction, min_value=0.0, max_value=1.0)
     budget = memory_fraction * hw.memory_capacity
-    kwargs = dict(
-        stage=stage,
-        seq=seq,
-        dtype=dtype,
-        weight_bits=weight_bits,
-        kv_bits=kv_bits,
-        kv_budget=kv_budget,
-        active_experts=active_experts,
-        flash_attention=flash_attention,
-        logits=logits,
-    )
 
-    def fits(b: int) -> bool:
-        return memory_footprint(model, batch=b, **kwargs).total <= budget
+    def footprint(b: int) -> MemoryFootprint:
+        return memory_footprint(model, replace(workload, batch=b))
 
-    one = memory_footprint(model, batch=1, **kwargs)
+    one = footprint(1)
     if one.total > budget:
         return 0
     per_sequence = one.kv_cache + one.activations
     b = max(1, int(math.floor((budget - one.weights) / per_sequence)))
-    while not fits(b):  # float rounding can put the line one step too far
+    while footprint(b).total > budget:  # float rounding can put the line one step too far
         b -= 1
-    while fits(b + 1):
+    while footprint(b + 1).total <= budget:
         b += 1
     return b

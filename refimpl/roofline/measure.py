@@ -186,7 +186,7 @@ def decode_layer_time(
     tokens (``scaled_dot_product_attention``, grouped-query), the output projection, RMSNorm and the SwiGLU
     MLP: the operators :func:`refimpl.roofline.analyze` counts per layer (RoPE, a few elementwise FLOPs, is
     left out). All layers of a model are alike, so ``n_layers`` times this is the step's layer time; compare
-    it with ``analyze(..., stage="decode").layer_time``. Dense models only.
+    it with ``analyze(model, hardware, Workload(stage="decode", ...)).layer_time``. Dense models only.
     """
     import torch.nn.functional as F
 

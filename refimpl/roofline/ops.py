@@ -30,8 +30,8 @@ __all__ = [
     "attainable_performance",
     "bound",
     "elementwise",
-    "evaluate",
     "matmul",
+    "operator_cost",
     "ridge_point",
     "roofline_time",
 ]
@@ -167,7 +167,7 @@ class OperatorCost:
         return row
 
 
-def evaluate(op: Operator, peak_flops: float, memory_bandwidth: float) -> OperatorCost:
+def operator_cost(op: Operator, peak_flops: float, memory_bandwidth: float) -> OperatorCost:
     """Place ``op`` on the roofline with ceilings ``peak_flops`` (FLOP/s) and ``memory_bandwidth`` (B/s)."""
     return OperatorCost(
         op=op,
