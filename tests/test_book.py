@@ -161,6 +161,77 @@ def test_book_build_fails_on_a_failing_cell(tmp_path: Path) -> None:
     assert "a failing claim" in result.stdout + result.stderr
 
 
+# --- the execution budget (_ext/book_budget.py) ------------------------------------------------------------------
+
+# Runs jupyter-book in a process whose nbclient handles output captured by an Output widget half a second late, as
+# a busy machine or a large figure makes it do: the kernel's execute_reply then reaches the client while it sends
+# the widget's state back on the same socket, and the client misses the reply (issue 19, tests/test_interact.py).
+SLOW_CLIENT_BUILD = """
+import sys, time
+import nbclient.client as c
+process = c.NotebookClient.process_message
+def slow(self, msg, cell, cell_index):
+    if self.output_hook_stack.get(msg["parent_header"].get("msg_id")) and msg["msg_type"] in ("stream", "display_data"):
+        time.sleep(0.5)
+    return process(self, msg, cell, cell_index)
+c.NotebookClient.process_message = slow
+from jupyter_book.cli.main import main
+sys.argv = ["jupyter-book", *sys.argv[1:]]
+main()
+"""
+
+
+def _configure(book: Path, **values: str) -> None:
+    """Set ``execute.timeout`` or ``book_notebook_budget`` in a mini book's _config.yml."""
+    config = book / "_config.yml"
+    text = config.read_text()
+    for key, value in values.items():
+        lines = [line for line in text.splitlines() if line.strip().startswith(f"{key}:")]
+        assert len(lines) == 1, f"_config.yml should set {key} once"
+        indent = lines[0][: len(lines[0]) - len(lines[0].lstrip())]
+        text = text.replace(lines[0], f"{indent}{key}: {value}")
+    config.write_text(text)
+
+
+def _slow_client_build(book: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", SLOW_CLIENT_BUILD, "build", str(book), "-W", "-n", "--keep-going"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_book_build_fails_on_a_cell_that_keeps_the_client_waiting(tmp_path: Path) -> None:
+    stalling = "import ipywidgets\n_ = ipywidgets.interact(lambda n: print(n), n=(0, 9))"
+    book = _mini_book(tmp_path / "stall", GOOD_PAGE, notebook_cell=stalling)
+    _configure(book, timeout="10")
+    result = _slow_client_build(book)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0, log[-3000:]
+    assert "kept the client waiting for the whole per-cell timeout" in log, log[-3000:]
+    # The control: the same widget built with refimpl.interact, which the kernel renders, does not stall.
+    fixed = "from refimpl.interact import interactive\ninteractive(lambda n: print(n), n=(0, 9))"
+    book = _mini_book(tmp_path / "fixed", GOOD_PAGE, notebook_cell=fixed)
+    _configure(book, timeout="10")
+    result = _slow_client_build(book)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "notebook execution times" in log and "chapters/nb:" in log, "the times are printed in the log"
+
+
+@pytest.mark.slow
+def test_book_build_fails_on_a_notebook_over_budget_also_from_the_cache(tmp_path: Path) -> None:
+    book = _mini_book(tmp_path, GOOD_PAGE, notebook_cell="import time\ntime.sleep(3)")
+    _configure(book, book_notebook_budget="2")
+    for source in ("executed now", "from the execution cache"):
+        result = _build(book)
+        log = result.stdout + result.stderr
+        assert result.returncode != 0, log[-3000:]
+        assert "over the budget of 2 s per notebook" in log and source in log, log[-3000:]
+
+
 # --- the browser check ------------------------------------------------------------------------------------------
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8">{head}</head>
