@@ -9,8 +9,11 @@ Two rules, both failures of a build run with ``-W``:
   on as if nothing happened; this extension turns it into the same ``CellTimeoutError``, so the notebook is
   reported as failed and is not stored in the execution cache.
 - **No notebook may take longer than ``book_notebook_budget`` seconds** to execute (fresh or as recorded in
-  jupyter-cache, so an over-budget notebook does not pass on the next, cached build). ``BOOK_FULL=1`` (the
-  chapters' size knob) lifts the budget and gives each cell four times the timeout.
+  jupyter-cache, so an over-budget notebook does not pass on the next, cached build).
+
+Both limits are for 2 free CPU cores. On a machine k times slower (shared, loaded), ``BOOK_TIME_SCALE=k``
+multiplies both; ``BOOK_FULL=1`` (the chapters' size knob) lifts the budget and gives each cell four times the
+timeout.
 
 At the end of reading, the build log lists each notebook's execution time against the budget.
 """
@@ -76,6 +79,17 @@ def _full_size() -> bool:
     return os.environ.get("BOOK_FULL", "0") == "1"
 
 
+def _time_scale() -> float:
+    value = os.environ.get("BOOK_TIME_SCALE", "1")
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = 0.0
+    if not scale > 0:
+        raise ValueError(f"BOOK_TIME_SCALE must be a positive number, got {value!r}")
+    return scale
+
+
 def _install(app: Any, config: Any) -> None:
     import importlib
 
@@ -87,8 +101,8 @@ def _install(app: Any, config: Any) -> None:
             raise RuntimeError(f"book_budget: {name} no longer calls single_nb_execution; update _ext/book_budget.py")
         if not hasattr(module.single_nb_execution, "wrapped"):
             module.single_nb_execution = _timed_execution(module.single_nb_execution)
-    if _full_size() and config.nb_execution_timeout:
-        config.nb_execution_timeout *= 4
+    if config.nb_execution_timeout:
+        config.nb_execution_timeout = round(config.nb_execution_timeout * _time_scale() * (4 if _full_size() else 1))
 
 
 def _forget_last_build(app: Any, env: Any, docnames: list[str]) -> None:
@@ -98,7 +112,7 @@ def _forget_last_build(app: Any, env: Any, docnames: list[str]) -> None:
 def _report(app: Any, env: Any) -> None:
     from myst_nb.sphinx_ import NbMetadataCollector
 
-    budget = None if _full_size() else app.config.book_notebook_budget
+    budget = None if _full_size() else app.config.book_notebook_budget * _time_scale()
     fresh = getattr(env, "book_cell_seconds", {})
     rows = []
     for docname, data in sorted(NbMetadataCollector.get_doc_data(env).items()):
@@ -114,14 +128,14 @@ def _report(app: Any, env: Any) -> None:
         rows.append(f"  {docname}: {runtime:6.1f} s ({source}{slowest})")
         if budget is not None and runtime > budget:
             logger.warning(
-                f"executing the notebook took {runtime:.1f} s, over the budget of {budget} s per notebook "
-                "(book_notebook_budget in _config.yml)",
+                f"executing the notebook took {runtime:.1f} s, over the budget of {budget:g} s per notebook "
+                "(book_notebook_budget in _config.yml; BOOK_TIME_SCALE=k on a machine k times slower)",
                 location=docname,
                 type="book",
                 subtype="budget",
             )
     if rows:
-        limit = "none (BOOK_FULL=1)" if budget is None else f"{budget} s"
+        limit = "none (BOOK_FULL=1)" if budget is None else f"{budget:g} s"
         cell = app.config.nb_execution_timeout
         logger.info(
             f"notebook execution times (budget per notebook: {limit}; per cell: under {cell} s):\n" + "\n".join(rows)
