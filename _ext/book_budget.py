@@ -120,7 +120,12 @@ def _report(app: Any, env: Any) -> None:
         if not exec_data or exec_data.get("runtime") is None:
             continue
         runtime = float(exec_data["runtime"])
-        source = "executed now" if docname in fresh else "from the execution cache"
+        if docname in fresh:
+            source = "executed now"
+        elif exec_data.get("method") == "cache":
+            source = "from the execution cache"
+        else:  # myst-nb's inline mode runs its own client: its cells are not timed here
+            source = f"executed in {exec_data.get('method')} mode, cells not timed"
         slowest = ""
         if fresh.get(docname):
             index, seconds = max(fresh[docname].items(), key=lambda kv: kv[1])
