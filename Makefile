@@ -77,10 +77,13 @@ browser: venv chromium
 bench: venv
 	for b in benchmarks/bench_*.py; do case $$b in *_gpu.py) continue;; esac; echo "== $$b"; $(PY) $$b; done
 
-## Open the notebooks in JupyterLab with the project's environment as the kernel.
+## Open the notebooks in JupyterLab with the project's environment as the kernel. The project's JupyterLab settings
+## (tools/jupyterlab/overrides.json: no news pop-up, no update check) are installed into the environment; a root
+## user (containers, course machines) gets --allow-root, without which JupyterLab refuses to start.
 lab: venv
 	$(PY) -m pip install --quiet jupyterlab==4.6.6
-	$(VENV)/bin/jupyter lab chapters/
+	install -D -m 644 tools/jupyterlab/overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
+	$(VENV)/bin/jupyter lab $$([ "$$(id -u)" = 0 ] && echo --allow-root) chapters/
 
 clean:
 	rm -rf _build _vendor

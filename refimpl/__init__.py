@@ -15,7 +15,8 @@ module                     technique                                      chapte
 =========================  =============================================  ==========================
 
 Helpers every chapter uses: ``refimpl.display`` (``show_source``, the book's figure style) and
-``refimpl.recording`` (provenance of recorded GPU measurements). ``python -m refimpl`` checks an installation.
+``refimpl.recording`` (provenance of recorded GPU measurements), ``refimpl.interact`` (widgets that also work
+while a notebook executes in the book build). ``python -m refimpl`` checks an installation.
 
 ``import refimpl`` is cheap: submodules (and torch) are imported only when first used.
 """
@@ -31,6 +32,7 @@ _SUBMODULES = (
     "attention",
     "display",
     "eviction",
+    "interact",
     "kivi",
     "llm",
     "memo",

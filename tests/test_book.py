@@ -128,12 +128,14 @@ def _mini_book(tmp_path: Path, page: str, notebook_cell: str = "1 + 1", *, vendo
     return book
 
 
-def _build(book: Path) -> subprocess.CompletedProcess:
+def _build(book: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / "jupyter-book"), "build", str(book), "-W", "-n", "--keep-going"],
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, **env},
+        cwd=book,  # the execution cache (execute.cache, a relative path) then lives in the mini book
     )
 
 
@@ -159,6 +161,82 @@ def test_book_build_fails_on_a_failing_cell(tmp_path: Path) -> None:
     result = _build(_mini_book(tmp_path, GOOD_PAGE, notebook_cell="assert 1 == 2, 'a failing claim'"))
     assert result.returncode != 0
     assert "a failing claim" in result.stdout + result.stderr
+
+
+# --- the execution budget (_ext/book_budget.py) ------------------------------------------------------------------
+
+# Runs jupyter-book in a process whose nbclient handles output captured by an Output widget half a second late, as
+# a busy machine or a large figure makes it do: the kernel's execute_reply then reaches the client while it sends
+# the widget's state back on the same socket, and the client misses the reply (issue 19, tests/test_interact.py).
+SLOW_CLIENT_BUILD = """
+import sys, time
+import nbclient.client as c
+process = c.NotebookClient.process_message
+def slow(self, msg, cell, cell_index):
+    if self.output_hook_stack.get(msg["parent_header"].get("msg_id")) and msg["msg_type"] in ("stream", "display_data"):
+        time.sleep(0.5)
+    return process(self, msg, cell, cell_index)
+c.NotebookClient.process_message = slow
+from jupyter_book.cli.main import main
+sys.argv = ["jupyter-book", *sys.argv[1:]]
+main()
+"""
+
+
+def _configure(book: Path, **values: str) -> None:
+    """Set ``execute.timeout`` or ``book_notebook_budget`` in a mini book's _config.yml."""
+    config = book / "_config.yml"
+    text = config.read_text()
+    for key, value in values.items():
+        lines = [line for line in text.splitlines() if line.strip().startswith(f"{key}:")]
+        assert len(lines) == 1, f"_config.yml should set {key} once"
+        indent = lines[0][: len(lines[0]) - len(lines[0].lstrip())]
+        text = text.replace(lines[0], f"{indent}{key}: {value}")
+    config.write_text(text)
+
+
+def _slow_client_build(book: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", SLOW_CLIENT_BUILD, "build", str(book), "-W", "-n", "--keep-going"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=book,
+    )
+
+
+@pytest.mark.slow
+def test_book_build_fails_on_a_cell_that_keeps_the_client_waiting(tmp_path: Path) -> None:
+    stalling = "import ipywidgets\n_ = ipywidgets.interact(lambda n: print(n), n=(0, 9))"
+    book = _mini_book(tmp_path / "stall", GOOD_PAGE, notebook_cell=stalling)
+    _configure(book, timeout="10")
+    result = _slow_client_build(book)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0, log[-3000:]
+    assert "kept the client waiting for the whole per-cell timeout" in log, log[-3000:]
+    # The control: the same widget built with refimpl.interact, which the kernel renders, does not stall.
+    fixed = "from refimpl.interact import interactive\ninteractive(lambda n: print(n), n=(0, 9))"
+    book = _mini_book(tmp_path / "fixed", GOOD_PAGE, notebook_cell=fixed)
+    _configure(book, timeout="10")
+    result = _slow_client_build(book)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "notebook execution times" in log and "chapters/nb:" in log, "the times are printed in the log"
+
+
+@pytest.mark.slow
+def test_book_build_fails_on_a_notebook_over_budget_also_from_the_cache(tmp_path: Path) -> None:
+    book = _mini_book(tmp_path, GOOD_PAGE, notebook_cell="import time\ntime.sleep(3)")
+    _configure(book, book_notebook_budget="2")
+    for source in ("executed now", "from the execution cache"):
+        result = _build(book)
+        log = result.stdout + result.stderr
+        assert result.returncode != 0, log[-3000:]
+        assert "over the budget of 2 s per notebook" in log and source in log, log[-3000:]
+    # On a machine said to be five times slower, the same (cached) execution is within the budget.
+    result = _build(book, BOOK_TIME_SCALE="5")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "budget per notebook: 10 s; per cell: under 450 s" in result.stdout
 
 
 # --- the browser check ------------------------------------------------------------------------------------------
@@ -192,6 +270,7 @@ def test_browser_check_passes_a_good_page_and_fails_each_defect(tmp_path: Path) 
         error_output='<div class="cell_output"><div class="output traceback"><pre>Traceback: boom</pre></div></div>',
         external='<script src="https://cdn.example.org/lib.js"></script>',
         js_error="<script>undefined_function();</script>",
+        widget_not_rendered='<script type="application/vnd.jupyter.widget-view+json">{"model_id": "m1"}</script>',
     )
     report = check_pages(site)
     assert report["chapters/good.html"] == []
@@ -201,6 +280,7 @@ def test_browser_check_passes_a_good_page_and_fails_each_defect(tmp_path: Path) 
         "error_output": "error/stderr output",
         "external": "request outside the book",
         "js_error": "JavaScript error",
+        "widget_not_rendered": "widget did not render",
     }
     for name, phrase in expect.items():
         problems = report[f"chapters/{name}.html"]
@@ -212,12 +292,23 @@ def test_a_built_page_with_maths_and_a_widget_renders_offline(tmp_path: Path) ->
     """MathJax 3 and the ipywidgets HTML manager, both served from the build, work together with no network."""
     from tools.check_browser import check_pages
 
-    widget = "import ipywidgets\nipywidgets.IntSlider(value=3, description='$n$')"
+    widget = (
+        "import ipywidgets, matplotlib.pyplot as plt\n"
+        "from IPython.display import display\n"
+        "from refimpl.interact import interactive\n"
+        "display(ipywidgets.IntSlider(value=3, description='$n$'))\n"
+        "def f(n=2):\n"
+        "    plt.plot(range(n))\n"
+        "    plt.show()\n"
+        "    print(f'n is {n}')\n"
+        "interactive(f, n=(1, 5))"
+    )
     book = _mini_book(tmp_path, GOOD_PAGE + "\nAn equation $E = mc^2$.\n", notebook_cell=widget, vendored=True)
     result = _build(book)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     html = (book / "_build" / "html" / "chapters" / "nb.html").read_text()
-    assert "application/vnd.jupyter.widget-view+json" in html, "the widget's state was not saved in the page"
+    assert html.count("application/vnd.jupyter.widget-view+json") == 2, "the widgets' views were not saved"
+    assert "n is 2" in html and "image/png" in html, "the interactive widget's output was not saved in the page"
     report = check_pages(book / "_build" / "html")
     assert report == {"chapters/intro.html": [], "chapters/nb.html": []}
 

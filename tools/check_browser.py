@@ -4,8 +4,9 @@ Usage: ``python tools/check_browser.py [_build/html] [--screenshots DIR]``
 
 The pages are served from 127.0.0.1 by a throwaway HTTP server; every request to any other host is blocked and
 reported (the book must render offline). A page fails if it has: a failed request or HTTP error, an image that did
-not load, mathematics that MathJax did not typeset (or typeset with an error), an error or stderr output in a
-notebook cell, a JavaScript error, or no article text. Exit status 1 lists every problem.
+not load, mathematics that MathJax did not typeset (or typeset with an error), a saved widget that the widget
+manager did not render, an error or stderr output in a notebook cell, a JavaScript error, or no article text.
+Exit status 1 lists every problem.
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ async () => {
     await MathJax.startup.promise;
     if (MathJax.typesetPromise) { await MathJax.typesetPromise(); }
   }
+  // Saved widget views: the widget manager inserts each view's rendering just before its script tag.
+  const views = [...document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]')];
+  const shown = v => {
+    const area = v.previousElementSibling;
+    return !!area && area.classList.contains('widget-subarea') && area.childElementCount > 0;
+  };
+  for (let waited = 0; waited < 15000 && !views.every(shown); waited += 250) {
+    await new Promise(resolve => setTimeout(resolve, 250));
+  }
+  for (const v of views) {
+    if (!shown(v)) problems.push(`widget did not render: ${v.textContent.trim().slice(0, 100)}`);
+  }
   for (const img of document.images) {
     if (!img.complete || img.naturalWidth === 0) problems.push(`image did not load: ${img.getAttribute('src')}`);
   }
@@ -57,7 +70,7 @@ async () => {
   for (const e of errs) problems.push(`error/stderr output in a cell: ${e.textContent.trim().slice(0, 120)}`);
   const article = document.querySelector('article') || document.querySelector('main');
   if (!article || article.innerText.trim().length < 20) problems.push('page has no article text');
-  return {problems, maths: maths.length, typeset, images: document.images.length};
+  return {problems, maths: maths.length, typeset, images: document.images.length, widgets: views.length};
 }
 """
 
