@@ -27,7 +27,7 @@ def small_kwargs(name: str, budget: int) -> dict:
     if name == "scissorhands":
         return {"budget": budget, "history_window": 5, "recent": 2, "drop_fraction": 0.25}
     if name == "streamingllm":
-        return {"budget": budget, "sink_tokens": 2}
+        return {"budget": budget, "sink_tokens": 2, "rope_base": 10000.0}
     return {"budget": budget}
 
 
@@ -408,6 +408,12 @@ def test_bad_arguments():
         SlidingWindowCache(budget=0.5)
     with pytest.raises(ValueError, match="exceed sink_tokens"):
         StreamingLLMCache(budget=4, sink_tokens=4)
+    with pytest.raises(ValueError, match="rope_base=model.config.rope_base"):
+        StreamingLLMCache(budget=8)
+    with pytest.raises(ValueError, match="positions"):
+        StreamingLLMCache(budget=8, positions="rolling", rope_base=1e4)
+    with pytest.raises(ValueError, match="rope_base must be > 1.0"):
+        StreamingLLMCache(budget=8, rope_base=0.5)
     with pytest.raises(ValueError, match="bits must be one of"):
         H2OCache(budget=8, bits=3)
     with pytest.raises(ValueError, match="group_size"):
@@ -442,3 +448,70 @@ def test_weight_at_uniform_level_is_important():
     w[0, 0, :3] = torch.tril(torch.ones(3, 4)) / torch.arange(1, 4).view(-1, 1)  # uniform rows: all important
     c.observe(w, torch.arange(4))
     assert c.unimportance()[0, 0].tolist() == [0, 0, 1, 0]
+
+
+# ---- StreamingLLM's positions inside the cache (Xiao et al. 2024, sec. 3.2) -------------------------------
+
+
+def _rope(x, positions, base):
+    """Independent RoPE ("rotate half" layout) of ``x: (..., T, D)`` at ``positions: (T,)``, in float64."""
+    d = x.shape[-1]
+    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # (D/2,)
+    ang = positions.double()[:, None] * inv[None, :]  # (T, D/2)
+    c, s = ang.cos(), ang.sin()
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sinks=st.integers(0, 3),
+    window=st.integers(2, 6),
+    chunks=st.lists(st.integers(1, 4), min_size=1, max_size=10),
+    grp=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_streamingllm_attends_at_positions_in_the_cache(sinks, window, chunks, grp, seed):
+    """Default ``positions="in_cache"``: each step equals attention with keys rotated at their index in the cache
+    and queries at the index their token takes (the released pos_shift code), computed here from unrotated
+    keys; ``positions="original"`` equals attention at the original positions. They agree until the first
+    eviction and differ after it when sinks are kept (a contiguous window only shifts every distance by 0)."""
+    b, h_kv, d, base = 1, 2, 8, 500.0
+    h_q, budget = h_kv * grp, sinks + window
+    g = torch.Generator().manual_seed(seed)
+    caches = {
+        "in_cache": StreamingLLMCache(budget, sinks, rope_base=base),
+        "original": StreamingLLMCache(budget, sinks, positions="original"),
+    }
+    k0_all, v_all, pos, evicted = [], [], 0, False
+    for n in chunks:
+        k0 = torch.randn(b, h_kv, n, d, generator=g, dtype=torch.float64)  # before RoPE
+        v = torch.randn(b, h_kv, n, d, generator=g, dtype=torch.float64)
+        q0 = torch.randn(b, h_q, n, d, generator=g, dtype=torch.float64)
+        p = torch.arange(pos, pos + n)
+        k0_all.append(k0)
+        v_all.append(v)
+        held = caches["in_cache"].key_positions()[0, 0].tolist() if pos else []
+        held = held + p.tolist()  # what this step attends over: the kept tokens and the new ones
+        out = {}
+        for name, c in caches.items():
+            c.update(_rope(k0, p, base), v, p)  # the model rotates at the original positions
+            out[name] = c.attend(_rope(q0, p, base), p, 0.5)
+        kk0, vv = torch.cat(k0_all, dim=2)[:, :, held], torch.cat(v_all, dim=2)[:, :, held]
+        t = len(held)
+        for name, q_at, k_at in (
+            ("in_cache", torch.arange(t - n, t), torch.arange(t)),
+            ("original", p, torch.tensor(held)),
+        ):
+            q, k = _rope(q0, q_at, base), _rope(kk0, k_at, base).repeat_interleave(grp, dim=1)
+            sc = q @ k.transpose(-1, -2) * 0.5
+            sc = sc.masked_fill(torch.tensor(held)[None, :] > p[:, None], float("-inf"))
+            want = torch.softmax(sc, -1) @ vv.repeat_interleave(grp, dim=1)
+            # 1e-6: the cache re-rotates with the model's RoPE table, which is float32
+            torch.testing.assert_close(out[name], want, rtol=1e-6, atol=1e-6)
+        if not evicted or sinks == 0:
+            torch.testing.assert_close(out["in_cache"], out["original"], rtol=1e-6, atol=1e-6)
+        elif held[sinks] > sinks:  # a gap between the sinks and the window: distances differ
+            assert float((out["in_cache"] - out["original"]).abs().max()) > 1e-5
+        evicted = evicted or t > budget
+        pos += n

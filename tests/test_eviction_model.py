@@ -30,7 +30,8 @@ def test_evaluate_policies_equals_evaluate(model_and_ids):
         ("full", {}),
         ("scissorhands", {"budget": 14, "history_window": 8, "recent": 4, "drop_fraction": 0.3}),
         ("h2o", {"budget": 10}),
-        ("streamingllm", {"budget": 10}),
+        ("streamingllm", {"budget": 10, "rope_base": model.config.rope_base}),
+        ("streamingllm", {"budget": 10, "positions": "original"}),
         ("window", {"budget": 10}),
     ]
     prefill = 16
@@ -55,6 +56,9 @@ def test_evaluate_policies_equals_evaluate(model_and_ids):
     assert by_name["window"].perplexity() > by_name["full"].perplexity()
     # The prefill is shared, so its NLL is the same for every full-precision configuration.
     assert torch.equal(runs[1].nll_per_token[:prefill], runs[0].nll_per_token[:prefill])
+    # StreamingLLM's positions in the cache differ from the original ones once tokens were evicted.
+    in_cache, original = runs[3].nll_per_token[prefill:], runs[4].nll_per_token[prefill:]
+    assert float((in_cache - original).abs().max()) > 1e-4
 
 
 def test_record_attention_rows_are_causal_distributions(model_and_ids):

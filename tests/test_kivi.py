@@ -382,10 +382,11 @@ def test_bits_per_element_limits_and_bad_inputs() -> None:
 
 @pytest.mark.parametrize("key_axis", ["channel", "token"])
 def test_attention_over_cache_equals_attention_over_dequantized_cache(key_axis: str) -> None:
+    """``order="quantize_then_attend"``: each step attends over the cache as stored after the step."""
     b, h_kv, h_q, d, g, r = 2, 3, 9, 32, 8, 16
     total = 70
     k, v = _randn(b, h_kv, total, d, seed=7), _randn(b, h_kv, total, d, seed=8)
-    cache = KIVICache(2, g, r, key_axis=key_axis)
+    cache = KIVICache(2, g, r, key_axis=key_axis, order="quantize_then_attend")
     scale = d**-0.5
     t = 0
     for n in [23, 1, 1, 9, 1, 35]:  # prefill, then decode steps and a second chunk
@@ -404,6 +405,66 @@ def test_attention_over_cache_equals_attention_over_dequantized_cache(key_axis: 
             s = s.masked_fill(torch.arange(t)[None, None, :] > pos[None, :, None], float("-inf"))
             ref = torch.softmax(s, -1) @ v_ref[:, hk].double()
             torch.testing.assert_close(got[:, hq].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    bits=st.sampled_from([2, 4]),
+    g=st.sampled_from([4, 8]),
+    r_groups=st.integers(0, 3),
+    prefill=st.integers(1, 30),
+    steps=st.lists(st.integers(1, 3), min_size=1, max_size=12),
+    key_axis=st.sampled_from(["channel", "token"]),
+    seed=st.integers(0, 2**16),
+)
+def test_default_order_attends_before_quantizing(bits, g, r_groups, prefill, steps, key_axis, seed) -> None:
+    """KIVI's released code (models/llama_kivi.py) attends with the step's tokens in full precision, then
+    quantizes: a step over tokens ``[t0, t)`` reads the cache as quantized after ``t0`` tokens, plus the new
+    tokens exact. The prefill's attention is exact. The stored state is that of the other order."""
+    r, b, h_kv, h_q, d = r_groups * g, 1, 2, 4, 8
+    chunks = [prefill, *steps]
+    total = sum(chunks)
+    k, v = _randn(b, h_kv, total, d, seed=seed), _randn(b, h_kv, total, d, seed=seed + 1)
+    first = KIVICache(bits, g, r, key_axis=key_axis)
+    assert first.order == "attend_then_quantize"
+    later = KIVICache(bits, g, r, key_axis=key_axis, order="quantize_then_attend")
+    t0 = 0
+    for n in chunks:
+        t, pos = t0 + n, torch.arange(t0, t0 + n)
+        q = _randn(b, h_q, n, d, seed=seed + t)
+        for cache in (first, later):
+            cache.update(k[:, :, t0:t], v[:, :, t0:t], pos)
+        got = first.attend(q, pos, 0.5)
+        (k_old, _), (v_old, _) = _reference_kv(k[:, :, :t0], v[:, :, :t0], bits, g, r, key_axis)
+        k_ref, v_ref = torch.cat([k_old, k[:, :, t0:t]], dim=2), torch.cat([v_old, v[:, :, t0:t]], dim=2)
+        want, _ = grouped_attention(q, k_ref, v_ref, pos, torch.arange(t), 0.5)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        if t0 == 0:  # the prefill attends over exact keys and values
+            exact, _ = grouped_attention(q, k[:, :, :t], v[:, :, :t], pos, torch.arange(t), 0.5)
+            torch.testing.assert_close(got, exact, rtol=0, atol=0)
+        for x, y in zip(first.keys_values(), later.keys_values()):  # the same stored state
+            assert torch.equal(x, y)
+        assert first.nbytes() == later.nbytes()
+        t0 = t
+
+
+def test_orders_differ_at_every_decode_step_that_quantizes_a_value() -> None:
+    """Past the window every decode step quantizes one value: the two orders attend over different values."""
+    b, h, d, g, r = 1, 2, 16, 8, 16
+    total, prefill = 60, 20
+    k, v = _randn(b, h, total, d, seed=3), _randn(b, h, total, d, seed=4)
+    caches = [KIVICache(2, g, r), KIVICache(2, g, r, order="quantize_then_attend")]
+    for c in caches:
+        c.update(k[:, :, :prefill], v[:, :, :prefill], torch.arange(prefill))
+    for t in range(prefill, total):
+        q, pos = _randn(b, h, 1, d, seed=t), torch.arange(t, t + 1)
+        outs = []
+        for c in caches:
+            c.update(k[:, :, t : t + 1], v[:, :, t : t + 1], pos)
+            outs.append(c.attend(q, pos, 0.25))
+        assert not torch.equal(*outs), t  # t >= R: the value at t - R is quantized after (default) or before
+    with pytest.raises(ValueError, match="order"):
+        KIVICache(order="after")
 
 
 def test_large_residual_is_lossless_and_quantization_changes_values() -> None:

@@ -39,6 +39,49 @@ def test_measured_hardware():
     assert load_hardware("cpu") is load_hardware("cpu")
 
 
+@pytest.mark.parametrize("kernel", measure.READ_KERNELS)
+def test_read_stream_counts_bytes_by_the_operator_convention(kernel):
+    """Inputs read once, output written once, as every operator of refimpl.roofline.ops; the kernel computes."""
+    op, fn = measure.read_stream(2**20, kernel)
+    n = 2**20 // 4
+    if kernel == "sum":
+        assert (op.bytes_read, op.bytes_written) == (4 * n, 4)
+        assert float(fn()) == n  # the sum of n ones
+    else:
+        rows = n // 4096
+        assert (op.bytes_read, op.bytes_written) == (4 * (n + 4096), 4 * rows)
+        assert torch.equal(fn(), torch.full((rows,), 4096.0))  # each row of ones times a vector of ones
+    assert op.bytes_read > 100 * op.bytes_written, "a read-dominated stream"
+
+
+def test_read_bandwidth_and_measure_operators():
+    bw = measure.read_bandwidth((2**20, 2**21), repeats=2)
+    assert 1e8 < bw < 1e13
+    hw = measure.measure_hardware(matmul_sizes=(64,), stream_nbytes=2**20, repeats=2)
+    assert "read" in hw.source and "copy" not in hw.source  # the ceiling is a read stream, not a copy
+    a, b = torch.ones(2**16), torch.ones(2**16)
+    op = measure.read_stream(2**18)[0]
+    hw2, points = measure.measure_operators(
+        {"dot": (op, lambda: torch.dot(a, b))}, hw, read_sizes=(2**20,), repeats=2, warmup=0
+    )
+    assert set(points) == {"dot"} and points["dot"][0] == op.intensity and points["dot"][1] > 0
+    assert hw2.memory_bandwidth >= hw.memory_bandwidth and hw2.peak_flops == hw.peak_flops
+    w = [torch.ones(8, 16), torch.ones(16, 4)]
+    assert 0 < measure.matvec_time(w, repeats=2) < 1.0
+    with pytest.raises(ValueError, match="kernel"):
+        measure.read_stream(2**20, "copy")
+    with pytest.raises(ValueError, match="nbytes must be >= 16384"):
+        measure.read_stream(8)
+    with pytest.raises(ValueError, match="sizes and kernels"):
+        measure.read_bandwidth(())
+    with pytest.raises(ValueError, match="kernels must name"):
+        measure.measure_operators({}, hw)
+    with pytest.raises(ValueError, match="weights must hold"):
+        measure.matvec_time([])
+    with pytest.raises(ValueError, match=r"weights\[0\]"):
+        measure.matvec_time([torch.ones(3)])
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
         measure.time_fn(lambda: None, repeats=0)

@@ -33,9 +33,10 @@ import torch
 from torch import Tensor
 
 from refimpl._checks import check_choice, check_float, check_int, check_positive_int, check_tensor
-from refimpl.llm.cache import KVCache, check_step
+from refimpl.llm.cache import KVCache, check_step, grouped_attention
 
 __all__ = [
+    "POSITIONS",
     "EvictionCache",
     "H2OCache",
     "ScissorhandsCache",
@@ -43,6 +44,9 @@ __all__ = [
     "StreamingLLMCache",
     "kv_head_attention",
 ]
+
+#: Positions StreamingLLM's attention sees: in the cache (the paper's) or the original ones.
+POSITIONS = ("in_cache", "original")
 
 
 def kv_head_attention(weights: Tensor, h_kv: int) -> Tensor:
@@ -381,12 +385,27 @@ class H2OCache(EvictionCache):
 
 
 class StreamingLLMCache(EvictionCache):
-    """StreamingLLM (Xiao et al. 2023): the first ``sink_tokens`` tokens (attention sinks) and a recent window.
+    """StreamingLLM (Xiao et al. 2024): the first ``sink_tokens`` tokens (attention sinks) and a recent window.
 
     Keeps the tokens at positions ``< sink_tokens`` and the ``budget - sink_tokens`` most recent ones; needs
-    no statistics. Default ``sink_tokens = 4``, the paper's choice. Positions stay the original ones here; the
-    paper re-assigns positions inside the cache, which this book's RoPE-before-caching interface does not.
-    Raises ``ValueError`` unless ``budget > sink_tokens``.
+    no statistics. Default ``sink_tokens = 4``, the paper's choice.
+
+    ``positions`` says which positions attention sees (sec. 3.2, "positional information within the cache"):
+
+    * ``"in_cache"`` (default, the paper's and its released code's choice,
+      ``streaming_llm/pos_shift/modify_llama.py`` of mit-han-lab/streaming-llm at 2e5042606d): a key is at its
+      index in the cache and the query at the index its own token takes, so once tokens were evicted the sinks
+      and the window sit next to each other and relative distances never exceed the cache's size. The book's
+      model applies RoPE before caching, so :meth:`attend` re-rotates each key from its original position
+      ``p`` to its cache index ``i`` (a rotation by ``i - p``; RoPE rotations compose exactly) and the query
+      likewise. That needs the model's RoPE base, ``rope_base`` (e.g. ``model.config.rope_base``);
+    * ``"original"``: every token keeps the position it was generated at (what the other policies do), so
+      distances to the sinks grow without bound.
+
+    :meth:`key_positions` always returns the original positions (the causal mask and the analysis use them;
+    the cache's order is the position order, so masking by either is the same).
+    Raises ``ValueError`` unless ``budget > sink_tokens``, for an unknown ``positions``, or for
+    ``positions="in_cache"`` without ``rope_base``.
     """
 
     policy_name = "streamingllm"
@@ -396,6 +415,8 @@ class StreamingLLMCache(EvictionCache):
         budget: int | None = None,
         sink_tokens: int = 4,
         *,
+        positions: str = "in_cache",
+        rope_base: float | None = None,
         bits: int | None = None,
         group_size: int = 32,
     ) -> None:
@@ -408,9 +429,41 @@ class StreamingLLMCache(EvictionCache):
                 )
         recent = 0 if budget is None else budget - sink_tokens
         super().__init__(budget, recent=recent, sink_tokens=sink_tokens, bits=bits, group_size=group_size)
+        check_choice("positions", positions, POSITIONS)
+        if positions == "in_cache":
+            if rope_base is None:
+                raise ValueError(
+                    "StreamingLLMCache(positions='in_cache') re-rotates keys to their positions in the cache and "
+                    "needs the model's RoPE base: pass rope_base=model.config.rope_base (or "
+                    "positions='original'); got rope_base=None"
+                )
+            rope_base = check_float("rope_base", rope_base, min_value=1.0, min_inclusive=False)
+        self.positions, self.rope_base = positions, rope_base
 
     def _priority(self) -> Tensor:
         return self._pos  # oldest first
+
+    def attend(self, q: Tensor, q_positions: Tensor, scale: float) -> Tensor:
+        """Attention of ``q: (B, H_q, T_new, D)`` (rotated at ``q_positions``) over the kept tokens, at their
+        positions in the cache when ``positions="in_cache"``."""
+        if self.positions == "original":
+            return super().attend(q, q_positions, scale)
+        from refimpl.llm.model import apply_rope, rope_cos_sin
+
+        k, v = self.keys_values()  # (B, H_kv, T, D), keys rotated at their original positions p
+        p = self.key_positions()  # (B, H_kv, T)
+        t, t_new, d = p.shape[-1], q.shape[2], q.shape[-1]
+        index = torch.arange(t, device=p.device)  # i: position in the cache, the same for every head
+        k_shift = (index - p).flatten()  # i - p per kept token
+        cos, sin = rope_cos_sin(k_shift, d, self.rope_base)  # (B * H_kv * T, D)
+        k = apply_rope(k, cos.view(*p.shape, d).to(k.dtype), sin.view(*p.shape, d).to(k.dtype))
+        # The step's tokens are the last T_new in the cache: query j moves from q_positions[j] to t - T_new + j.
+        q_shift = index[t - t_new :] - q_positions.to(p.device)  # (T_new,)
+        cos, sin = rope_cos_sin(q_shift, d, self.rope_base)  # (T_new, D)
+        q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
+        out, weights = grouped_attention(q, k, v, q_positions, p, scale)
+        self.observe(weights, q_positions)
+        return out
 
 
 class SlidingWindowCache(EvictionCache):

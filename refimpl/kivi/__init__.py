@@ -4,7 +4,7 @@
 * :mod:`refimpl.kivi.cache` - the streaming cache (:class:`KIVICache`) that plugs into the book's LLM.
 """
 
-from refimpl.kivi.cache import KIVICache, QuantizedStream, bits_per_element, n_quantized
+from refimpl.kivi.cache import ORDERS, KIVICache, QuantizedStream, bits_per_element, n_quantized
 from refimpl.kivi.quant import (
     AXES,
     BITS,
@@ -22,6 +22,7 @@ __all__ = [
     "AXES",
     "BITS",
     "KIVICache",
+    "ORDERS",
     "QuantizedStream",
     "QuantizedTensor",
     "bits_per_element",

@@ -12,6 +12,13 @@ time: they wait in the residual until ``R`` have arrived, are quantized together
 Values quantize token by token, keeping the ``R`` most recent in full precision. Both rules depend only on how
 many tokens arrived, not on how they were chunked: a prefill of ``l`` tokens leaves the same state as ``l``
 decode steps.
+
+Order of operations (checked in the authors' ``models/llama_kivi.py``, github.com/jy-yuan/KIVI at 876b4d2):
+a step attends first, with its own new tokens in full precision, and quantizes afterwards; the prefill's
+attention is over the unquantized keys and values. :class:`KIVICache` does the same by default and offers the
+other order as an option. Defaults ``G = 32``, ``R = 128``: the setting of the authors' memory and speed
+script (``mem_spd_test.py``, same commit); their command-line defaults (``utils/process_args.py``) are
+``G = 128``, ``R = 128`` and their examples (``example.py``) use ``G = 32``, ``R = 32``.
 """
 
 from __future__ import annotations
@@ -21,9 +28,12 @@ from torch import Tensor
 
 from refimpl._checks import check_choice, check_int, check_positive_int
 from refimpl.kivi.quant import AXES, BITS, QuantizedTensor, dequantize, quantize
-from refimpl.llm.cache import KVCache, check_step
+from refimpl.llm.cache import KVCache, check_step, grouped_attention
 
-__all__ = ["KIVICache", "QuantizedStream", "bits_per_element", "n_quantized"]
+__all__ = ["ORDERS", "KIVICache", "QuantizedStream", "bits_per_element", "n_quantized"]
+
+#: When a step's tokens are quantized relative to its attention (see :class:`KIVICache`).
+ORDERS = ("attend_then_quantize", "quantize_then_attend")
 
 
 def n_quantized(n_tokens: int, group_size: int, residual_length: int, axis: str) -> int:
@@ -129,6 +139,9 @@ class QuantizedStream:
         self._seen = 0  # l: tokens appended so far
         self._n_quantized = 0  # tokens in the quantized history
         self._dtype: torch.dtype | None = None
+        # Full-precision copy of the tokens the last append moved into the quantized history: KIVI's released
+        # code attends before it quantizes, so the step that quantizes them still reads them exact.
+        self._fresh: Tensor | None = None  # (B, H, T_fresh, D)
 
     def append(self, x: Tensor) -> None:
         """Add ``x: (B, H, T_new, D)`` and quantize whatever the rule above moves out of the residual."""
@@ -138,6 +151,7 @@ class QuantizedStream:
         # The oldest tokens of the residual that the rule moves into the quantized history.
         n_total = n_quantized(self._seen, self.group_size, self.residual_length, self.axis)
         n_quant = n_total - self._n_quantized
+        self._fresh = res[:, :, :n_quant] if n_quant else None
         if n_quant:
             q = quantize(res[:, :, :n_quant], self.bits, self.group_size, self.axis, self.stat_dtype)
             self._codes.append(q.codes)
@@ -165,13 +179,22 @@ class QuantizedStream:
         """Tokens in the full-precision residual ``X_r``."""
         return 0 if self._residual is None else self._residual.shape[2]
 
-    def tensor(self) -> Tensor:
-        """``[dequantize(X_g) | X_r]``: ``(B, H, T, D)`` in the dtype the tokens arrived in."""
+    def tensor(self, last_step_exact: bool = False) -> Tensor:
+        """``[dequantize(X_g) | X_r]``: ``(B, H, T, D)`` in the dtype the tokens arrived in.
+
+        ``last_step_exact=True``: the tokens the last :meth:`append` quantized come back in full precision,
+        i.e. the stream as it was before that append quantized anything (what KIVI's released code attends
+        over: it quantizes after attention).
+        """
         if self._residual is None:
             raise RuntimeError("the stream is empty: append tokens first")
         q = self.quantized()
         if q is None:
             return self._residual
+        if last_step_exact and self._fresh is not None:
+            n_old = self._n_quantized - self._fresh.shape[2]  # quantized before the last append
+            old = [dequantize(q)[:, :, :n_old]] if n_old else []
+            return torch.cat([*old, self._fresh, self._residual], dim=2)
         return torch.cat([dequantize(q), self._residual], dim=2)
 
     def nbytes(self) -> int:
@@ -190,11 +213,20 @@ class KIVICache(KVCache):
     per-token-keys setting is the one the paper shows failing at 2 bits. ``stat_dtype`` stores scales and
     zero points (fp16 as in KIVI; ``None``: the dtype of the tokens).
 
-    :meth:`keys_values` returns ``[dequantized history | residual]`` for keys and values (each
-    ``(B, H_kv, T, D)``); :meth:`nbytes` counts packed codes, scales, zero points and both residual buffers
-    (the filled part of the growable buffers, as :class:`~refimpl.llm.cache.FullCache` does; positions are
-    not counted). Attention dequantizes the whole history at every step: a fused GPU kernel does that in
-    registers, this reference does it with PyTorch operations.
+    ``order`` says when a step's tokens are quantized relative to its attention. ``"attend_then_quantize"``
+    (the default) follows the authors' released model code (``models/llama_kivi.py`` of jy-yuan/KIVI): a
+    step attends over the cache with its own new tokens, and the residual tokens it moves out, still in full
+    precision, and quantizes them afterwards; a prefill's attention is therefore exact.
+    ``"quantize_then_attend"`` quantizes in :meth:`update`, so attention already reads the freshly quantized
+    tokens. The stored state after a step is the same in both orders; only what that step's attention reads
+    differs.
+
+    :meth:`keys_values` returns the stored ``[dequantized history | residual]`` for keys and values (each
+    ``(B, H_kv, T, D)``); :meth:`attend` reads :meth:`attention_keys_values`; :meth:`nbytes` counts packed
+    codes, scales, zero points and both residual buffers (the filled part of the growable buffers, as
+    :class:`~refimpl.llm.cache.FullCache` does; positions are not counted). Attention dequantizes the whole
+    history at every step: a fused GPU kernel does that in registers, this reference does it with PyTorch
+    operations.
     Raises ``ValueError``/``TypeError`` naming the argument on a bad setting or a step whose shape, dtype or
     head layout differs from earlier steps.
     """
@@ -207,8 +239,10 @@ class KIVICache(KVCache):
         key_axis: str = "channel",
         value_axis: str = "token",
         stat_dtype: torch.dtype | None = torch.float16,
+        order: str = "attend_then_quantize",
     ) -> None:
         check_choice("bits", bits, BITS)
+        check_choice("order", order, ORDERS)
         g = check_positive_int("group_size", group_size)
         r = check_int("residual_length", residual_length, min_value=0)
         check_choice("key_axis", key_axis, AXES)
@@ -221,7 +255,7 @@ class KIVICache(KVCache):
         if stat_dtype is not None and not floating:
             raise TypeError(f"stat_dtype must be a floating-point torch.dtype or None, got {stat_dtype!r}")
         self.bits, self.group_size, self.residual_length = bits, g, r
-        self.key_axis, self.value_axis = key_axis, value_axis
+        self.key_axis, self.value_axis, self.order = key_axis, value_axis, order
         self.k_stream = QuantizedStream(bits, g, r, key_axis, stat_dtype)
         self.v_stream = QuantizedStream(bits, g, r, value_axis, stat_dtype)
         self._pos = _Growable(0)  # (T,) absolute positions, in cache order
@@ -250,6 +284,20 @@ class KIVICache(KVCache):
         if self._layout is None:
             raise RuntimeError("the cache is empty: call update() before keys_values()")
         return self.k_stream.tensor(), self.v_stream.tensor()
+
+    def attention_keys_values(self) -> tuple[Tensor, Tensor]:
+        """What this step's attention reads: :meth:`keys_values`, except that with
+        ``order="attend_then_quantize"`` the tokens the last :meth:`update` quantized are still exact."""
+        if self._layout is None:
+            raise RuntimeError("the cache is empty: call update() before attention_keys_values()")
+        exact = self.order == "attend_then_quantize"
+        return self.k_stream.tensor(last_step_exact=exact), self.v_stream.tensor(last_step_exact=exact)
+
+    def attend(self, q: Tensor, q_positions: Tensor, scale: float) -> Tensor:
+        """Attention of ``q: (B, H_q, T_new, D)`` over :meth:`attention_keys_values` (in the order ``order``)."""
+        k, v = self.attention_keys_values()
+        out, _ = grouped_attention(q, k, v, q_positions, self.key_positions(), scale)
+        return out
 
     def key_positions(self) -> Tensor:
         if self._layout is None:

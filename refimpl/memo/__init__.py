@@ -1,5 +1,5 @@
-"""MEMO: activation memory for long-sequence training (Zhao et al. 2024, "Efficiently Training 7B LLM with 1
-Million Sequence Length on 8 GPUs").
+"""MEMO: activation memory for long-sequence training (Zhao et al., "MEMO: Fine-grained Tensor Management For
+Ultra-long Context LLM Training", Proc. ACM Manag. Data 3(1), 2025, doi:10.1145/3709703; arXiv:2407.12117).
 
 * :mod:`refimpl.memo.block` - the book's GPT block, whose saved activations are Korthikanti et al.'s (2022);
 * :mod:`refimpl.memo.ledger` - the device/host byte ledger and the closed forms of activation memory;

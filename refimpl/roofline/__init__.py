@@ -9,7 +9,7 @@ does, with tested formulas:
 * :mod:`~refimpl.roofline.models` - Llama-2-7B, Llama-3-8B, SmolLM2-135M (from its GGUF file), Mixtral-8x7B;
 * :mod:`~refimpl.roofline.analyzer` - a :class:`Workload` (stage, batch, length, precisions) analyzed per
   operator, its memory footprint, the max batch;
-* :mod:`~refimpl.roofline.measure` - streaming copy and matmul micro-benchmarks (imports torch; loaded lazily);
+* :mod:`~refimpl.roofline.measure` - streaming read and matmul micro-benchmarks (imports torch; loaded lazily);
 * :mod:`~refimpl.roofline.plot` - roofline figures for every chapter (imports matplotlib; loaded lazily).
 
 Command line: ``python -m refimpl.roofline --model llama-2-7b --hardware a100-40gb --batch 1 --seq 1024``.

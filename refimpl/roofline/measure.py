@@ -1,32 +1,54 @@
-"""Measure the two roofline ceilings of the machine running the code: a streaming copy and a matmul sweep.
+"""Measure the two roofline ceilings of the machine running the code: a streaming read and a matmul sweep.
 
 The roofline's ceilings (Williams et al. 2009, section 2) are *attainable* peaks, found with micro-benchmarks:
-the memory ceiling with a STREAM-style copy of an array much larger than the caches, the compute ceiling with
-the fastest dense matmul. Conventions, stated once:
+the memory ceiling with a stream over arrays much larger than the caches, the compute ceiling with the fastest
+dense matmul. Conventions, stated once:
 
-* a copy of ``n`` bytes moves ``2 n`` bytes (read ``n``, write ``n``), as STREAM counts it (write-allocate
-  traffic, if the hardware does it, is not counted);
+* bytes are counted as :mod:`refimpl.roofline.ops` counts them for every operator: each input read once,
+  each output written once (:func:`read_stream` is such an operator, so a ceiling and the operators under it
+  are in the same units);
+* the memory ceiling is measured the way the memory-bound operators of an LLM use memory, by *reading*: a
+  GEMV, decode attention and a norm read far more than they write. A copy (:func:`stream_bandwidth`, STREAM's
+  "Copy") also pays for write-allocate traffic that its byte count leaves out, so it understates the
+  bandwidth such operators reach;
 * an ``n x n @ n x n`` matmul costs ``2 n^3`` FLOPs (one multiply and one add per term).
 
-Every timing is the minimum over ``repeats`` runs after ``warmup`` runs: the ceiling is the best the machine
-does, and the minimum is the estimate least disturbed by other processes sharing the cores.
+Every timing is the minimum over ``repeats`` runs after ``warmup`` runs, and a ceiling is the best over
+several sizes: the ceiling is the best the machine does, and the minimum is the estimate least disturbed by
+other processes sharing the cores. :func:`measure_operators` times operators in the same rounds as the read
+stream, so that on a shared machine a ceiling and the points under it see the same load.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from refimpl._checks import check_int, check_positive_int
+from refimpl._checks import check_choice, check_int, check_positive_int, check_tensor
 from refimpl.roofline.hardware import Hardware, normalize_dtype
+from refimpl.roofline.ops import Operator
 
-__all__ = ["decode_layer_time", "matmul_flops", "measure_hardware", "stream_bandwidth", "time_fn"]
+__all__ = [
+    "READ_KERNELS",
+    "decode_layer_time",
+    "matmul_flops",
+    "matvec_time",
+    "measure_hardware",
+    "measure_operators",
+    "read_bandwidth",
+    "read_stream",
+    "stream_bandwidth",
+    "time_fn",
+    "time_interleaved",
+]
 
 _TORCH_DTYPES = {
     "fp64": torch.float64,
@@ -94,6 +116,122 @@ def stream_bandwidth(nbytes: int = 64 * 2**20, *, repeats: int = 5, warmup: int 
     return 2 * n * 4 / seconds
 
 
+#: Read-dominated streaming kernels of :func:`read_stream`.
+READ_KERNELS = ("sum", "matvec")
+_ROW = 4096  # row length of the matvec stream, in fp32 numbers
+
+
+def read_stream(nbytes: int, kernel: str = "sum") -> tuple[Operator, Callable[[], Any]]:
+    """A read-dominated streaming kernel over an fp32 array ``x`` of ``nbytes`` bytes (``n = nbytes / 4``).
+
+    ``kernel="sum"``: ``x.sum()``; ``kernel="matvec"``: ``x`` viewed as ``(n / 4096, 4096)`` times a vector of
+    4096 (the access pattern of a GEMV). Returns the kernel as an :class:`~refimpl.roofline.ops.Operator`, its
+    bytes counted by the operators' convention (inputs read once, output written once), and the function that
+    runs it. Raises ``ValueError`` for ``nbytes`` below 16 KiB (one row) or an unknown ``kernel``.
+    """
+    nbytes = check_int("nbytes", nbytes, min_value=4 * _ROW)
+    check_choice("kernel", kernel, READ_KERNELS)
+    n = nbytes // (4 * _ROW) * _ROW  # a whole number of rows
+    x = torch.ones(n, dtype=torch.float32)  # (n,), touched so its pages exist before timing
+    if kernel == "sum":
+        out = torch.empty((), dtype=torch.float32)
+        op = Operator("read stream (sum)", flops=n - 1, bytes_read=4 * n, bytes_written=4, kind="memory")
+        return op, lambda: torch.sum(x, dim=0, out=out)
+    rows = x.view(n // _ROW, _ROW)  # (n / 4096, 4096)
+    vec = torch.ones(_ROW, dtype=torch.float32)  # (4096,)
+    res = torch.empty(n // _ROW, dtype=torch.float32)  # (n / 4096,)
+    op = Operator(
+        "read stream (matvec)", flops=2 * n, bytes_read=4 * (n + _ROW), bytes_written=4 * (n // _ROW), kind="memory"
+    )
+    return op, lambda: torch.mv(rows, vec, out=res)
+
+
+def read_bandwidth(
+    sizes: Sequence[int] = (64 * 2**20, 128 * 2**20),
+    *,
+    kernels: Sequence[str] = READ_KERNELS,
+    repeats: int = 5,
+    warmup: int = 1,
+) -> float:
+    """Memory ceiling in bytes/s for read-mostly operators: the best :func:`read_stream` over ``sizes`` (bytes)
+    and ``kernels``, each timed ``repeats`` times (minimum).
+
+    The sizes should exceed the last-level cache (the defaults do on common CPUs) and match the working sets of
+    the operators to be placed under the ceiling. Two kernels, because on a shared machine one of them may be
+    held back (a multithreaded sum waits for its slowest thread) while the memory could deliver more.
+    Raises ``ValueError`` for an empty ``sizes`` or ``kernels``, or a size below 16 KiB.
+    """
+    if not sizes or not kernels:
+        raise ValueError(f"sizes and kernels must each name at least one, got {list(sizes)} and {list(kernels)}")
+    best = 0.0
+    for nbytes in sizes:
+        for kernel in kernels:
+            op, fn = read_stream(nbytes, kernel)
+            best = max(best, op.bytes / time_fn(fn, repeats=repeats, warmup=warmup))
+    return best
+
+
+def matvec_time(weights: Sequence[Tensor], *, repeats: int = 5, warmup: int = 1) -> float:
+    """Seconds for one vector-matrix product ``x @ W`` with each ``W: (in, out)`` of ``weights``, in order.
+
+    The weight reads of one decode step at batch 1, without anything else the step does: the minimum over
+    ``repeats`` passes over all of ``weights``. ``x: (1, in)`` is in each matrix's dtype and device.
+    Raises ``ValueError`` for an empty ``weights`` or a tensor that is not 2-D floating point.
+    """
+    if not weights:
+        raise ValueError("weights must hold at least one (in, out) matrix, got an empty sequence")
+    for i, w in enumerate(weights):
+        check_tensor(f"weights[{i}]", w, ndim=2, floating=True)
+    xs = [torch.ones(1, w.shape[0], dtype=w.dtype, device=w.device) for w in weights]  # (1, in) each
+
+    def run() -> None:
+        for x, w in zip(xs, weights):
+            torch.matmul(x, w)  # (1, out)
+        _sync(weights[0].device)
+
+    with torch.inference_mode():
+        return time_fn(run, repeats=repeats, warmup=warmup)
+
+
+def measure_operators(
+    kernels: Mapping[str, tuple[Operator, Callable[[], Any]]],
+    hardware: Hardware,
+    *,
+    read_sizes: Sequence[int] = (64 * 2**20,),
+    repeats: int = 5,
+    warmup: int = 1,
+) -> tuple[Hardware, dict[str, tuple[float, float]]]:
+    """Time each ``name: (operator, fn)`` of ``kernels`` right after every :func:`read_stream` of ``read_sizes``.
+
+    In each of ``repeats`` rounds, every kernel runs once, each run preceded and followed by two runs of every
+    read stream, so the memory ceiling is sampled next to every operator, under the same load, and more often
+    than any one operator (a ceiling is the best the machine does; on a shared machine the best needs many
+    samples).
+    Returns ``hardware`` with its memory bandwidth raised to the best read stream seen here if that is higher,
+    and ``{name: (intensity, achieved FLOP/s)}`` with achieved = ``op.flops / min time``.
+    """
+    if not kernels:
+        raise ValueError("kernels must name at least one (operator, function) pair, got an empty mapping")
+    repeats = check_positive_int("repeats", repeats)
+    warmup = check_int("warmup", warmup, min_value=0)
+    streams = [read_stream(n, k) for n in read_sizes for k in READ_KERNELS]
+    bandwidth, best = hardware.memory_bandwidth, dict.fromkeys(kernels, float("inf"))
+    for _ in range(warmup):
+        for _, fn in [*kernels.values(), *streams]:
+            fn()
+
+    def sample_ceiling() -> float:
+        return max(op.bytes / time_fn(stream, repeats=2, warmup=0) for op, stream in streams)
+
+    for _ in range(repeats):
+        for name, (_, fn) in kernels.items():
+            bandwidth = max(bandwidth, sample_ceiling())
+            best[name] = min(best[name], time_fn(fn, repeats=1, warmup=0))
+            bandwidth = max(bandwidth, sample_ceiling())
+    points = {name: (op.intensity, op.flops / best[name]) for name, (op, _) in kernels.items()}
+    return dataclasses.replace(hardware, memory_bandwidth=bandwidth), points
+
+
 def matmul_flops(n: int = 512, dtype: Any = torch.float32, *, repeats: int = 5, warmup: int = 1) -> float:
     """Attained FLOP/s of an ``(n, n) @ (n, n)`` matmul in ``dtype``, counting ``2 n^3`` FLOPs.
 
@@ -133,7 +271,8 @@ def measure_hardware(
     """Build a :class:`Hardware` for this machine from measurements.
 
     ``peak_flops[d]`` is the best :func:`matmul_flops` over ``matmul_sizes`` for each dtype ``d`` in ``dtypes``;
-    ``memory_bandwidth`` is :func:`stream_bandwidth` of ``stream_nbytes``; ``memory_capacity`` is the physical
+    ``memory_bandwidth`` is :func:`read_bandwidth` over arrays of ``stream_nbytes`` and ``2 * stream_nbytes``
+    bytes (a read-dominated stream, the way memory-bound operators use memory); ``memory_capacity`` is the physical
     RAM; ``host_link_bandwidth`` is ``None`` (a CPU has no separate host link). Takes about a second with the
     defaults on a 2-core machine. With ``return_sweep=True`` also returns the sweep ``{dtype: {n: FLOP/s}}``,
     whose best point is the compute ceiling (to plot the sweep under the roofline it defines).
@@ -144,11 +283,12 @@ def measure_hardware(
         raise ValueError("dtypes must name at least one dtype, got an empty sequence")
     sweep = {normalize_dtype(d): {n: matmul_flops(n, d, repeats=repeats) for n in matmul_sizes} for d in dtypes}
     peaks = {d: max(rates.values()) for d, rates in sweep.items()}
-    bandwidth = stream_bandwidth(stream_nbytes, repeats=repeats)
+    read_sizes = (stream_nbytes, 2 * stream_nbytes)
+    bandwidth = read_bandwidth(read_sizes, repeats=repeats)
     capacity = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     source = (
-        f"measured: best matmul over n in {list(matmul_sizes)}, streaming copy of {stream_nbytes} B, "
-        f"min of {repeats} runs; torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"measured: best matmul over n in {list(matmul_sizes)}, best streaming read (sum, matvec) over "
+        f"{list(read_sizes)} B, min of {repeats} runs; torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     hardware = Hardware(
         name=name,
