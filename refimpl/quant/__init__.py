@@ -3,10 +3,16 @@
 =============================  ===============================================================
 ``refimpl.quant.integer``      symmetric / asymmetric integer grids per tensor, channel, token, group; packing
 ``refimpl.quant.fp8``          FP8 E4M3 / E5M2 through torch's float8 dtypes
+``refimpl.quant.outliers``     LLM.int8() decomposition, SmoothQuant scales
+``refimpl.quant.hadamard``     fast Walsh-Hadamard transform, randomized block-Hadamard rotations
+``refimpl.quant.gptq``         GPTQ (Algorithm 1) with a calibration Hessian
+``refimpl.quant.model``        the LLM: weight maps, activation-quantized linears, calibration, folding
 =============================  ===============================================================
 """
 
 from refimpl.quant.fp8 import FP8_FORMATS, FP8Quantized, dequantize_fp8, fake_quantize_fp8, fp8_grid, quantize_fp8
+from refimpl.quant.gptq import gptq, gptq_hessian
+from refimpl.quant.hadamard import RandomizedHadamard, fwht, hadamard_matrix
 from refimpl.quant.integer import (
     BITS,
     GRANULARITIES,
@@ -19,6 +25,7 @@ from refimpl.quant.integer import (
     quantize_int,
     unpack_codes,
 )
+from refimpl.quant.outliers import int8_matmul, llm_int8_matmul, outlier_channels, smoothquant_scales
 
 __all__ = [
     "BITS",
@@ -26,15 +33,24 @@ __all__ = [
     "FP8Quantized",
     "GRANULARITIES",
     "IntQuantized",
+    "RandomizedHadamard",
     "dequantize_fp8",
     "dequantize_groups",
     "dequantize_int",
     "fake_quantize_fp8",
     "fake_quantize_int",
     "fp8_grid",
+    "fwht",
+    "gptq",
+    "gptq_hessian",
+    "hadamard_matrix",
+    "int8_matmul",
+    "llm_int8_matmul",
+    "outlier_channels",
     "pack_codes",
     "quantize_fp8",
     "quantize_groups",
     "quantize_int",
+    "smoothquant_scales",
     "unpack_codes",
 ]

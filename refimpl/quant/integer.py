@@ -40,9 +40,11 @@ __all__ = [
     "BITS",
     "GRANULARITIES",
     "IntQuantized",
+    "codes_on_grid",
     "dequantize_groups",
     "dequantize_int",
     "fake_quantize_int",
+    "group_statistics",
     "pack_codes",
     "quantize_groups",
     "quantize_int",
@@ -76,6 +78,46 @@ def _stat_dtype(stat_dtype: torch.dtype | None, x: Tensor) -> torch.dtype:
     return sdt
 
 
+def group_statistics(
+    x: Tensor, bits: int, stat_dtype: torch.dtype | None = torch.float16, symmetric: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The grid of each group along the last dimension of ``x: (..., G)``: ``scale, zero: (...)`` in
+    ``stat_dtype`` (``None``: the dtype of ``x``); ``zero`` is all zeros when ``symmetric``. Raises
+    ``ValueError`` if a statistic is not finite (``x`` holds inf/NaN or exceeds the range of ``stat_dtype``)."""
+    check_tensor("x", x, floating=True)
+    check_choice("bits", bits, BITS)
+    if x.dim() == 0:
+        raise ValueError(f"x must have at least one dimension (the group), got shape {tuple(x.shape)}")
+    sdt = _stat_dtype(stat_dtype, x)
+    xc = x.to(_compute_dtype(x.dtype))
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = _round_toward(xc.abs().amax(dim=-1) / qmax, sdt, up=True)  # s >= max|X| / qmax
+        zero = torch.zeros_like(scale)
+    else:
+        lo, hi = torch.aminmax(xc, dim=-1)  # (...,) the group's range
+        zero = _round_toward(lo, sdt, up=False)  # z <= min X
+        scale = _round_toward((hi - zero.to(xc.dtype)) / (2**bits - 1), sdt, up=True)  # z + (2^B - 1) s >= max X
+    # An inf/NaN anywhere in the group, or a range beyond stat_dtype, makes the scale non-finite.
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError(f"x must be finite and within the range of stat_dtype={sdt}; got a non-finite range")
+    return scale, zero
+
+
+def codes_on_grid(x: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool = False) -> Tensor:
+    """Round ``x: (..., G)`` onto the grid ``scale, zero: (...)``: uint8 codes ``(..., G)``, clamped to the
+    ``bits``-bit range (``Q(X) = round((X - z) / s)``; symmetric codes offset by ``2^(bits-1)``)."""
+    cdt = _compute_dtype(x.dtype)
+    xc = x.to(cdt)
+    s, z = scale.to(cdt).unsqueeze(-1), zero.to(cdt).unsqueeze(-1)
+    s_safe = torch.where(s > 0, s, torch.ones_like(s))  # constant group: s = 0, every code is equal
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        q = (xc / s_safe).round_().clamp_(-qmax, qmax)  # Q(X) in [-qmax, qmax]
+        return (q + 2 ** (bits - 1)).to(torch.uint8)
+    return ((xc - z) / s_safe).round_().clamp_(0, 2**bits - 1).to(torch.uint8)
+
+
 def quantize_groups(
     x: Tensor, bits: int, stat_dtype: torch.dtype | None = torch.float16, symmetric: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -88,32 +130,8 @@ def quantize_groups(
     compute dtype (fp32, or fp64 for fp64 inputs). Raises ``ValueError`` if a statistic is not finite
     (``x`` holds inf/NaN or exceeds the range of ``stat_dtype``).
     """
-    check_tensor("x", x, floating=True)
-    check_choice("bits", bits, BITS)
-    if x.dim() == 0:
-        raise ValueError(f"x must have at least one dimension (the group), got shape {tuple(x.shape)}")
-    sdt = _stat_dtype(stat_dtype, x)
-    cdt = _compute_dtype(x.dtype)
-    xc = x.to(cdt)
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = _round_toward(xc.abs().amax(dim=-1) / qmax, sdt, up=True)  # s >= max|X| / qmax
-        zero = torch.zeros_like(scale)
-    else:
-        levels = 2**bits - 1
-        lo, hi = torch.aminmax(xc, dim=-1)  # (...,) the group's range
-        zero = _round_toward(lo, sdt, up=False)  # z <= min X
-        scale = _round_toward((hi - zero.to(cdt)) / levels, sdt, up=True)  # z + (2^B - 1) s >= max X
-    # An inf/NaN anywhere in the group, or a range beyond stat_dtype, makes the scale non-finite.
-    if not bool(torch.isfinite(scale).all()):
-        raise ValueError(f"x must be finite and within the range of stat_dtype={sdt}; got a non-finite range")
-    s, z = scale.to(cdt).unsqueeze(-1), zero.to(cdt).unsqueeze(-1)
-    s_safe = torch.where(s > 0, s, torch.ones_like(s))  # constant group: s = 0, every code is equal
-    if symmetric:
-        q = (xc / s_safe).round_().clamp_(-qmax, qmax)  # Q(X) in [-qmax, qmax]
-        return (q + 2 ** (bits - 1)).to(torch.uint8), scale, zero
-    codes = ((xc - z) / s_safe).round_().clamp_(0, levels).to(torch.uint8)  # Q(X)
-    return codes, scale, zero
+    scale, zero = group_statistics(x, bits, stat_dtype, symmetric)
+    return codes_on_grid(x, scale, zero, bits, symmetric), scale, zero
 
 
 def dequantize_groups(
