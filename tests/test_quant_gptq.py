@@ -118,3 +118,18 @@ def test_gptq_bad_inputs() -> None:
         gptq(w, bad, 4, 8)
     with pytest.raises(ValueError, match="finite"):
         gptq_hessian(torch.tensor([[float("inf"), 1.0]]))
+
+
+def test_gptq_batch_equals_one_by_one() -> None:
+    pairs = [_data(5, 16, 40, seed) for seed in range(3)]
+    ws = torch.stack([w for w, _ in pairs])
+    hs = torch.stack([gptq_hessian(x) for _, x in pairs])
+    hs[1, 3, :] = 0  # one matrix with a dead input
+    hs[1, :, 3] = 0
+    batched = gptq(ws, hs, 4, 8, block_size=8)
+    assert isinstance(batched, list) and len(batched) == 3
+    for b in range(3):
+        one = gptq(ws[b], hs[b], 4, 8, block_size=8)
+        assert torch.equal(batched[b].codes, one.codes) and torch.equal(batched[b].scale, one.scale)
+    with pytest.raises(ValueError, match="hessian must be"):
+        gptq(ws, hs[:2], 4, 8)
