@@ -94,8 +94,8 @@ def block_bits_per_element(block_size: int, element: str) -> float:
 
 
 def channel_order(magnitude: Tensor) -> Tensor:
-    """The channel permutation that sorts ``magnitude: (K,)`` (e.g. calibration ``max |X_j|``) in descending
-    order, so the largest channels share the first blocks (the reordering of Trukhanov & Soloveychik 2024).
+    """The channel permutation that sorts ``magnitude: (K,)`` (e.g. the calibration RMS of each channel, as
+    their K-sort sorts by row norms) in descending order, so the largest channels share the first blocks.
     Returns a LongTensor ``perm``: quantize ``x[:, perm]``, and undo with ``argsort(perm)``."""
     check_tensor("magnitude", magnitude, ndim=1, floating=True)
     return torch.argsort(magnitude, descending=True, stable=True)
