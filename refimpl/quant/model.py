@@ -18,13 +18,14 @@ into the head, not into the embedding): :class:`UntiedLlama`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from refimpl._checks import check_float, check_int, check_tensor
+from refimpl.llm.config import LlamaConfig
 from refimpl.llm.model import Llama
 from refimpl.quant.hadamard import RandomizedHadamard
 from refimpl.quant.outliers import smoothquant_scales
@@ -52,7 +53,7 @@ ActQuant = Callable[[Tensor], Tensor]
 class QuantLinear:
     """A linear layer ``W: (in, out)`` that transforms its input before the product: ``x @ layer`` is
     ``act_quant(input_rotation(x)) @ weight`` (either step optional). Used in place of a block's weight buffer;
-    ``calls`` keeps what :func:`collect_inputs` records (the inputs seen, as ``(tokens, in)`` rows)."""
+    with ``record=True``, ``inputs`` keeps what it reads (``(tokens, in)`` rows, for :func:`collect_inputs`)."""
 
     weight: Tensor
     act_quant: ActQuant | None = None
@@ -75,7 +76,9 @@ class QuantLinear:
 class UntiedLlama(Llama):
     """:class:`~refimpl.llm.model.Llama` with the token embedding ``E: (V, d)`` stored apart from the head."""
 
-    def __init__(self, config, embedding: Tensor, head: Tensor, norm: Tensor, blocks) -> None:  # noqa: ANN001
+    def __init__(
+        self, config: LlamaConfig, embedding: Tensor, head: Tensor, norm: Tensor, blocks: Sequence[dict[str, Tensor]]
+    ) -> None:
         super().__init__(config, head, norm, blocks)
         self.register_buffer("embedding", embedding)  # (V, d)
 
@@ -84,10 +87,13 @@ class UntiedLlama(Llama):
         return self.embedding
 
 
+def _weight_of(w: Tensor | QuantLinear) -> Tensor:
+    return w.weight if isinstance(w, QuantLinear) else w
+
+
 def linear_weight(model: Llama, layer: int, name: str) -> Tensor:
     """The ``(in, out)`` weight of linear ``name`` (:data:`LINEARS`) in block ``layer``."""
-    w = getattr(model.blocks[layer], name)
-    return w.weight if isinstance(w, QuantLinear) else w
+    return _weight_of(getattr(model.blocks[layer], name))
 
 
 def _parts(model: Llama) -> list[dict[str, Tensor | QuantLinear]]:
@@ -102,7 +108,7 @@ def _build(
     embedding: Tensor | None = None,
 ) -> UntiedLlama:
     """A new model with the given block parts (tensors or :class:`QuantLinear`), other parts from ``model``."""
-    plain = [{n: (v.weight if isinstance(v, QuantLinear) else v) for n, v in b.items()} for b in blocks]
+    plain = [{n: _weight_of(v) for n, v in b.items()} for b in blocks]
     new = UntiedLlama(
         model.config,
         model.embed if embedding is None else embedding,
@@ -124,9 +130,9 @@ def map_weights(model: Llama, fn: Callable[[int, str, Tensor], Tensor]) -> Untie
     for i, parts in enumerate(blocks):
         for n in LINEARS:
             w = parts[n]
-            new_w = fn(i, n, w.weight if isinstance(w, QuantLinear) else w)
+            new_w = fn(i, n, _weight_of(w))
             check_tensor(f"fn({i}, {n!r}, W)", new_w, ndim=2, floating=True)
-            if new_w.shape != (w.weight if isinstance(w, QuantLinear) else w).shape:
+            if new_w.shape != _weight_of(w).shape:
                 raise ValueError(f"fn must keep the shape of {n} in layer {i}, got {tuple(new_w.shape)}")
             parts[n] = QuantLinear(new_w, w.act_quant, w.input_rotation) if isinstance(w, QuantLinear) else new_w
     return _build(model, blocks)
@@ -143,12 +149,8 @@ def quantize_activations(model: Llama, act_quant: ActQuant, names: Iterable[str]
         for n in names:
             w = parts[n]
             rot = w.input_rotation if isinstance(w, QuantLinear) else None
-            parts[n] = QuantLinear(linear_weight_of(w), act_quant, rot)
+            parts[n] = QuantLinear(_weight_of(w), act_quant, rot)
     return _build(model, blocks)
-
-
-def linear_weight_of(w: Tensor | QuantLinear) -> Tensor:
-    return w.weight if isinstance(w, QuantLinear) else w
 
 
 @torch.inference_mode()
@@ -161,7 +163,7 @@ def collect_inputs(model: Llama, ids: Tensor) -> list[dict[str, Tensor]]:
         for n in LINEARS:
             w = parts[n]
             rot = w.input_rotation if isinstance(w, QuantLinear) else None
-            parts[n] = QuantLinear(linear_weight_of(w), None, rot, record=True)
+            parts[n] = QuantLinear(_weight_of(w), None, rot, record=True)
     recorder = _build(model, blocks)
     recorder.hidden(ids)
     return [{n: torch.cat(parts[n].inputs) for n in LINEARS} for parts in blocks]
@@ -173,7 +175,7 @@ def _fold_norms(model: Llama) -> tuple[list[dict], Tensor]:
     for parts in blocks:
         for norm, lin in (("attn_norm", "wqkv"), ("ffn_norm", "w_gate_up")):
             g = parts[norm]
-            parts[lin] = g[:, None] * linear_weight_of(parts[lin])  # diag(g) W
+            parts[lin] = g[:, None] * _weight_of(parts[lin])  # diag(g) W
             parts[norm] = torch.ones_like(g)
     head = model.norm[:, None] * model.head  # diag(g) E^T
     return blocks, head
@@ -190,7 +192,7 @@ def smooth(model: Llama, inputs: list[dict[str, Tensor]], alpha: float = 0.5) ->
     blocks = _parts(model)
     for parts, seen in zip(blocks, inputs):
         for norm, lin in (("attn_norm", "wqkv"), ("ffn_norm", "w_gate_up")):
-            w = linear_weight_of(parts[lin])
+            w = _weight_of(parts[lin])
             s = smoothquant_scales(seen[lin].abs().amax(0), w.abs().amax(1), alpha)  # (d,)
             parts[norm] = parts[norm] / s  # X diag(s)^-1, folded into RMSNorm's weight
             parts[lin] = s[:, None] * w  # diag(s) W
@@ -221,14 +223,14 @@ def rotate(model: Llama, seed: int = 0, online_down: bool = True) -> UntiedLlama
     qd_t = qd.matrix(dt).t()  # Q_F^T
     blocks, head = _fold_norms(model)
     for parts in blocks:
-        wqkv = q.t() @ linear_weight_of(parts["wqkv"])  # Q^T W
+        wqkv = q.t() @ _weight_of(parts["wqkv"])  # Q^T W
         v = wqkv[:, c.q_dim + c.kv_dim :].reshape(c.d_model, c.n_kv_heads, c.head_dim)
         wqkv[:, c.q_dim + c.kv_dim :] = (v @ hv).reshape(c.d_model, c.kv_dim)  # W_v H per head
         parts["wqkv"] = wqkv
-        wo = linear_weight_of(parts["wo"]).reshape(c.n_heads, c.head_dim, c.d_model)  # (H, D, d): rows per head
+        wo = _weight_of(parts["wo"]).reshape(c.n_heads, c.head_dim, c.d_model)  # (H, D, d): rows per head
         parts["wo"] = (hv.t() @ wo).reshape(c.q_dim, c.d_model) @ q  # H^T W_o per head, then W Q
-        parts["w_gate_up"] = q.t() @ linear_weight_of(parts["w_gate_up"])
-        w_down = linear_weight_of(parts["w_down"]) @ q
+        parts["w_gate_up"] = q.t() @ _weight_of(parts["w_gate_up"])
+        w_down = _weight_of(parts["w_down"]) @ q
         if online_down:
             parts["w_down"] = QuantLinear(qd_t @ w_down, None, qd.rotate)  # Q_F^T W_down
         else:
