@@ -44,4 +44,4 @@ def test_gguf_quantizers_agree_with_refimpl_grids(qtype: GGMLQuantizationType, b
     assert bool(((theirs - x).abs() <= step * (0.5 + 2 ** (bits - 1) * 2.0**-10)).all()), "gguf: about half a step"
     assert bool(((ours - theirs).abs() <= step * 1.2).all()), "at most about one step apart"
     same = float(((ours - theirs).abs() <= step / 4).float().mean())  # same code: grids differ by < 1/4 step
-    assert same > 0.98, f"codes agree on {100 * same:.2f}% of the elements"
+    assert same > 0.97, f"codes agree on {100 * same:.2f}% of the elements"
