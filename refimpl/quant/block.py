@@ -41,7 +41,7 @@ def fp4_e2m1_grid() -> Tensor:
 def _round_to_grid(y: Tensor, grid: Tensor) -> Tensor:
     """Round ``y`` to the nearest value of ``sign * grid``, ties to the even index (even mantissa), saturating."""
     a = y.abs().clamp(max=float(grid[-1]))
-    idx = torch.bucketize(a, grid.to(a.dtype))  # grid[idx - 1] < a <= grid[idx]
+    idx = torch.bucketize(a.contiguous(), grid.to(a.dtype))  # grid[idx - 1] < a <= grid[idx]
     hi = idx.clamp(max=len(grid) - 1)
     lo = (idx - 1).clamp(min=0)
     g = grid.to(a.dtype)

@@ -49,7 +49,7 @@ def _encode_with_scale(x: Tensor, s: Tensor) -> Tensor:
     normal = (y.round().clamp(-7, 7) + 8).to(torch.uint8)  # int4 codes offset by 8: 1..15
     ab = abfloat_values()[1:]
     mid = (ab[1:] + ab[:-1]) / 2  # round to the nearest abfloat magnitude (saturating at the ends)
-    idx = (torch.bucketize(mag, mid.to(mag.dtype)) + 1).to(torch.uint8)  # 1..7
+    idx = (torch.bucketize(mag.contiguous(), mid.to(mag.dtype)) + 1).to(torch.uint8)  # 1..7
     sign = (y < 0).to(torch.uint8) << 3
     outlier_code = sign | idx  # 1 sign bit, then the 3-bit abfloat index (e, m)
     pair_code = torch.where(keep, outlier_code, torch.full_like(normal, IDENTIFIER))
