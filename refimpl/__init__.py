@@ -10,6 +10,7 @@ module                     technique                                      chapte
 ``refimpl.memo``           MEMO activation swapping + recomputation       ``chapters/memo``
 ``refimpl.kivi``           KIVI 2-bit KV-cache quantization               ``chapters/kivi``
 ``refimpl.eviction``       Scissorhands, H2O, StreamingLLM eviction       ``chapters/scissorhands``
+``refimpl.quant``          weight/activation quantization, outliers       ``chapters/quantization``
 ``refimpl.moe``            Mixture-of-Experts routing and dispatch        ``chapters/moe``
 ``refimpl.llm``            SmolLM2-135M in plain PyTorch                  ``chapters/smollm2``
 =========================  =============================================  ==========================
@@ -37,6 +38,7 @@ _SUBMODULES = (
     "llm",
     "memo",
     "moe",
+    "quant",
     "recording",
     "roofline",
 )

@@ -20,7 +20,9 @@ covers ``[min X, max X]``). A constant group (``max X == min X``) gets ``s = 0``
 ``stat_dtype``: all codes are 0 and it is reconstructed exactly, without a division by zero.
 
 Codes are packed ``8 / B`` to a byte (four 2-bit or two 4-bit codes), code ``i`` of a byte in bits
-``[B i, B i + B)``; :func:`unpack_codes` inverts :func:`pack_codes` exactly.
+``[B i, B i + B)``; :func:`unpack_codes` inverts :func:`pack_codes` exactly. These group primitives live in
+:mod:`refimpl.quant.integer` (shared with weight and activation quantization); this module arranges a
+``(B, H, T, D)`` cache tensor into KIVI's groups.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor
 
 from refimpl._checks import check_choice, check_positive_int, check_tensor
-from refimpl._dtypes import accumulation_dtype
+from refimpl.quant.integer import BITS, dequantize_groups, pack_codes, quantize_groups, unpack_codes
 
 __all__ = [
     "AXES",
@@ -46,97 +48,7 @@ __all__ = [
     "unpack_codes",
 ]
 
-BITS = (2, 4, 8)  # supported code widths: each divides 8, so codes pack into whole bytes
 AXES = ("channel", "token")  # per-channel groups (along tokens) or per-token groups (along channels)
-
-
-def _round_toward(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
-    """``x`` converted to ``dtype``, rounded down (``up=False``) or up so the result bounds ``x``."""
-    y = x.to(dtype)
-    if torch.finfo(dtype).bits >= torch.finfo(x.dtype).bits:
-        return y  # exact conversion
-    back = y.to(x.dtype)
-    wrong = back < x if up else back > x
-    step = torch.full_like(y, float("inf") if up else float("-inf"))
-    return torch.where(wrong, torch.nextafter(y, step), y)
-
-
-def quantize_groups(
-    x: Tensor, bits: int, stat_dtype: torch.dtype | None = torch.float16
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Quantize each group along the last dimension of ``x: (..., G)`` to ``bits``-bit codes (KIVI sec. 3.1).
-
-    Returns ``codes: (..., G)`` (uint8 in ``[0, 2^bits - 1]``, unpacked), ``scale: (...)`` and
-    ``zero: (...)`` in ``stat_dtype`` (``None``: the dtype of ``x``). Guarantees
-    ``|x - (codes * scale + zero)| <= scale / 2`` up to the rounding of the compute dtype (fp32, or fp64 for
-    fp64 inputs). Raises ``ValueError`` if a statistic is not finite (``x`` holds inf/NaN or exceeds the range
-    of ``stat_dtype``).
-    """
-    check_tensor("x", x, floating=True)
-    check_choice("bits", bits, BITS)
-    if x.dim() == 0:
-        raise ValueError(f"x must have at least one dimension (the group), got shape {tuple(x.shape)}")
-    sdt = x.dtype if stat_dtype is None else stat_dtype
-    if not (isinstance(sdt, torch.dtype) and sdt.is_floating_point):
-        raise TypeError(f"stat_dtype must be a floating-point torch.dtype or None, got {stat_dtype!r}")
-    cdt = accumulation_dtype(x.dtype)  # fp16/bf16 quantized in fp32, as a GPU kernel would in registers
-    levels = 2**bits - 1
-    xc = x.to(cdt)
-    lo, hi = torch.aminmax(xc, dim=-1)  # (...,) the group's range
-    zero = _round_toward(lo, sdt, up=False)  # z <= min X
-    scale = _round_toward((hi - zero.to(cdt)) / levels, sdt, up=True)  # z + (2^B - 1) s >= max X
-    # An inf/NaN anywhere in the group, or a range beyond stat_dtype, makes the scale non-finite.
-    if not bool(torch.isfinite(scale).all()):
-        raise ValueError(f"x must be finite and within the range of stat_dtype={sdt}; got a non-finite range")
-    s, z = scale.to(cdt).unsqueeze(-1), zero.to(cdt).unsqueeze(-1)
-    s_safe = torch.where(s > 0, s, torch.ones_like(s))  # constant group: s = 0, every code is 0
-    codes = ((xc - z) / s_safe).round_().clamp_(0, levels).to(torch.uint8)  # Q(X)
-    return codes, scale, zero
-
-
-def dequantize_groups(codes: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Reconstruct ``X' = Q(X) * s + z`` (KIVI sec. 3.1) from ``codes: (..., G)``, ``scale, zero: (...)``.
-
-    The product is taken in fp32 (fp64 if ``dtype`` is fp64) and returned in ``dtype``.
-    """
-    cdt = accumulation_dtype(dtype)
-    out = torch.addcmul(zero.to(cdt).unsqueeze(-1), codes.to(cdt), scale.to(cdt).unsqueeze(-1))  # z + Q s
-    return out.to(dtype)
-
-
-def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """Pack ``codes: (..., n)`` (uint8, each ``< 2^bits``) into ``(..., n * bits / 8)`` bytes.
-
-    Code ``i`` of each run of ``8 / bits`` codes goes to bits ``[bits * i, bits * i + bits)`` of one byte.
-    ``n`` must be a multiple of ``8 / bits``; raises ``ValueError`` otherwise or if a code does not fit.
-    """
-    check_tensor("codes", codes, dtypes=[torch.uint8])
-    check_choice("bits", bits, BITS)
-    per = 8 // bits  # codes per byte
-    n = codes.shape[-1] if codes.dim() else 0
-    if codes.dim() == 0 or n % per:
-        raise ValueError(f"codes' last dimension must be a multiple of {per} for {bits}-bit packing, got {n}")
-    if codes.numel() and int(codes.max()) >= 2**bits:
-        raise ValueError(f"codes must be < 2**bits = {2**bits}, got a code {int(codes.max())}")
-    if bits == 8:
-        return codes.clone()
-    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits  # (per,)
-    runs = codes.reshape(*codes.shape[:-1], n // per, per).to(torch.int32)  # (..., n/per, per)
-    return (runs << shifts).sum(dim=-1).to(torch.uint8)  # disjoint bit fields: sum == bitwise or
-
-
-def unpack_codes(packed: Tensor, bits: int) -> Tensor:
-    """Inverse of :func:`pack_codes`: ``(..., m)`` bytes -> ``(..., m * 8 / bits)`` uint8 codes."""
-    check_tensor("packed", packed, dtypes=[torch.uint8])
-    check_choice("bits", bits, BITS)
-    if packed.dim() == 0:
-        raise ValueError("packed must have at least one dimension")
-    if bits == 8:
-        return packed.clone()
-    per = 8 // bits
-    shifts = torch.arange(per, device=packed.device, dtype=torch.uint8) * bits  # (per,)
-    codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)  # (..., m, per)
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
 @dataclass

@@ -1,0 +1,101 @@
+"""Block formats: block floating point (BFP) and OCP Microscaling (MX), and channel reordering.
+
+Both store a block of ``k`` consecutive numbers with one shared power-of-two scale ``2^e`` (an 8-bit
+exponent, E8M0) and a narrow element per number:
+
+* **BFP** (e.g. BFP12 of Trukhanov & Soloveychik 2024: 8-bit shared exponent, 4-bit elements): the
+  elements are signed integers of ``m`` bits, ``x' = q 2^e`` with ``q`` in ``[-(2^(m-1) - 1), 2^(m-1) - 1]``;
+  ``e`` is the smallest exponent with ``max |x| <= (2^(m-1) - 1) 2^e``, so nothing is clipped. This is
+  symmetric integer quantization (:mod:`refimpl.quant.integer`) with the scale rounded up to a power of two.
+* **MX** (OCP Microscaling Formats v1.0, sec. 6.3; Rouhani et al. 2023): ``k = 32``, the shared scale is
+  ``X = 2^(floor(log2 max|x|) - emax_elem)`` with ``emax_elem`` the largest exponent of the element format,
+  and each ``x / X`` is rounded to the element format (FP4 E2M1, FP8 E4M3), *saturating* at its largest
+  value (MXFP4 can clip the block maximum: ``x / X`` lies in ``[4, 8)`` and E2M1 stops at 6).
+
+An outlier forces a large scale on its whole block. "Accurate Block Quantization in LLMs with Outliers"
+(Trukhanov & Soloveychik 2024) permutes the channels so that outlier channels share blocks (sorted by
+magnitude, their K-sort); a permutation folds into the adjacent weights like any orthogonal matrix, so the
+float model is unchanged. :func:`channel_order` computes the order from calibration statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from refimpl._checks import check_choice, check_positive_int, check_tensor
+
+__all__ = ["ELEMENTS", "block_bits_per_element", "block_fake_quantize", "channel_order", "fp4_e2m1_grid"]
+
+#: element formats: "intM" for BFP with M-bit signed integers, and MX's FP4 (E2M1) and FP8 (E4M3)
+ELEMENTS = ("int4", "int6", "int8", "fp4_e2m1", "fp8_e4m3")
+_EMAX = {"fp4_e2m1": 2, "fp8_e4m3": 8}  # largest exponent of the element format (OCP MX spec, Table 1)
+SCALE_BITS = 8  # E8M0 shared exponent
+
+
+def fp4_e2m1_grid() -> Tensor:
+    """The non-negative FP4 E2M1 values (OCP MX spec sec. 5.3.3): 0, 0.5, 1, 1.5, 2, 3, 4, 6 (float64)."""
+    return torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+
+
+def _round_to_grid(y: Tensor, grid: Tensor) -> Tensor:
+    """Round ``y`` to the nearest value of ``sign * grid``, ties to the even index (even mantissa), saturating."""
+    a = y.abs().clamp(max=float(grid[-1]))
+    idx = torch.bucketize(a.contiguous(), grid.to(a.dtype))  # grid[idx - 1] < a <= grid[idx]
+    hi = idx.clamp(max=len(grid) - 1)
+    lo = (idx - 1).clamp(min=0)
+    g = grid.to(a.dtype)
+    d_lo, d_hi = a - g[lo], g[hi] - a
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
+    return torch.where(pick_hi, g[hi], g[lo]) * y.sign()
+
+
+def block_fake_quantize(x: Tensor, block_size: int = 32, element: str = "int4") -> Tensor:
+    """Quantize and dequantize ``x: (rows, K)`` in blocks of ``block_size`` along ``K`` (BFP or MX).
+
+    Raises ``ValueError`` for a block size that does not divide ``K``, an unknown element format, or
+    inf/NaN in ``x``. Computes in float64 (exact for these grids) and returns ``x.dtype``.
+    """
+    check_tensor("x", x, ndim=2, floating=True)
+    block_size = check_positive_int("block_size", block_size)
+    check_choice("element", element, ELEMENTS)
+    rows, k = x.shape
+    if k % block_size:
+        raise ValueError(f"block_size must divide K = x.shape[1] = {k}, got {block_size}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x must be finite, got inf or NaN")
+    b = x.double().reshape(rows, k // block_size, block_size)  # (rows, blocks, k)
+    amax = b.abs().amax(-1, keepdim=True)
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    if element.startswith("int"):  # BFP: smallest 2^e with amax <= qmax 2^e
+        qmax = 2 ** (int(element[3:]) - 1) - 1
+        e = torch.ceil(torch.log2(safe / qmax))
+        scale = torch.exp2(e)
+        out = (b / scale).round().clamp(-qmax, qmax) * scale
+    else:  # MX: X = 2^(floor(log2 amax) - emax_elem), saturating element rounding
+        scale = torch.exp2(torch.floor(torch.log2(safe)) - _EMAX[element])
+        y = b / scale
+        if element == "fp4_e2m1":
+            q = _round_to_grid(y, fp4_e2m1_grid())
+        else:
+            fmax = torch.finfo(torch.float8_e4m3fn).max
+            q = y.clamp(-fmax, fmax).to(torch.float8_e4m3fn).double()
+        out = q * scale
+    out = torch.where(amax > 0, out, torch.zeros_like(out))
+    return out.reshape(rows, k).to(x.dtype)
+
+
+def block_bits_per_element(block_size: int, element: str) -> float:
+    """Bits stored per number: the element's bits plus the 8-bit shared exponent over ``block_size``."""
+    block_size = check_positive_int("block_size", block_size)
+    check_choice("element", element, ELEMENTS)
+    bits = {"fp4_e2m1": 4, "fp8_e4m3": 8}.get(element) or int(element[3:])
+    return bits + SCALE_BITS / block_size
+
+
+def channel_order(magnitude: Tensor) -> Tensor:
+    """The channel permutation that sorts ``magnitude: (K,)`` (e.g. the calibration RMS of each channel, as
+    their K-sort sorts by row norms) in descending order, so the largest channels share the first blocks.
+    Returns a LongTensor ``perm``: quantize ``x[:, perm]``, and undo with ``argsort(perm)``."""
+    check_tensor("magnitude", magnitude, ndim=1, floating=True)
+    return torch.argsort(magnitude, descending=True, stable=True)

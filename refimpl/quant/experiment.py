@@ -1,0 +1,158 @@
+"""Measuring weight and activation quantization on the book's LLM: recipes, bits per weight, perplexity.
+
+A *recipe* turns the float model into a quantized one (a new model; the original is untouched) and reports
+the true storage cost: bits per weight of the block linears, scales and zero points included.
+:func:`slice_nll` scores several disjoint corpus slices in one batched forward pass, so a configuration's
+perplexity comes with a standard error over slices (:func:`paired_increase`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from refimpl._checks import check_positive_int, check_tensor
+from refimpl.llm.model import Llama
+from refimpl.llm.perplexity import token_nll
+from refimpl.quant.fp8 import quantize_fp8
+from refimpl.quant.gptq import gptq, gptq_hessian
+from refimpl.quant.integer import IntQuantized, dequantize_int, fake_quantize_int, quantize_int
+from refimpl.quant.model import LINEARS, ActQuant, collect_inputs, linear_weight, map_weights
+
+__all__ = [
+    "Increase",
+    "fp8_weights",
+    "rtn",
+    "activation_outlier_ratio",
+    "int_activations",
+    "paired_increase",
+    "quantize_weights",
+    "quantize_weights_gptq",
+    "slice_nll",
+    "weight_count",
+]
+
+
+def weight_count(model: Llama) -> int:
+    """Number of weights in the block linears (what the recipes quantize; embedding and head stay)."""
+    return sum(linear_weight(model, i, n).numel() for i in range(model.config.n_layers) for n in LINEARS)
+
+
+def quantize_weights(model: Llama, quantize: Callable[[Tensor], tuple[Tensor, int]]) -> tuple[Llama, float]:
+    """Apply ``quantize(W^T) -> (W^T', nbytes)`` to every block linear (``W^T: (out, in)``, the layout whose
+    rows are output channels). Returns the new model and its bits per weight (``8 * sum nbytes / count``)."""
+    total = 0
+
+    def fn(i: int, name: str, w: Tensor) -> Tensor:
+        nonlocal total
+        wq, nbytes = quantize(w.t())
+        total += nbytes
+        return wq.t()
+
+    new = map_weights(model, fn)
+    return new, 8 * total / weight_count(model)
+
+
+def rtn(bits: int, granularity: str = "group", group_size: int = 128, symmetric: bool = True) -> Callable:
+    """Round-to-nearest integer weights (:func:`~refimpl.quant.integer.quantize_int`), for
+    :func:`quantize_weights`."""
+
+    def quantize(wt: Tensor) -> tuple[Tensor, int]:
+        q = quantize_int(wt, bits, granularity, group_size, symmetric)
+        return dequantize_int(q), q.nbytes()
+
+    return quantize
+
+
+def fp8_weights(fmt: str = "e4m3") -> Callable:
+    """FP8 weights with a scale per output channel, for :func:`quantize_weights`."""
+
+    def quantize(wt: Tensor) -> tuple[Tensor, int]:
+        q = quantize_fp8(wt, fmt, "channel")
+        return (q.codes.float() * q.scale).to(wt.dtype), q.nbytes()
+
+    return quantize
+
+
+@torch.inference_mode()
+def quantize_weights_gptq(
+    model: Llama,
+    calibration: Tensor,
+    bits: int = 4,
+    group_size: int | None = 64,
+    symmetric: bool = False,
+    block_size: int | None = None,
+) -> tuple[Llama, float]:
+    """GPTQ on every block linear with Hessians from ``calibration: (B, T)`` ids read by the *float* model
+    (all layers at once; the paper quantizes sequentially, feeding each layer the outputs of the already
+    quantized ones). Each linear of all layers is one batched :func:`~refimpl.quant.gptq.gptq` call.
+    ``block_size`` defaults to ``group_size`` (128 per channel). Returns the model and its bits per weight."""
+    check_tensor("calibration", calibration, ndim=2, dtypes=[torch.int64, torch.int32])
+    inputs = collect_inputs(model, calibration)
+    block = block_size or group_size or 128
+    quantized: dict[tuple[int, str], IntQuantized] = {}
+    for name in LINEARS:
+        ws = torch.stack([linear_weight(model, i, name).t() for i in range(model.config.n_layers)])  # (L, out, in)
+        hs = torch.stack([gptq_hessian(seen[name]) for seen in inputs])  # (L, in, in)
+        for i, q in enumerate(gptq(ws, hs, bits, group_size, symmetric, block_size=block)):
+            quantized[i, name] = q
+    new = map_weights(model, lambda i, name, w: dequantize_int(quantized[i, name]).t().to(w.dtype))
+    return new, 8 * sum(q.nbytes() for q in quantized.values()) / weight_count(model)
+
+
+def int_activations(bits: int = 8, granularity: str = "token") -> ActQuant:
+    """Dynamic symmetric integer activation quantizer (per token or per tensor, fp32 scales)."""
+    return functools.partial(
+        fake_quantize_int, bits=bits, granularity=granularity, symmetric=True, stat_dtype=torch.float32
+    )
+
+
+@torch.inference_mode()
+def slice_nll(model: Llama, rows: Tensor) -> Tensor:
+    """Mean NLL (nats/token) of each row of ``rows: (S, T + 1)`` (disjoint corpus slices), one causal forward
+    pass over all rows: ``(S,)`` float64. Token ``t + 1`` of a row is predicted from tokens ``0 .. t``."""
+    check_tensor("rows", rows, ndim=2, dtypes=[torch.int64, torch.int32])
+    s, t1 = rows.shape
+    if t1 < 2:
+        raise ValueError(f"rows must hold at least 2 tokens each, got shape {tuple(rows.shape)}")
+    h = model.hidden(rows[:, :-1])  # (S, T, d)
+    nll = token_nll(model, h.reshape(-1, h.shape[-1]), rows[:, 1:].reshape(-1))
+    return nll.view(s, t1 - 1).mean(1)
+
+
+@dataclass(frozen=True)
+class Increase:
+    """Relative perplexity increase over a baseline, per slice: mean and its standard error."""
+
+    mean: float
+    se: float
+    per_slice: tuple[float, ...]
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:+.2f}% +- {100 * self.se:.2f}%"
+
+
+def paired_increase(nll: Tensor, base: Tensor) -> Increase:
+    """``PPL / PPL_base - 1 = exp(nll - nll_base) - 1`` per slice (``nll, base: (S,)``, same slices), with
+    the mean and the standard error ``std / sqrt(S)`` over the ``S`` slices (``se = nan`` for one slice)."""
+    check_tensor("nll", nll, ndim=1, floating=True)
+    check_tensor("base", base, ndim=1, floating=True)
+    if nll.shape != base.shape:
+        raise ValueError(f"nll and base must score the same slices, got {tuple(nll.shape)} and {tuple(base.shape)}")
+    check_positive_int("number of slices", nll.shape[0])
+    inc = torch.expm1((nll - base).double())
+    se = float(inc.std() / math.sqrt(inc.shape[0])) if inc.shape[0] > 1 else float("nan")
+    return Increase(float(inc.mean()), se, tuple(inc.tolist()))
+
+
+def activation_outlier_ratio(x: Tensor) -> float:
+    """Largest over median channel magnitude of ``x: (tokens, K)``, the magnitude of channel ``j`` being
+    ``max_t |X_tj|`` (the statistic behind LLM.int8()'s outlier features and SmoothQuant's Figure 4)."""
+    check_tensor("x", x, ndim=2, floating=True)
+    mag = x.abs().amax(0)
+    return float(mag.max() / mag.median().clamp_min(torch.finfo(mag.dtype).tiny))
