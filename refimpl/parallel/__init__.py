@@ -1,0 +1,43 @@
+"""Training across processes with ``torch.distributed`` (gloo on CPU): data, ZeRO, tensor and pipeline parallelism.
+
+* :mod:`refimpl.parallel.launch` - spawn ``P`` processes in one gloo group on a free loopback port;
+* :mod:`refimpl.parallel.model` - a small trainable GPT built from the blocks of :mod:`refimpl.llm.model`;
+* :mod:`refimpl.parallel.data` - data parallelism with bucketed gradients all-reduced during backward;
+* :mod:`refimpl.parallel.zero` - ZeRO stages 1 and 2 around any ``torch.optim.Optimizer``;
+* :mod:`refimpl.parallel.train` - the reference single-process run and the data-parallel run.
+
+Submodules load on first use (``import refimpl.parallel`` imports no torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "launch": ("free_port", "run_processes", "run_tasks"),
+    "model": ("GPTBlock", "TinyGPT", "tiny_config"),
+    "data": ("DataParallel", "make_buckets"),
+    "zero": ("ZeroOptimizer", "partition_parameters", "state_bytes"),
+    "train": ("check_tokens", "data_parallel_steps", "train_data_parallel", "train_single"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_SUBMODULES = tuple(_EXPORTS)
+
+__all__ = sorted(_WHERE) + list(_SUBMODULES)
+
+
+def __getattr__(name: str) -> Any:
+    """Load a submodule, or the submodule defining ``name``, on first access (PEP 562)."""
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"refimpl.parallel.{name}")
+    elif name in _WHERE:
+        module = getattr(importlib.import_module(f"refimpl.parallel.{_WHERE[name]}"), name)
+    else:
+        raise AttributeError(f"module 'refimpl.parallel' has no attribute {name!r}")
+    globals()[name] = module
+    return module
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
