@@ -4,6 +4,8 @@
 * :mod:`refimpl.parallel.model` - a small trainable GPT built from the blocks of :mod:`refimpl.llm.model`;
 * :mod:`refimpl.parallel.data` - data parallelism with bucketed gradients all-reduced during backward;
 * :mod:`refimpl.parallel.zero` - ZeRO stages 1 and 2 around any ``torch.optim.Optimizer``;
+* :mod:`refimpl.parallel.tensor` - Megatron-LM column/row-parallel attention heads and MLP;
+* :mod:`refimpl.parallel.ladder` - the Ladder residual, all-reduces overlapped with the next branch;
 * :mod:`refimpl.parallel.train` - the reference single-process run and the data-parallel run.
 
 Submodules load on first use (``import refimpl.parallel`` imports no torch).
@@ -19,6 +21,15 @@ _EXPORTS = {
     "model": ("GPTBlock", "TinyGPT", "tiny_config"),
     "data": ("DataParallel", "make_buckets"),
     "zero": ("ZeroOptimizer", "partition_parameters", "state_bytes"),
+    "tensor": (
+        "TensorParallelBlock",
+        "check_tensor_parallel",
+        "copy_to_tp",
+        "reduce_from_tp",
+        "shard_block",
+        "tensor_parallel_step",
+    ),
+    "ladder": ("block_branches", "ladder_step", "residual_forward"),
     "train": ("check_tokens", "data_parallel_steps", "train_data_parallel", "train_single"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -76,13 +76,18 @@ class GPTBlock(nn.Module):
         self.w_gate_up = init(d, 2 * f)  # (d, 2 F): [W_gate | W_up]
         self.w_down = init(f, d, 0.5)  # (F, d)
 
-    def attention(self, h: Tensor, wqkv: Tensor, n_heads: int, cos: Tensor, sin: Tensor) -> Tensor:
-        """Causal self-attention of ``n_heads`` heads whose ``[W_q | W_k | W_v]`` is ``wqkv``; ``(B, T, H D)``."""
+    @staticmethod
+    def attention(h: Tensor, wqkv: Tensor, n_heads: int, cos: Tensor, sin: Tensor) -> Tensor:
+        """Causal self-attention of ``n_heads`` heads whose ``[W_q | W_k | W_v]`` is ``wqkv``; ``(B, T, H D)``.
+
+        ``h: (B, T, d)``, ``wqkv: (d, 3 H D)``, RoPE tables ``cos, sin: (T, D)``.
+        """
         b, t, _ = h.shape
-        qkv = (h @ wqkv).view(b, t, 3 * n_heads, self.config.head_dim).transpose(1, 2)  # (B, 3H, T, D)
+        head_dim = cos.shape[-1]
+        qkv = (h @ wqkv).view(b, t, 3 * n_heads, head_dim).transpose(1, 2)  # (B, 3H, T, D)
         q, k, v = qkv.split(n_heads, dim=1)
         o = causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)  # (B, H, T, D)
-        return o.transpose(1, 2).reshape(b, t, n_heads * self.config.head_dim)
+        return o.transpose(1, 2).reshape(b, t, n_heads * head_dim)
 
     @staticmethod
     def mlp(h: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
@@ -90,11 +95,19 @@ class GPTBlock(nn.Module):
         gate, up = (h @ w_gate_up).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ w_down
 
+    def attention_out(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """The attention branch ``Attention(RMSNorm(x)) W_o``, ``(B, T, d)``."""
+        h = rms_norm(x, self.attn_norm, self.config.norm_eps)
+        return self.attention(h, self.wqkv, self.config.n_heads, cos, sin) @ self.wo
+
+    def mlp_out(self, x: Tensor) -> Tensor:
+        """The MLP branch ``SwiGLU(RMSNorm(x))``, ``(B, T, d)``."""
+        return self.mlp(rms_norm(x, self.ffn_norm, self.config.norm_eps), self.w_gate_up, self.w_down)
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """``x: (B, T, d)`` with RoPE tables ``cos, sin: (T, D)`` -> ``(B, T, d)``."""
-        c = self.config
-        x = x + self.attention(rms_norm(x, self.attn_norm, c.norm_eps), self.wqkv, c.n_heads, cos, sin) @ self.wo
-        return x + self.mlp(rms_norm(x, self.ffn_norm, c.norm_eps), self.w_gate_up, self.w_down)
+        x = x + self.attention_out(x, cos, sin)
+        return x + self.mlp_out(x)
 
 
 class TinyGPT(nn.Module):
