@@ -6,6 +6,7 @@
 * :mod:`refimpl.parallel.zero` - ZeRO stages 1 and 2 around any ``torch.optim.Optimizer``;
 * :mod:`refimpl.parallel.tensor` - Megatron-LM column/row-parallel attention heads and MLP;
 * :mod:`refimpl.parallel.ladder` - the Ladder residual, all-reduces overlapped with the next branch;
+* :mod:`refimpl.parallel.pipeline` - GPipe and 1F1B schedules as data, run with send/recv between stages;
 * :mod:`refimpl.parallel.train` - the reference single-process run and the data-parallel run.
 
 Submodules load on first use (``import refimpl.parallel`` imports no torch).
@@ -30,6 +31,19 @@ _EXPORTS = {
         "tensor_parallel_step",
     ),
     "ladder": ("block_branches", "ladder_step", "residual_forward"),
+    "pipeline": (
+        "Action",
+        "Timeline",
+        "bubble_fraction",
+        "check_schedule",
+        "gpipe_schedule",
+        "make_schedule",
+        "measured_bubble",
+        "one_f_one_b_schedule",
+        "pipeline_step",
+        "simulate",
+        "stage_layers",
+    ),
     "train": ("check_tokens", "data_parallel_steps", "train_data_parallel", "train_single"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
