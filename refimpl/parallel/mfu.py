@@ -28,9 +28,8 @@ from dataclasses import dataclass
 import yaml
 
 from refimpl._checks import check_float, check_positive_int
-from refimpl.roofline.hardware import load_hardware
+from refimpl.roofline.hardware import HARDWARE_YAML, load_hardware
 from refimpl.roofline.models import ModelConfig, resolve_model
-from refimpl.roofline.hardware import HARDWARE_YAML
 
 __all__ = [
     "GPT3_175B",
