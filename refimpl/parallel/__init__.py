@@ -8,7 +8,8 @@
 * :mod:`refimpl.parallel.ladder` - the Ladder residual, all-reduces overlapped with the next branch;
 * :mod:`refimpl.parallel.pipeline` - GPipe and 1F1B schedules as data, run with send/recv between stages;
 * :mod:`refimpl.parallel.mfu` - FLOPs per token, MFU and a step-time model of 3D parallelism (arithmetic);
-* :mod:`refimpl.parallel.train` - the reference single-process run and the data-parallel run.
+* :mod:`refimpl.parallel.train` - the reference single-process run and the data-parallel run;
+* :mod:`refimpl.parallel.experiments` - every technique in one spawn, checked against one process.
 
 Submodules load on first use (``import refimpl.parallel`` imports no torch).
 """
@@ -46,6 +47,7 @@ _EXPORTS = {
         "stage_layers",
     ),
     "mfu": ("GPT3_175B", "ParallelLayout", "StepTime", "network_bandwidths", "step_time", "training_flops_per_token"),
+    "experiments": ("run_all",),
     "train": ("check_tokens", "data_parallel_steps", "train_data_parallel", "train_single"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
