@@ -11,6 +11,7 @@ module                     technique                                      chapte
 ``refimpl.kivi``           KIVI 2-bit KV-cache quantization               ``chapters/kivi``
 ``refimpl.eviction``       Scissorhands, H2O, StreamingLLM eviction       ``chapters/scissorhands``
 ``refimpl.moe``            Mixture-of-Experts routing and dispatch        ``chapters/moe``
+``refimpl.parallel``       data, ZeRO, tensor, pipeline parallelism       ``chapters/parallel``
 ``refimpl.llm``            SmolLM2-135M in plain PyTorch                  ``chapters/smollm2``
 =========================  =============================================  ==========================
 
@@ -32,6 +33,7 @@ _SUBMODULES = (
     "llm",
     "memo",
     "moe",
+    "parallel",
     "roofline",
 )
 

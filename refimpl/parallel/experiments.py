@@ -56,12 +56,14 @@ def run_all(
     """Data parallelism, ZeRO-1, tensor parallelism, Ladder residual and both pipeline schedules on
     ``world_size`` processes, each checked against one process (the pipeline uses ``world_size`` stages).
 
-    Returns floats: ``dp_max_diff``, ``zero1_max_diff``, ``tp_max_diff``, ``ladder_max_diff``,
-    ``gpipe_max_diff``, ``1f1b_max_diff`` (largest absolute difference of parameters, outputs or gradients);
+    Returns floats: ``dp_max_diff``, ``zero1_max_diff``, ``dp_adam_max_diff`` (data-parallel Adam against one
+    process), ``zero1_vs_dp_adam_max_diff`` (ZeRO-1 against data-parallel Adam: the same averaged gradients),
+    ``tp_max_diff``, ``ladder_max_diff``, ``gpipe_max_diff``, ``1f1b_max_diff`` (largest absolute difference
+    of parameters, outputs or gradients);
     ``dp_overlap_fraction`` (1 - exposed all-reduce wait / all-reduce time alone, median over steps after the
     first), ``dp_buckets``; ``zero1_optimizer_bytes_ratio`` (largest rank / unsharded Adam);
     ``ladder_comm_hidden_fraction`` (1 - Ladder's all-reduce wait / standard's); for each schedule
-    ``*_bubble_measured``, ``*_bubble_simulated`` (the schedule's timeline with the measured mean forward and
+    ``*_bubble_measured``, ``*_bubble_simulated`` (the schedule's timeline with the measured median forward and
     backward times) and ``bubble_predicted`` ``(p - 1) / (m + p - 1)``; ``*_peak_in_flight`` on stage 0.
     """
     world = check_int("world_size", world_size, min_value=1, max_value=16)
@@ -72,10 +74,11 @@ def run_all(
     x = torch.randn(2, seq_len, config.d_model, generator=g)
     grad_y = torch.randn(2, seq_len, config.d_model, generator=g)
     sgd, adam = (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), (torch.optim.Adam, {"lr": 1e-2})
-    dp, zero1, tp, ladder, gpipe, ofob = run_tasks(
+    dp, dp_adam, zero1, tp, ladder, gpipe, ofob = run_tasks(
         world,
         [
             (data_parallel_steps, (config, tokens, *sgd, 0, 2**15, seed)),
+            (data_parallel_steps, (config, tokens, *adam, 0, 2**15, seed)),
             (data_parallel_steps, (config, tokens, *adam, 1, 2**15, seed)),
             (tensor_parallel_step, (config, x, grad_y, 0)),
             (ladder_step, (config, x, 0, 5)),
@@ -90,6 +93,8 @@ def run_all(
     )
     out["dp_max_diff"] = max(_max_diff(r["params"], single_sgd["params"]) for r in dp)
     out["zero1_max_diff"] = max(_max_diff(r["params"], single_adam["params"]) for r in zero1)
+    out["dp_adam_max_diff"] = max(_max_diff(r["params"], single_adam["params"]) for r in dp_adam)
+    out["zero1_vs_dp_adam_max_diff"] = max(_max_diff(z["params"], d["params"]) for z, d in zip(zero1, dp_adam))
     overlap = [1 - w / r["comm_alone_s"] for r in dp for w in r["exposed_wait_s"][1:]]
     out["dp_overlap_fraction"] = min(1.0, max(0.0, median(overlap))) if overlap else float("nan")
     out["dp_buckets"] = dp[0]["num_buckets"]
