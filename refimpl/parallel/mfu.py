@@ -1,6 +1,6 @@
 """Model FLOPs utilization (MFU) and a step-time model of 3D-parallel training, as labelled model arithmetic.
 
-MFU (Chowdhery et al. 2022, appendix B; the metric of MegaScale, Jiang et al. 2024) is the model's FLOPs per
+MFU (Chowdhery et al. 2023, appendix B; the metric of MegaScale, Jiang et al. 2024) is the model's FLOPs per
 second over the hardware's peak: with ``N`` parameters, ``L`` layers, width ``d`` and sequence length ``s``,
 one training token costs ``6 N + 12 L d s`` FLOPs (forward and backward of every weight, plus the attention
 scores ``Q K^T`` and ``P V``); recomputation does not count.
@@ -57,7 +57,7 @@ GPT3_175B = ModelConfig(
 
 
 def training_flops_per_token(model: ModelConfig | str, seq_len: int) -> float:
-    """``6 N + 12 L d s``: model FLOPs of one training token (Chowdhery et al. 2022, appendix B)."""
+    """``6 N + 12 L d s``: model FLOPs of one training token (Chowdhery et al. 2023, appendix B)."""
     cfg = resolve_model(model)
     s = check_positive_int("seq_len", seq_len)
     return 6.0 * cfg.n_params() + 12.0 * cfg.n_layers * cfg.q_dim * s
