@@ -1,4 +1,4 @@
-"""Data parallelism and ZeRO across processes (gloo, CPU): parameters and gradients after several steps equal
+"""Data parallelism and ZeRO stages 1-3 across processes (gloo, CPU): parameters and gradients after several steps equal
 one process training on the whole batch; buckets and the ZeRO partition checked against independent counts."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from refimpl.parallel import (
     DataParallel,
+    FullyShardedUnit,
     ZeroOptimizer,
     make_buckets,
     partition_parameters,
@@ -18,7 +19,7 @@ from refimpl.parallel import (
     train_data_parallel,
     train_single,
 )
-from refimpl.parallel.train import data_parallel_steps
+from refimpl.parallel.train import data_parallel_steps, zero3_steps
 
 CONFIG = tiny_config(n_layers=2, d_model=16, n_heads=2, ffn_dim=32, vocab_size=32, max_seq_len=16)
 
@@ -60,16 +61,23 @@ def test_data_parallel_and_zero1_equal_single_process_2_ranks() -> None:
     tokens = _tokens(3, 4)
     sgd = (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})
     adam = (torch.optim.Adam, {"lr": 1e-2})
-    dp_sgd, zero1 = run_tasks(
+    dp_sgd, zero1, zero3 = run_tasks(
         2,
         [
             (data_parallel_steps, (CONFIG, tokens, *sgd, 0, 2**12, 0)),
             (data_parallel_steps, (CONFIG, tokens, *adam, 1, 2**12, 0)),
+            (zero3_steps, (CONFIG, tokens, *adam, 0)),
         ],
     )
     _assert_same_training(dp_sgd, train_single(CONFIG, tokens, *sgd))
     single_adam = train_single(CONFIG, tokens, *adam)
     _assert_same_training(zero1, single_adam)
+    _assert_same_training(zero3, single_adam, averaged_grads=False)
+    n = sum(v.numel() for v in single_adam["params"].values())
+    for r in zero3:  # P_os+g+p: parameters, gradients and Adam's two moments each ceil(N / P) per rank
+        assert r["param_bytes"] == r["grad_bytes"] == 4 * -(-n // 2)
+        assert r["optimizer_bytes"] == 2 * 4 * -(-n // 2) + 4  # exp_avg, exp_avg_sq and the step count
+    assert [r["losses"] for r in zero3] == [r["losses"] for r in zero1]  # same data, same model, each step
     assert dp_sgd[0]["num_buckets"] > 2  # the gradients really went in several buckets
     assert [r["losses"] for r in zero1] != [single_adam["losses"]] * 2  # each rank saw only its half batch
     shard_bytes = [r["optimizer_bytes"] for r in zero1]
@@ -81,16 +89,19 @@ def test_data_parallel_and_zero1_equal_single_process_2_ranks() -> None:
 def test_data_parallel_and_zero2_equal_single_process_4_ranks() -> None:
     tokens = _tokens(2, 8, seed=1)
     adam = (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1})
-    dp, zero2 = run_tasks(
+    dp, zero2, zero3 = run_tasks(
         4,
         [
             (data_parallel_steps, (CONFIG, tokens, *adam, 0, 2**20, 0)),  # one bucket for everything
             (data_parallel_steps, (CONFIG, tokens, *adam, 2, 2**12, 0)),
+            (zero3_steps, (CONFIG, tokens, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, 0)),
         ],
     )
     single = train_single(CONFIG, tokens, *adam)
     _assert_same_training(dp, single)
     _assert_same_training(zero2, single, averaged_grads=False)  # stage 2 reduces in step()
+    sgd_single = train_single(CONFIG, tokens, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})
+    _assert_same_training(zero3, sgd_single, averaged_grads=False)
     assert dp[0]["num_buckets"] == 1
     total_grad = sum(v.numel() * 4 for v in single["grads"].values())
     assert sum(r["grad_bytes"] for r in zero2) == total_grad  # each gradient kept by exactly one rank
@@ -112,3 +123,8 @@ def test_bad_inputs_name_the_argument() -> None:
         ZeroOptimizer([torch.zeros(2, requires_grad=True)], dict)
     with pytest.raises(TypeError, match="module must be a torch.nn.Module, got function"):
         DataParallel(lambda x: x)
+
+
+def test_fully_sharded_unit_rejects_bad_modules() -> None:
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module, got int"):
+        FullyShardedUnit(3)

@@ -4,6 +4,7 @@
 * :mod:`refimpl.parallel.model` - a small trainable GPT built from the blocks of :mod:`refimpl.llm.model`;
 * :mod:`refimpl.parallel.data` - data parallelism with bucketed gradients all-reduced during backward;
 * :mod:`refimpl.parallel.zero` - ZeRO stages 1 and 2 around any ``torch.optim.Optimizer``;
+* :mod:`refimpl.parallel.zero3` - ZeRO stage 3: parameters sharded too, gathered on demand (FSDP-style);
 * :mod:`refimpl.parallel.tensor` - Megatron-LM column/row-parallel attention heads and MLP;
 * :mod:`refimpl.parallel.ladder` - the Ladder residual, all-reduces overlapped with the next branch;
 * :mod:`refimpl.parallel.pipeline` - GPipe and 1F1B schedules as data, run with send/recv between stages;
@@ -48,7 +49,8 @@ _EXPORTS = {
     ),
     "mfu": ("GPT3_175B", "ParallelLayout", "StepTime", "network_bandwidths", "step_time", "training_flops_per_token"),
     "experiments": ("run_all",),
-    "train": ("check_tokens", "data_parallel_steps", "train_data_parallel", "train_single"),
+    "zero3": ("FullyShardedUnit",),
+    "train": ("check_tokens", "data_parallel_steps", "train_data_parallel", "train_single", "zero3_steps"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = tuple(_EXPORTS)

@@ -22,7 +22,7 @@ from refimpl.parallel.launch import run_processes
 from refimpl.parallel.model import TinyGPT
 from refimpl.parallel.zero import ZeroOptimizer, state_bytes
 
-__all__ = ["check_tokens", "data_parallel_steps", "train_data_parallel", "train_single"]
+__all__ = ["check_tokens", "data_parallel_steps", "train_data_parallel", "train_single", "zero3_steps"]
 
 
 def check_tokens(tokens: Tensor, config: LlamaConfig, world_size: int = 1) -> None:
@@ -141,3 +141,36 @@ def train_data_parallel(
     return run_processes(
         data_parallel_steps, world, config, tokens, optimizer_class, kwargs, zero_stage, bucket_cap_bytes, seed
     )
+
+
+def zero3_steps(config: LlamaConfig, tokens: Tensor, optimizer_class: type, kwargs: dict, seed: int) -> dict[str, Any]:
+    """On each rank: the steps of :func:`train_single` with the whole model one ZeRO-3
+    :class:`~refimpl.parallel.zero3.FullyShardedUnit` (rows ``[r B/P, (r+1) B/P)`` of each batch).
+
+    Returns the gathered ``params`` after training, ``losses``, and this rank's persistent bytes:
+    ``param_bytes`` (its shard), ``grad_bytes`` and ``optimizer_bytes``.
+    """
+    from refimpl.parallel.zero3 import FullyShardedUnit
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = TinyGPT(config, seed)
+    unit = FullyShardedUnit(model)
+    opt = optimizer_class([unit.shard], **kwargs)
+    losses = []
+    for batch in tokens:
+        local = batch.tensor_split(world)[rank]
+        opt.zero_grad()
+        model.check_ids(local[:, :-1])
+        logits = unit(local[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), local[:, 1:].reshape(-1))
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    shard = unit.shard
+    return {
+        "params": unit.full_parameters(),
+        "losses": losses,
+        "param_bytes": shard.numel() * shard.element_size(),
+        "grad_bytes": shard.grad.numel() * shard.grad.element_size(),
+        "optimizer_bytes": state_bytes(opt),
+    }
