@@ -21,7 +21,7 @@ from refimpl.parallel.launch import run_tasks
 from refimpl.parallel.model import GPTBlock, TinyGPT, tiny_config
 from refimpl.parallel.pipeline import bubble_fraction, make_schedule, measured_bubble, pipeline_step, simulate
 from refimpl.parallel.tensor import check_tensor_parallel, shard_block, tensor_parallel_step
-from refimpl.parallel.train import data_parallel_steps, train_single
+from refimpl.parallel.train import data_parallel_steps, train_single, zero3_steps
 
 __all__ = ["run_all"]
 
@@ -53,18 +53,23 @@ def run_all(
     microbatches: int = 4,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Data parallelism, ZeRO-1, tensor parallelism, Ladder residual and both pipeline schedules on
+    """Data parallelism, ZeRO-1 and 3, tensor parallelism, Ladder residual and both pipeline schedules on
     ``world_size`` processes, each checked against one process (the pipeline uses ``world_size`` stages).
 
-    Returns floats: ``dp_max_diff``, ``zero1_max_diff``, ``dp_adam_max_diff`` (data-parallel Adam against one
-    process), ``zero1_vs_dp_adam_max_diff`` (ZeRO-1 against data-parallel Adam: the same averaged gradients),
-    ``tp_max_diff``, ``ladder_max_diff``, ``gpipe_max_diff``, ``1f1b_max_diff`` (largest absolute difference
-    of parameters, outputs or gradients);
-    ``dp_overlap_fraction`` (1 - exposed all-reduce wait / all-reduce time alone, median over steps after the
-    first), ``dp_buckets``; ``zero1_optimizer_bytes_ratio`` (largest rank / unsharded Adam);
-    ``ladder_comm_hidden_fraction`` (1 - Ladder's all-reduce wait / standard's); for each schedule
-    ``*_bubble_measured``, ``*_bubble_simulated`` (the schedule's timeline with the measured median forward and
-    backward times) and ``bubble_predicted`` ``(p - 1) / (m + p - 1)``; ``*_peak_in_flight`` on stage 0.
+    Returns floats:
+
+    * the largest absolute difference of parameters, outputs or gradients from one process: ``dp_max_diff``
+      (SGD), ``dp_adam_max_diff``, ``zero1_max_diff``, ``zero3_max_diff`` (Adam), ``tp_max_diff``,
+      ``ladder_max_diff`` (against a single-process Ladder model), ``gpipe_max_diff``, ``1f1b_max_diff``; and
+      ``zero1_vs_dp_adam_max_diff`` (ZeRO-1 against data-parallel Adam, which see the same averaged gradients);
+    * ``dp_overlap_fraction`` (1 - exposed all-reduce wait / all-reduce time alone, median over steps after
+      the first), ``dp_buckets``;
+    * ``zero1_optimizer_bytes_ratio`` (Adam state on the fullest rank / unsharded) and ``zero3_bytes_ratio``
+      (ZeRO-3's persistent parameter, gradient and Adam bytes on the fullest rank / unsharded);
+    * ``ladder_comm_hidden_fraction`` (1 - Ladder's all-reduce wait / standard's), ``ladder_vs_standard_diff``;
+    * per schedule ``*_bubble_measured``, ``*_bubble_simulated`` (the schedule's timeline with the measured
+      median forward and backward times), ``*_peak_in_flight`` on stage 0, ``*_intervals``; and
+      ``bubble_predicted`` ``(p - 1) / (m + p - 1)``.
     """
     world = check_int("world_size", world_size, min_value=1, max_value=16)
     config = config or tiny_config(n_layers=4, d_model=64, n_heads=4, ffn_dim=128, vocab_size=64, max_seq_len=64)
@@ -74,12 +79,13 @@ def run_all(
     x = torch.randn(2, seq_len, config.d_model, generator=g)
     grad_y = torch.randn(2, seq_len, config.d_model, generator=g)
     sgd, adam = (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), (torch.optim.Adam, {"lr": 1e-2})
-    dp, dp_adam, zero1, tp, ladder, gpipe, ofob = run_tasks(
+    dp, dp_adam, zero1, zero3, tp, ladder, gpipe, ofob = run_tasks(
         world,
         [
             (data_parallel_steps, (config, tokens, *sgd, 0, 2**15, seed)),
             (data_parallel_steps, (config, tokens, *adam, 0, 2**15, seed)),
             (data_parallel_steps, (config, tokens, *adam, 1, 2**15, seed)),
+            (zero3_steps, (config, tokens, *adam, seed)),
             (tensor_parallel_step, (config, x, grad_y, 0)),
             (ladder_step, (config, x, 0, 5)),
             (pipeline_step, (config, tokens[0], microbatches, "gpipe", seed)),
@@ -98,6 +104,11 @@ def run_all(
     overlap = [1 - w / r["comm_alone_s"] for r in dp for w in r["exposed_wait_s"][1:]]
     out["dp_overlap_fraction"] = min(1.0, max(0.0, median(overlap))) if overlap else float("nan")
     out["dp_buckets"] = dp[0]["num_buckets"]
+    out["zero3_max_diff"] = max(_max_diff(r["params"], single_adam["params"]) for r in zero3)
+    unsharded = 2 * sum(v.numel() * v.element_size() for v in single_adam["params"].values())  # weights + grads
+    unsharded += single_adam["optimizer_bytes"]
+    per_rank = max(r["param_bytes"] + r["grad_bytes"] + r["optimizer_bytes"] for r in zero3)
+    out["zero3_bytes_ratio"] = per_rank / unsharded
     out["zero1_optimizer_bytes_ratio"] = max(r["optimizer_bytes"] for r in zero1) / single_adam["optimizer_bytes"]
 
     y, grad_x, shard_grads = _tp_reference(config, x, grad_y, world)
