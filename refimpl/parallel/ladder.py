@@ -57,33 +57,27 @@ def residual_forward(
     def launch(out: Tensor) -> Any:
         return dist.all_reduce(out, group=group, async_op=True) if tensor_parallel else None
 
+    def wait(work: Any) -> float:  # seconds blocked on an all-reduce
+        start = time.perf_counter()
+        if work is not None:
+            work.wait()
+        return time.perf_counter() - start
+
     exposed = 0.0
-    if not ladder:  # x_i = x_{i-1} + AllReduce(f_i(x_{i-1}))
-        for f in branches:
-            out = f(x)
-            work = launch(out)
-            start = time.perf_counter()
-            if work is not None:
-                work.wait()
-            exposed += time.perf_counter() - start
-            x = x + out
-        return x, exposed
-    pending: tuple[Any, Tensor] | None = None
-    for f in branches:  # x_i = x_{i-1} + AllReduce(f_i(x_{i-2})): f_i runs while f_{i-1}'s all-reduce is in flight
-        out = f(x)
+    pending: tuple[Any, Tensor] | None = None  # the branch output whose all-reduce is in flight
+    for f in branches:
+        out = f(x)  # standard: x = x_{i-1}; Ladder: x = x_{i-2} (x_{i-1} without f_{i-1}'s output)
         work = launch(out)
-        if pending is not None:
-            start = time.perf_counter()
-            if pending[0] is not None:
-                pending[0].wait()
-            exposed += time.perf_counter() - start
+        if not ladder:  # x_i = x_{i-1} + AllReduce(f_i(x_{i-1})): wait before the next branch
+            exposed += wait(work)
+            x = x + out
+            continue
+        if pending is not None:  # x_i = x_{i-1} + AllReduce(f_i(x_{i-2})): f_i ran during f_{i-1}'s all-reduce
+            exposed += wait(pending[0])
             x = x + pending[1]
         pending = (work, out)
     if pending is not None:
-        start = time.perf_counter()
-        if pending[0] is not None:
-            pending[0].wait()
-        exposed += time.perf_counter() - start
+        exposed += wait(pending[0])
         x = x + pending[1]
     return x, exposed
 
