@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from refimpl.llm.model import rope_cos_sin
 from refimpl.parallel import (
@@ -101,15 +103,38 @@ def test_residual_forward_single_process_matches_the_equations() -> None:
     assert wait < 1.0
 
 
-def test_shards_reassemble_the_block() -> None:
-    block = GPTBlock(CONFIG, torch.Generator().manual_seed(1))
-    for world in (1, 2, 4):
-        shards = [shard_block(block, r, world) for r in range(world)]
-        wo = torch.cat([s["wo"] for s in shards])
-        assert torch.equal(wo, block.wo.detach())
-        down = torch.cat([s["w_down"] for s in shards])
-        assert torch.equal(down, block.w_down.detach())
-        assert sum(s["wqkv"].numel() for s in shards) == block.wqkv.numel()
+@settings(deadline=None, max_examples=25)
+@given(st.sampled_from([1, 2, 4]), st.integers(1, 3), st.sampled_from([2, 4]), st.integers(1, 3))
+def test_shards_reassemble_the_block(world: int, heads_per_rank: int, head_dim: int, ffn_per_rank: int) -> None:
+    n_heads = world * heads_per_rank
+    config = tiny_config(n_layers=1, d_model=n_heads * head_dim, n_heads=n_heads, ffn_dim=world * ffn_per_rank)
+    block = GPTBlock(config, torch.Generator().manual_seed(n_heads))
+    shards = [shard_block(block, r, world) for r in range(world)]
+    assert torch.equal(torch.cat([s["wo"] for s in shards]), block.wo.detach())
+    assert torch.equal(torch.cat([s["w_down"] for s in shards]), block.w_down.detach())
+    # each rank's [W_q | W_k | W_v] holds its heads' columns of each of W_q, W_k, W_v, in order
+    qkv = [torch.cat([s["wqkv"].chunk(3, dim=1)[i] for s in shards], dim=1) for i in range(3)]
+    assert torch.equal(torch.cat(qkv, dim=1), block.wqkv.detach())
+    gate_up = [torch.cat([s["w_gate_up"].chunk(2, dim=1)[i] for s in shards], dim=1) for i in range(2)]
+    assert torch.equal(torch.cat(gate_up, dim=1), block.w_gate_up.detach())
+    for s in shards:
+        assert torch.equal(s["attn_norm"], block.attn_norm.detach())
+
+
+@settings(deadline=None, max_examples=15)
+@given(st.integers(1, 3), st.integers(1, 6), st.integers(0, 100))
+def test_ladder_matches_its_equation_for_any_depth(n_layers: int, t: int, seed: int) -> None:
+    config = tiny_config(n_layers=n_layers, d_model=16, n_heads=2, ffn_dim=16, max_seq_len=8)
+    model = TinyGPT(config, seed)
+    x = torch.randn(2, t, 16, generator=torch.Generator().manual_seed(seed))
+    cos, sin = rope_cos_sin(torch.arange(t), config.head_dim, config.rope_base)
+    fs = block_branches(model.blocks, cos, sin)
+    with torch.no_grad():
+        xs = [x]
+        for i, f in enumerate(fs, start=1):
+            xs.append(xs[i - 1] + f(xs[max(i - 2, 0)]))
+        torch.testing.assert_close(residual_forward(fs, x, ladder=True)[0], xs[-1])
+        torch.testing.assert_close(residual_forward(fs, x, ladder=False)[0], model.stage_forward(x, 0, n_layers))
 
 
 def test_bad_tensor_parallel_sizes_name_the_argument() -> None:
