@@ -10,6 +10,7 @@
 * :mod:`refimpl.parallel.pipeline` - GPipe and 1F1B schedules as data, run with send/recv between stages;
 * :mod:`refimpl.parallel.mfu` - FLOPs per token, MFU and a step-time model of 3D parallelism (arithmetic);
 * :mod:`refimpl.parallel.train` - the reference single-process run and the data-parallel run;
+* :mod:`refimpl.parallel.checkpoint` - asynchronous checkpoints: copy to host, write in the background;
 * :mod:`refimpl.parallel.experiments` - every technique in one spawn, checked against one process.
 
 Submodules load on first use (``import refimpl.parallel`` imports no torch).
@@ -48,6 +49,7 @@ _EXPORTS = {
         "stage_layers",
     ),
     "mfu": ("GPT3_175B", "ParallelLayout", "StepTime", "network_bandwidths", "step_time", "training_flops_per_token"),
+    "checkpoint": ("Snapshot", "async_snapshot", "host_copy"),
     "experiments": ("run_all",),
     "zero3": ("FullyShardedUnit",),
     "train": ("check_tokens", "data_parallel_steps", "train_data_parallel", "train_single", "zero3_steps"),
