@@ -64,7 +64,7 @@ def test_data_parallel_and_zero1_equal_single_process_2_ranks() -> None:
     dp_sgd, zero1, zero3 = run_tasks(
         2,
         [
-            (data_parallel_steps, (CONFIG, tokens, *sgd, 0, 2**12, 0)),
+            (data_parallel_steps, (CONFIG, tokens, *sgd, 0, 2**12, 0, 2)),  # 2 micro-batches, no_sync on the first
             (data_parallel_steps, (CONFIG, tokens, *adam, 1, 2**12, 0)),
             (zero3_steps, (CONFIG, tokens, *adam, 0)),
         ],
@@ -79,6 +79,7 @@ def test_data_parallel_and_zero1_equal_single_process_2_ranks() -> None:
         assert r["optimizer_bytes"] == 2 * 4 * -(-n // 2) + 4  # exp_avg, exp_avg_sq and the step count
     assert [r["losses"] for r in zero3] == [r["losses"] for r in zero1]  # same data, same model, each step
     assert dp_sgd[0]["num_buckets"] > 2  # the gradients really went in several buckets
+    assert dp_sgd[0]["bucket_all_reduces"] == 3 * dp_sgd[0]["num_buckets"]  # once per step: no_sync held back
     assert [r["losses"] for r in zero1] != [single_adam["losses"]] * 2  # each rank saw only its half batch
     shard_bytes = [r["optimizer_bytes"] for r in zero1]
     assert sum(shard_bytes) == single_adam["optimizer_bytes"]  # every parameter's state held exactly once

@@ -58,6 +58,7 @@ class DataParallel(nn.Module):
     Attributes:
         buckets: the parameter buckets, each a list of parameters, in launch order (last layer first).
         exposed_wait_s: seconds the last backward spent waiting for all-reduces after its compute ended.
+        bucket_all_reduces: how many bucket all-reduces have been launched so far.
     """
 
     def __init__(self, module: nn.Module, *, bucket_cap_bytes: int = 2**16, group: Any = None) -> None:
@@ -79,6 +80,7 @@ class DataParallel(nn.Module):
         self._sync = True
         self._reset()
         self.exposed_wait_s = 0.0
+        self.bucket_all_reduces = 0
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
@@ -117,6 +119,7 @@ class DataParallel(nn.Module):
                 p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in self.buckets[b]]).div_(self.world)
         self._pending[b] = (dist.all_reduce(flat, async_op=True, group=self.group), flat)
+        self.bucket_all_reduces += 1
 
     def _finish(self) -> None:
         """End of backward: launch any incomplete bucket, wait for all, copy the averages into ``p.grad``."""

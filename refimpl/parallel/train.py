@@ -79,9 +79,16 @@ def data_parallel_steps(
     zero_stage: int,
     bucket_cap: int,
     seed: int,
+    accumulation: int = 1,
 ) -> dict[str, Any]:
-    """The body of :func:`train_data_parallel` on one rank of the current process group (arguments as there)."""
+    """The body of :func:`train_data_parallel` on one rank of the current process group (arguments as there).
+
+    ``accumulation > 1`` (plain data parallelism only) splits each rank's rows into that many micro-batches and
+    accumulates their gradients, communicating only after the last (``DataParallel.no_sync`` for the others).
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
+    if accumulation > 1 and zero_stage:
+        raise ValueError(f"accumulation applies to zero_stage=0 only, got zero_stage={zero_stage}")
     model = TinyGPT(config, seed if rank == 0 else seed + 1 + rank)  # rank 0's weights must reach every rank
     if zero_stage < 2:
         dp = DataParallel(model, bucket_cap_bytes=bucket_cap)  # broadcasts rank 0's parameters
@@ -97,18 +104,26 @@ def data_parallel_steps(
     for batch in tokens:
         local = batch.tensor_split(world)[rank]  # (B / P, T + 1)
         opt.zero_grad()
-        loss = model.loss(local[:, :-1], local[:, 1:])
+        micro = local.tensor_split(accumulation)  # equal sizes: the mean of their means is the mean
+        total = 0.0
+        for chunk in micro[:-1]:
+            with dp.no_sync():
+                part = model.loss(chunk[:, :-1], chunk[:, 1:]) / accumulation
+                part.backward()
+                total += part.item()
+        loss = model.loss(micro[-1][:, :-1], micro[-1][:, 1:]) / accumulation
         start = time.perf_counter()
-        loss.backward()
+        loss.backward()  # the last micro-batch: the buckets all-reduce the accumulated gradients
         backward_s.append(time.perf_counter() - start)
         if zero_stage < 2:
             exposed.append(dp.exposed_wait_s)
-        losses.append(loss.item())
+        losses.append(total + loss.item())
         grads = _named(model, grads=True)
         opt.step()
     out = {"params": _named(model), "grads": grads, "losses": losses, "backward_s": backward_s}
     if zero_stage < 2:
-        out.update(exposed_wait_s=exposed, comm_alone_s=dp.all_reduce_alone_s(), num_buckets=len(dp.buckets))
+        out.update(exposed_wait_s=exposed, num_buckets=len(dp.buckets), bucket_all_reduces=dp.bucket_all_reduces)
+        out["comm_alone_s"] = dp.all_reduce_alone_s()
     out["optimizer_bytes"] = opt.state_bytes() if zero_stage else state_bytes(opt)
     if zero_stage:
         out["grad_bytes"] = opt.grad_bytes()
