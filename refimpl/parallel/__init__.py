@@ -49,7 +49,7 @@ _EXPORTS = {
         "stage_layers",
     ),
     "mfu": ("GPT3_175B", "ParallelLayout", "StepTime", "network_bandwidths", "step_time", "training_flops_per_token"),
-    "checkpoint": ("Snapshot", "async_snapshot", "host_copy"),
+    "checkpoint": ("Snapshot", "async_snapshot", "host_copy", "save_durably"),
     "experiments": ("run_all",),
     "zero3": ("FullyShardedUnit",),
     "train": ("check_tokens", "data_parallel_steps", "train_data_parallel", "train_single", "zero3_steps"),

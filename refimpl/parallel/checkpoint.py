@@ -7,7 +7,8 @@ part (serializing and writing to storage) can overlap the following forward and 
 ``torch.save`` stalls training for all of it.
 
 :func:`async_snapshot` copies every tensor of a state dict to host memory (on a GPU this is the device-to-host
-transfer; on the CPU a memory copy), returns, and writes the copy with ``torch.save`` in a background thread.
+transfer; on the CPU a memory copy), returns, and writes the copy with ``torch.save`` and ``fsync``
+(:func:`save_durably`) in a background thread.
 :meth:`Snapshot.wait` joins the writer. The copy makes the file independent of later updates to the live state.
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Snapshot", "async_snapshot", "host_copy"]
+__all__ = ["Snapshot", "async_snapshot", "host_copy", "save_durably"]
 
 
 def host_copy(state: Any) -> Any:
@@ -54,8 +55,16 @@ class Snapshot:
         return self._write_s[0]
 
 
+def save_durably(state: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save(state, path)``, then ``fsync``: a checkpoint counts once it is on storage, not in the page cache."""
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def async_snapshot(state: Any, path: str | os.PathLike[str]) -> Snapshot:
-    """Copy ``state`` to host memory now and write it to ``path`` with ``torch.save`` in a background thread."""
+    """Copy ``state`` to host memory now; write it to ``path`` with :func:`save_durably` in a background thread."""
     path = os.fspath(path)
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise ValueError(f"path must be in an existing directory, got {path!r}")
@@ -68,7 +77,7 @@ def async_snapshot(state: Any, path: str | os.PathLike[str]) -> Snapshot:
     def write() -> None:
         t0 = time.perf_counter()
         try:
-            torch.save(copy, path)
+            save_durably(copy, path)
         except BaseException as err:  # surfaced by Snapshot.wait
             errors.append(err)
         write_s.append(time.perf_counter() - t0)
