@@ -202,26 +202,11 @@ def stage_layers(n_layers: int, num_stages: int, stage: int) -> tuple[int, int]:
     return stage * per, (stage + 1) * per
 
 
-def pipeline_step(
-    config: LlamaConfig, tokens: Tensor, num_microbatches: int, schedule_name: str, seed: int = 0
-) -> dict[str, Any]:
-    """On each rank (= stage): one forward/backward of ``tokens: (B, T + 1)`` under the named schedule.
-
-    Every rank builds ``TinyGPT(config, seed)`` and keeps the parameters of its stage. Activations and
-    gradients travel with ``isend`` (never blocking the sender, so no schedule order can deadlock on a send)
-    and blocking ``recv``. Returns this stage's ``grads`` (name -> tensor, its parameters only), the ``loss``
-    (last stage; ``None`` elsewhere) and ``intervals``: ``(action, start, end)`` of the compute of each action,
-    on the machine-wide monotonic clock.
-    """
-    rank, p = dist.get_rank(), dist.get_world_size()
-    m = check_positive_int("num_microbatches", num_microbatches)
-    if tokens.shape[0] % m:
-        raise ValueError(f"num_microbatches must divide the batch size {tokens.shape[0]}, got {m}")
-    first, last = stage_layers(config.n_layers, p, rank)
-    schedule = make_schedule(schedule_name, p, m)[rank]
-    model = TinyGPT(config, seed)
-    micro = tokens.tensor_split(m)  # m x (B / m, T + 1)
-    shape = (tokens.shape[0] // m, tokens.shape[1] - 1, config.d_model)
+def _run_schedule(
+    model: TinyGPT, schedule: list[Action], micro: tuple[Tensor, ...], shape: tuple[int, int, int], layers: range
+) -> tuple[float, list[tuple[Action, float, float]]]:
+    """Run this stage's ``schedule`` once; return the summed loss (last stage) and the compute intervals."""
+    rank, p, m = dist.get_rank(), dist.get_world_size(), len(micro)
     stash: dict[int, tuple[Tensor | None, Tensor]] = {}  # microbatch -> (stage input, stage output or loss)
     sends: list[tuple[Any, Tensor]] = []
     intervals: list[tuple[Action, float, float]] = []
@@ -237,7 +222,7 @@ def pipeline_step(
                 x.requires_grad_(True)
             start = time.perf_counter()
             h = F.embedding(micro[i][:, :-1], model.embed) if rank == 0 else x
-            y = model.stage_forward(h, first, last)
+            y = model.stage_forward(h, layers.start, layers.stop)
             if rank == p - 1:
                 logits = model.output(y)
                 y = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), micro[i][:, 1:].reshape(-1)) / m
@@ -260,5 +245,39 @@ def pipeline_step(
         intervals.append((action, start, time.perf_counter()))
     for work, _ in sends:
         work.wait()
+    return loss_total, intervals
+
+
+def pipeline_step(
+    config: LlamaConfig,
+    tokens: Tensor,
+    num_microbatches: int,
+    schedule_name: str,
+    seed: int = 0,
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """On each rank (= stage): one forward/backward of ``tokens: (B, T + 1)`` under the named schedule.
+
+    Every rank builds ``TinyGPT(config, seed)`` and keeps the parameters of its stage. Activations and
+    gradients travel with ``isend`` (never blocking the sender, so no schedule order can deadlock on a send)
+    and blocking ``recv``. The schedule first runs ``warmup`` untimed times (first calls pay for allocation),
+    then once more with the gradients zeroed. Returns this stage's ``grads`` (name -> tensor, its parameters
+    only), the ``loss`` (last stage; ``None`` elsewhere) and ``intervals``: ``(action, start, end)`` of the
+    compute of each action in the last run, on the machine-wide monotonic clock.
+    """
+    rank, p = dist.get_rank(), dist.get_world_size()
+    m = check_positive_int("num_microbatches", num_microbatches)
+    warmup = check_int("warmup", warmup, min_value=0)
+    if tokens.shape[0] % m:
+        raise ValueError(f"num_microbatches must divide the batch size {tokens.shape[0]}, got {m}")
+    first, last = stage_layers(config.n_layers, p, rank)
+    schedule = make_schedule(schedule_name, p, m)[rank]
+    model = TinyGPT(config, seed)
+    micro = tokens.tensor_split(m)  # m x (B / m, T + 1)
+    shape = (tokens.shape[0] // m, tokens.shape[1] - 1, config.d_model)
+    for _ in range(warmup + 1):
+        model.zero_grad(set_to_none=True)
+        dist.barrier()  # every stage starts the timed run together
+        loss_total, intervals = _run_schedule(model, schedule, micro, shape, range(first, last))
     grads = {n: q.grad for n, q in model.named_parameters() if q.grad is not None}
     return {"grads": grads, "loss": loss_total if rank == p - 1 else None, "intervals": intervals}
