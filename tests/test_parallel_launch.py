@@ -39,11 +39,15 @@ def test_run_tasks_rejects_malformed_tasks() -> None:
 
 
 @pytest.mark.distributed
-def test_bad_world_size_raises_on_the_ranks_and_a_lonely_collective_times_out() -> None:
+def test_bad_world_size_raises_on_the_ranks() -> None:
     config = tiny_config(n_heads=4, d_model=32)
     x = torch.zeros(1, 2, 32)
     with pytest.raises(ProcessRaisedException, match="world_size must divide n_heads=4, got 3"):
         run_tasks(3, [(tensor_parallel_step, (config, x, x))])
+
+
+@pytest.mark.distributed
+def test_a_lonely_collective_errors_instead_of_hanging() -> None:
     with pytest.raises(ProcessRaisedException):  # an error, not a hang: the peer left or the timeout fired
         run_processes(_rank_zero_waits_alone, 2, timeout_s=5.0)
 
