@@ -88,3 +88,12 @@ def test_pipeline_equals_single_process_2_stages() -> None:
 @pytest.mark.distributed
 def test_pipeline_equals_single_process_4_stages() -> None:
     _run(4, 2)
+
+
+def test_pipeline_step_checks_tokens_before_any_communication() -> None:
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 32\)"):
+        pipeline_step(CONFIG, torch.full((4, 9), 40), 2, "gpipe")
+    with pytest.raises(ValueError, match="num_microbatches must divide the batch size 4, got 3"):
+        pipeline_step(CONFIG, torch.zeros(4, 9, dtype=torch.long), 3, "gpipe")
+    with pytest.raises(ValueError, match="tokens must have 2 dimensions"):
+        pipeline_step(CONFIG, torch.zeros(9, dtype=torch.long), 1, "gpipe")

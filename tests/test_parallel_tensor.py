@@ -146,3 +146,13 @@ def test_bad_tensor_parallel_sizes_name_the_argument() -> None:
         shard_block(GPTBlock(CONFIG, torch.Generator()), 2, 2)
     with pytest.raises(ValueError, match="world_size must be >= 1, got 0"):
         check_tensor_parallel(CONFIG, 0)
+
+
+def test_bad_streams_raise_before_any_communication() -> None:
+    x = torch.zeros(1, 4, CONFIG.d_model)
+    with pytest.raises(ValueError, match=r"x must have shape \(B >= 1, 1..8, 32\), got \(1, 4, 31\)"):
+        tensor_parallel_step(CONFIG, x[..., :31], x[..., :31])
+    with pytest.raises(ValueError, match=r"grad_y must have x's shape \(1, 4, 32\), got \(1, 3, 32\)"):
+        tensor_parallel_step(CONFIG, x, x[:, :3])
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        ladder_step(CONFIG, x[0])

@@ -23,7 +23,7 @@ from typing import Any
 
 _EXPORTS = {
     "launch": ("free_port", "run_processes", "run_tasks"),
-    "model": ("GPTBlock", "TinyGPT", "tiny_config"),
+    "model": ("GPTBlock", "TinyGPT", "check_stream", "tiny_config"),
     "data": ("DataParallel", "make_buckets"),
     "zero": ("ZeroOptimizer", "partition_parameters", "state_bytes"),
     "tensor": (

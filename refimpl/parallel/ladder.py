@@ -28,7 +28,7 @@ from torch import Tensor
 
 from refimpl.llm.config import LlamaConfig
 from refimpl.llm.model import rope_cos_sin
-from refimpl.parallel.model import TinyGPT
+from refimpl.parallel.model import TinyGPT, check_stream
 from refimpl.parallel.tensor import TensorParallelBlock, check_tensor_parallel
 
 __all__ = ["block_branches", "ladder_step", "residual_forward"]
@@ -89,8 +89,10 @@ def ladder_step(config: LlamaConfig, x: Tensor, seed: int = 0, repeats: int = 3)
     Returns ``standard`` and ``ladder`` outputs ``(B, T, d)`` and the median over ``repeats`` (alternating the
     two) of ``standard_wait_s``/``ladder_wait_s`` (all-reduce time not hidden) and ``standard_s``/``ladder_s``.
     """
+    model = TinyGPT(config, seed)
+    check_stream(config, "x", x)
     check_tensor_parallel(config, dist.get_world_size())
-    blocks = [TensorParallelBlock(b) for b in TinyGPT(config, seed).blocks]
+    blocks = [TensorParallelBlock(b) for b in model.blocks]
     cos, sin = rope_cos_sin(torch.arange(x.shape[1]), config.head_dim, config.rope_base)
     branches = block_branches(blocks, cos, sin)
     times: dict[str, list[float]] = {k: [] for k in ("standard_wait_s", "ladder_wait_s", "standard_s", "ladder_s")}

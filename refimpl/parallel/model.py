@@ -22,7 +22,7 @@ from refimpl._checks import check_int, check_positive_int, check_tensor
 from refimpl.llm.config import LlamaConfig
 from refimpl.llm.model import apply_rope, causal_attention, rms_norm, rope_cos_sin
 
-__all__ = ["GPTBlock", "TinyGPT", "tiny_config"]
+__all__ = ["GPTBlock", "TinyGPT", "check_stream", "tiny_config"]
 
 
 def tiny_config(
@@ -55,6 +55,15 @@ def tiny_config(
         tie_embeddings=False,
         name="tiny-gpt",
     )
+
+
+def check_stream(config: LlamaConfig, name: str, x: Tensor) -> None:
+    """Raise naming ``name`` unless ``x`` is a float residual stream ``(B, T, d_model)`` of ``config``."""
+    check_tensor(name, x, ndim=3, floating=True)
+    if x.shape[-1] != config.d_model or not 0 < x.shape[1] <= config.max_seq_len or x.shape[0] == 0:
+        raise ValueError(
+            f"{name} must have shape (B >= 1, 1..{config.max_seq_len}, {config.d_model}), got {tuple(x.shape)}"
+        )
 
 
 class GPTBlock(nn.Module):

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from refimpl._checks import check_choice, check_float, check_int, check_positive_int
+from refimpl._checks import check_choice, check_float, check_int, check_positive_int, check_tensor
 from refimpl.llm.config import LlamaConfig
 from refimpl.parallel.model import TinyGPT
 
@@ -265,14 +265,17 @@ def pipeline_step(
     only), the ``loss`` (last stage; ``None`` elsewhere) and ``intervals``: ``(action, start, end)`` of the
     compute of each action in the last run, on the machine-wide monotonic clock.
     """
-    rank, p = dist.get_rank(), dist.get_world_size()
+    model = TinyGPT(config, seed)
+    check_tensor("tokens", tokens, ndim=2)
+    model.check_ids(tokens[:, :-1])
+    model.check_ids(tokens[:, 1:])
     m = check_positive_int("num_microbatches", num_microbatches)
     warmup = check_int("warmup", warmup, min_value=0)
     if tokens.shape[0] % m:
         raise ValueError(f"num_microbatches must divide the batch size {tokens.shape[0]}, got {m}")
+    rank, p = dist.get_rank(), dist.get_world_size()
     first, last = stage_layers(config.n_layers, p, rank)
     schedule = make_schedule(schedule_name, p, m)[rank]
-    model = TinyGPT(config, seed)
     micro = tokens.tensor_split(m)  # m x (B / m, T + 1)
     shape = (tokens.shape[0] // m, tokens.shape[1] - 1, config.d_model)
     for _ in range(warmup + 1):

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from refimpl._checks import check_int
 from refimpl.llm.config import LlamaConfig
 from refimpl.llm.model import rms_norm, rope_cos_sin
-from refimpl.parallel.model import GPTBlock
+from refimpl.parallel.model import GPTBlock, check_stream
 
 __all__ = [
     "TensorParallelBlock",
@@ -150,8 +150,12 @@ def tensor_parallel_step(config: LlamaConfig, x: Tensor, grad_y: Tensor, seed: i
     ``x, grad_y: (B, T, d)``. Returns this rank's ``y``, ``grad_x`` and its shards' gradients (``grads``), for
     the comparison with the unsharded block.
     """
-    check_tensor_parallel(config, dist.get_world_size())
     block = GPTBlock(config, torch.Generator().manual_seed(seed))
+    check_stream(config, "x", x)
+    check_stream(config, "grad_y", grad_y)
+    if grad_y.shape != x.shape:
+        raise ValueError(f"grad_y must have x's shape {tuple(x.shape)}, got {tuple(grad_y.shape)}")
+    check_tensor_parallel(config, dist.get_world_size())
     tp = TensorParallelBlock(block)
     x = x.clone().requires_grad_(True)
     t = x.shape[1]
