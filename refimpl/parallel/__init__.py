@@ -11,6 +11,7 @@
 * :mod:`refimpl.parallel.mfu` - FLOPs per token, MFU and a step-time model of 3D parallelism (arithmetic);
 * :mod:`refimpl.parallel.train` - the reference single-process run and the data-parallel run;
 * :mod:`refimpl.parallel.checkpoint` - asynchronous checkpoints: copy to host, write in the background;
+* :mod:`refimpl.parallel.recovery` - CheckFree: a lost stage rebuilt from its neighbours, against checkpoints;
 * :mod:`refimpl.parallel.experiments` - every technique in one spawn, checked against one process.
 
 Submodules load on first use (``import refimpl.parallel`` imports no torch).
@@ -50,6 +51,7 @@ _EXPORTS = {
     ),
     "mfu": ("GPT3_175B", "ParallelLayout", "StepTime", "network_bandwidths", "step_time", "training_flops_per_token"),
     "checkpoint": ("Snapshot", "async_snapshot", "host_copy", "save_durably"),
+    "recovery": ("RecoveryResult", "average_neighbours", "markov_batches", "recovery_experiment"),
     "experiments": ("run_all",),
     "zero3": ("FullyShardedUnit",),
     "train": ("check_tokens", "data_parallel_steps", "train_data_parallel", "train_single", "zero3_steps"),
