@@ -12,6 +12,7 @@ module                     technique                                      chapte
 ``refimpl.eviction``       Scissorhands, H2O, StreamingLLM eviction       ``chapters/scissorhands``
 ``refimpl.quant``          weight/activation quantization, outliers       ``chapters/quantization``
 ``refimpl.moe``            Mixture-of-Experts routing and dispatch        ``chapters/moe``
+``refimpl.parallel``       data, ZeRO, tensor, pipeline parallelism       ``chapters/parallel``
 ``refimpl.llm``            SmolLM2-135M in plain PyTorch                  ``chapters/smollm2``
 =========================  =============================================  ==========================
 
@@ -38,6 +39,7 @@ _SUBMODULES = (
     "llm",
     "memo",
     "moe",
+    "parallel",
     "quant",
     "recording",
     "roofline",
