@@ -12,38 +12,43 @@ import time
 
 import torch
 
-from refimpl._checks import check_int, check_positive_int
+from refimpl._checks import check_int, check_positive_int, check_tensor
 from refimpl.llm.config import LlamaConfig
 
 __all__ = ["decode_bytes", "forward_flops", "time_decode", "time_matvecs"]
 
 
-def forward_flops(config: LlamaConfig, t: int, context: int = 0, causal: bool = True) -> float:
-    """FLOPs of one forward call over ``t`` new tokens after ``context`` cached ones (batch 1).
+def forward_flops(config: LlamaConfig, t: int, context: int = 0, causal: bool = True, rows: int = 1) -> float:
+    """FLOPs of one forward call over ``t`` new tokens after ``context`` cached ones, for ``rows`` sequences.
 
-    Weight matrices and the output head: ``2 t`` FLOPs per weight. Attention: ``q k^T`` and ``p v`` cost
-    ``2 * D`` each per (query head, visible key) pair; query ``i`` sees ``context + i + 1`` keys when
+    Weight matrices and the output head: ``2 t`` FLOPs per weight and row. Attention: ``q k^T`` and ``p v``
+    cost ``2 * D`` each per (query head, visible key) pair; query ``i`` sees ``context + i + 1`` keys when
     ``causal`` (else all ``context + t``, the count of an implementation that computes masked scores too).
     Norms, RoPE and softmax (``O(t * d)``) are left out.
     """
     t = check_positive_int("t", t)
     context = check_int("context", context, min_value=0)
+    rows = check_positive_int("rows", rows)
     c = config
     matrix = sum(v for k, v in c.layer_params().items() if not k.endswith("norm")) * c.n_layers
     head = c.vocab_size * c.d_model
     pairs = t * context + (t * (t + 1) / 2 if causal else t * t)  # (query, key) pairs scored
-    return 2.0 * (matrix + head) * t + c.n_layers * c.n_heads * 4 * c.head_dim * pairs
+    return rows * (2.0 * (matrix + head) * t + c.n_layers * c.n_heads * 4 * c.head_dim * pairs)
 
 
-def decode_bytes(config: LlamaConfig, context: int, bytes_per_value: int = 4) -> int:
-    """Bytes one batch-1 decode step reads: every weight once (:meth:`LlamaConfig.decode_weight_bytes`) plus
-    the full KV cache of ``context`` tokens (:meth:`LlamaConfig.kv_bytes_per_token` each)."""
+def decode_bytes(config: LlamaConfig, context: int, bytes_per_value: int = 4, rows: int = 1) -> int:
+    """Bytes one decode step of ``rows`` sequences reads: every weight once, shared by the rows
+    (:meth:`LlamaConfig.decode_weight_bytes`), plus each row's KV cache of ``context`` tokens
+    (:meth:`LlamaConfig.kv_bytes_per_token` each)."""
     context = check_int("context", context, min_value=0)
-    return config.decode_weight_bytes(bytes_per_value) + context * config.kv_bytes_per_token(bytes_per_value)
+    rows = check_positive_int("rows", rows)
+    kv = rows * context * config.kv_bytes_per_token(bytes_per_value)
+    return config.decode_weight_bytes(bytes_per_value) + kv
 
 
 def time_decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, repeats: int = 3) -> float:
-    """Seconds of one greedy decode step after a prefill of ``prompt: (T,)`` through fresh full caches.
+    """Seconds of one greedy decode step after a prefill of ``prompt: (T,)`` (or ``(B, T)``: ``B`` sequences
+    decoded together, one token each per step) through fresh full caches.
 
     Each of ``repeats`` runs prefills, then times ``steps`` decode steps one by one; the result is the
     fastest step: the one least disturbed by other processes (the convention of
@@ -52,14 +57,16 @@ def time_decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, repeat
     """
     steps = check_positive_int("steps", steps)
     repeats = check_positive_int("repeats", repeats)
-    n = prompt.shape[0]
+    check_tensor("prompt", prompt, ndim=(1, 2), dtypes=[torch.int64, torch.int32])
+    rows = prompt if prompt.dim() == 2 else prompt[None]  # (B, T)
+    n = rows.shape[1]
     best = float("inf")
     for _ in range(repeats):
         caches = model.new_caches()
-        nxt = int(model(prompt[None], caches, 0)[0, -1].argmax())
+        nxt = model(rows, caches, 0)[:, -1:].argmax(-1)  # (B, 1)
         for i in range(steps):
             start = time.perf_counter()
-            nxt = int(model(torch.tensor([[nxt]]), caches, n + i)[0, -1].argmax())
+            nxt = model(nxt, caches, n + i)[:, -1:].argmax(-1)
             best = min(best, time.perf_counter() - start)
     return best
 
