@@ -78,10 +78,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     rows = ids[: args.context * args.rows].view(args.rows, args.context)  # (rows, context)
     s_batch = time_decode(model, rows, args.steps, args.repeats)
     mean_context = args.context + args.steps // 2
-    batch_bound_s = max(
-        decode_bytes(c, mean_context, rows=args.rows) / bandwidth,
-        forward_flops(c, 1, mean_context, rows=args.rows) / peak,
-    )
+    batch_bytes = c.decode_weight_bytes() + args.rows * mean_context * c.kv_bytes_per_token()  # weights shared
+    batch_bound_s = max(batch_bytes / bandwidth, args.rows * forward_flops(c, 1, mean_context) / peak)
 
     model_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -481,8 +481,6 @@ def test_benchmark_quick_prints_numbers():
         "prefill_tokens_per_s",
         "prefill_roofline_fraction",
         "stream_bandwidth_GBps",
-        "batch_decode_tokens_per_s",
-        "batch_decode_roofline_fraction",
     ):
         assert float(values[key]) > 0, key
 
@@ -513,8 +511,8 @@ def test_forward_flops_match_torch_flop_counter(llm):
 
 @needs_model
 def test_batched_decode_through_caches_equals_rows_alone(llm):
-    """Rows decoded together (one cache holding both) give each row's logits alone; the batched cost model."""
-    from refimpl.llm.perf import decode_bytes, forward_flops, time_decode
+    """Rows decoded together (one cache holding both) give each row's logits alone; batched decode timing."""
+    from refimpl.llm.perf import time_decode
 
     model, tok = llm
     rows = torch.stack([corpus.eval_ids(10, tok), corpus.eval_ids(10, tok, "heldout")])  # (2, 10)
@@ -523,11 +521,6 @@ def test_batched_decode_through_caches_equals_rows_alone(llm):
     for r in range(2):
         alone = model(rows[r : r + 1])
         torch.testing.assert_close(torch.cat(both, dim=1)[r : r + 1], alone, rtol=1e-4, atol=1e-4)
-    c = model.config
-    assert decode_bytes(c, 10, rows=3) == decode_bytes(c, 0) + 3 * 10 * c.kv_bytes_per_token()
-    assert forward_flops(c, 1, 10, rows=3) == 3 * forward_flops(c, 1, 10)
     assert time_decode(model, rows, steps=1, repeats=1) > 0
-    with pytest.raises(ValueError, match="rows must be >= 1"):
-        decode_bytes(c, 10, rows=0)
     with pytest.raises(ValueError, match="prompt"):
         time_decode(model, rows[None], steps=1)

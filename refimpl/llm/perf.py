@@ -18,32 +18,28 @@ from refimpl.llm.config import LlamaConfig
 __all__ = ["decode_bytes", "forward_flops", "time_decode", "time_matvecs"]
 
 
-def forward_flops(config: LlamaConfig, t: int, context: int = 0, causal: bool = True, rows: int = 1) -> float:
-    """FLOPs of one forward call over ``t`` new tokens after ``context`` cached ones, for ``rows`` sequences.
+def forward_flops(config: LlamaConfig, t: int, context: int = 0, causal: bool = True) -> float:
+    """FLOPs of one forward call over ``t`` new tokens after ``context`` cached ones (batch 1).
 
-    Weight matrices and the output head: ``2 t`` FLOPs per weight and row. Attention: ``q k^T`` and ``p v``
-    cost ``2 * D`` each per (query head, visible key) pair; query ``i`` sees ``context + i + 1`` keys when
+    Weight matrices and the output head: ``2 t`` FLOPs per weight. Attention: ``q k^T`` and ``p v`` cost
+    ``2 * D`` each per (query head, visible key) pair; query ``i`` sees ``context + i + 1`` keys when
     ``causal`` (else all ``context + t``, the count of an implementation that computes masked scores too).
     Norms, RoPE and softmax (``O(t * d)``) are left out.
     """
     t = check_positive_int("t", t)
     context = check_int("context", context, min_value=0)
-    rows = check_positive_int("rows", rows)
     c = config
     matrix = sum(v for k, v in c.layer_params().items() if not k.endswith("norm")) * c.n_layers
     head = c.vocab_size * c.d_model
     pairs = t * context + (t * (t + 1) / 2 if causal else t * t)  # (query, key) pairs scored
-    return rows * (2.0 * (matrix + head) * t + c.n_layers * c.n_heads * 4 * c.head_dim * pairs)
+    return 2.0 * (matrix + head) * t + c.n_layers * c.n_heads * 4 * c.head_dim * pairs
 
 
-def decode_bytes(config: LlamaConfig, context: int, bytes_per_value: int = 4, rows: int = 1) -> int:
-    """Bytes one decode step of ``rows`` sequences reads: every weight once, shared by the rows
-    (:meth:`LlamaConfig.decode_weight_bytes`), plus each row's KV cache of ``context`` tokens
-    (:meth:`LlamaConfig.kv_bytes_per_token` each)."""
+def decode_bytes(config: LlamaConfig, context: int, bytes_per_value: int = 4) -> int:
+    """Bytes one batch-1 decode step reads: every weight once (:meth:`LlamaConfig.decode_weight_bytes`) plus
+    the full KV cache of ``context`` tokens (:meth:`LlamaConfig.kv_bytes_per_token` each)."""
     context = check_int("context", context, min_value=0)
-    rows = check_positive_int("rows", rows)
-    kv = rows * context * config.kv_bytes_per_token(bytes_per_value)
-    return config.decode_weight_bytes(bytes_per_value) + kv
+    return config.decode_weight_bytes(bytes_per_value) + context * config.kv_bytes_per_token(bytes_per_value)
 
 
 def time_decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, repeats: int = 3) -> float:
