@@ -3,10 +3,15 @@
 Batch-1 decode reads every weight once per token (float32: ``config.decode_weight_bytes()`` bytes, plus the
 KV cache), so its ceiling is ``memory bandwidth / bytes per token`` tokens/s. Prefill of T tokens is a
 sequence of matrix-matrix products, bound by the matmul throughput: ``FLOP/s / FLOPs per token``.
+Batched decode (``--rows`` sequences, one token each per step, as a batched perplexity evaluation runs) reads
+the weights once for all rows; its ceiling is the lower of the two: ``rows / max(bytes / bandwidth,
+FLOPs / FLOP/s)`` tokens/s.
 Both ceilings are measured in the same run with ``refimpl.roofline.measure`` (STREAM copy bandwidth, best fp32
-matmul), so the printed fractions are ratios of two measurements on the same machine.
+matmul), in rounds interleaved with the model's timings, so the printed fractions are ratios of measurements
+taken side by side on the same machine.
 
-Usage: ``python benchmarks/bench_llm.py [--quick] [--context N] [--steps N] [--prefill-tokens N] [--threads N]``.
+Usage: ``python benchmarks/bench_llm.py [--quick] [--context N] [--steps N] [--prefill-tokens N] [--rows N]
+[--threads N]``.
 Prints ``name: value`` lines.
 
 The script sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it: by default OpenMP threads spin
@@ -40,37 +45,46 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     p.add_argument("--steps", type=int, default=32, help="decode steps per timed run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prefill-tokens", type=int, default=256)
+    p.add_argument("--rows", type=int, default=8, help="sequences decoded together in the batched measurement")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's)")
     args = p.parse_args(argv)
     if args.quick:
-        args.context, args.steps, args.repeats, args.prefill_tokens = 8, 3, 1, 16
+        args.context, args.steps, args.repeats, args.prefill_tokens, args.rows = 8, 3, 1, 16, 2
     stream_bytes = (16 if args.quick else 256) * 2**20
 
     model, tok = load_model()
     c = model.config
-    ids = corpus.eval_ids(max(args.context, args.prefill_tokens), tok)
+    ids = corpus.eval_ids(max(args.context * args.rows, args.prefill_tokens), tok)
 
-    bandwidth = measure.stream_bandwidth(stream_bytes, repeats=3 if args.quick else 5)  # B/s
-    peak = max(
-        measure.matmul_flops(n, repeats=2 if args.quick else 5) for n in ((256,) if args.quick else (512, 1024, 2048))
-    )
     threads = torch.get_num_threads()  # the ceilings use every core; the model may be given fewer threads
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    model_threads = threads if args.threads is None else args.threads
+    t = args.prefill_tokens
+    rows = ids[: args.context * args.rows].view(args.rows, args.context)  # (rows, context): disjoint slices
+    bandwidth = peak = 0.0
+    s_decode = s_matvecs = s_prefill = s_batch = float("inf")
+    # Interleaved rounds: on a machine shared with other processes the load changes from second to second, so
+    # the ceilings and the model are measured in turn, each round, and each keeps its best over the rounds.
+    for _ in range(args.repeats):
+        torch.set_num_threads(threads)
+        bandwidth = max(bandwidth, measure.stream_bandwidth(stream_bytes, repeats=5))  # B/s
+        for n in (256,) if args.quick else (512, 1024, 2048):
+            peak = max(peak, measure.matmul_flops(n, repeats=2))  # FLOP/s
+        torch.set_num_threads(model_threads)
+        s_decode = min(s_decode, time_decode(model, ids[: args.context], args.steps, repeats=1))
+        s_matvecs = min(s_matvecs, time_matvecs(model, repeats=2))  # the weight reads alone
+        # prefill: one forward of T tokens through fresh caches (what generation does)
+        s_prefill = min(s_prefill, measure.time_fn(lambda: model(ids[None, :t], model.new_caches(), 0), repeats=1))
+        s_batch = min(s_batch, time_decode(model, rows, args.steps, repeats=1))  # rows decoded together
 
     # decode: weights once per token + the KV cache read at the mean context of the timed steps
-    s_decode = time_decode(model, ids[: args.context], args.steps, args.repeats)
-    bytes_per_token = decode_bytes(c, args.context + args.steps // 2)  # KV read at the mean context
-    s_matvecs = time_matvecs(model, repeats=args.repeats + 2)  # the weight reads alone
+    mean_context = args.context + args.steps // 2
+    bytes_per_token = decode_bytes(c, mean_context)
     decode_bound = bandwidth / bytes_per_token
+    prefill_bound = peak / (forward_flops(c, t) / t)
+    # batched decode: the weights are read once for all rows, each row reads its own KV cache
+    batch_bytes = c.decode_weight_bytes() + args.rows * mean_context * c.kv_bytes_per_token()
+    batch_bound_s = max(batch_bytes / bandwidth, args.rows * forward_flops(c, 1, mean_context) / peak)
 
-    # prefill: one forward of T tokens through fresh caches (what generation does), min over repeats
-    t = args.prefill_tokens
-    s_prefill = measure.time_fn(lambda: model(ids[None, :t], model.new_caches(), 0), repeats=args.repeats)
-    flops_per_token = forward_flops(c, t) / t
-    prefill_bound = peak / flops_per_token
-
-    model_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     values = {
         "threads": model_threads,
@@ -88,6 +102,11 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         "prefill_tokens_per_s": t / s_prefill,
         "prefill_bound_tokens_per_s": prefill_bound,
         "prefill_roofline_fraction": t / s_prefill / prefill_bound,
+        "batch_decode_rows": args.rows,
+        "batch_decode_tokens_per_s": args.rows / s_batch,
+        "batch_decode_bound_tokens_per_s": args.rows / batch_bound_s,
+        "batch_decode_roofline_fraction": batch_bound_s / s_batch,
+        "batch_decode_speedup_vs_batch1": args.rows * s_decode / s_batch,
     }
     return report(values)
 
