@@ -6,6 +6,7 @@
 =================================  ==========================================================================
 """
 
+from refimpl.serving.engine import Engine, Request
 from refimpl.serving.paged_cache import BlockAllocator, OutOfBlocksError, PagedCache, PagedKVPool
 
-__all__ = ["BlockAllocator", "OutOfBlocksError", "PagedCache", "PagedKVPool"]
+__all__ = ["BlockAllocator", "Engine", "OutOfBlocksError", "PagedCache", "PagedKVPool", "Request"]
