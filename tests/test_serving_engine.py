@@ -203,3 +203,12 @@ def test_tiny_model_outputs_depend_on_context(tiny):
     outs = [alone(tiny, p, 14) for p in ([1, 2, 3], [5], [9, 9, 9, 9])]
     assert all(len(set(o)) >= 3 for o in outs), outs
     assert len({tuple(o) for o in outs}) == 3
+
+
+@pytest.mark.model
+def test_benchmark_quick_prints_numbers(run_benchmark):
+    _, values = run_benchmark("bench_serving", ["--quick"])
+    assert values["outputs_identical"] == "1"
+    for key in ("continuous_vs_static_throughput", "static_tokens_per_s", "continuous_ttft_p99_s"):
+        assert float(values[key]) > 0, key
+    assert 0 <= float(values["paged_memory_waste"]) < 1
