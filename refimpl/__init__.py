@@ -12,7 +12,7 @@ module                     technique                                      chapte
 ``refimpl.eviction``       Scissorhands, H2O, StreamingLLM eviction       ``chapters/scissorhands``
 ``refimpl.moe``            Mixture-of-Experts routing and dispatch        ``chapters/moe``
 ``refimpl.llm``            SmolLM2-135M in plain PyTorch                  ``chapters/smollm2``
-``refimpl.serving``        paged KV cache, continuous batching            (chapter to come)
+``refimpl.serving``        paged KV cache, continuous batching            ``chapters/serving``
 =========================  =============================================  ==========================
 
 Helpers every chapter uses: ``refimpl.display`` (``show_source``, the book's figure style) and
