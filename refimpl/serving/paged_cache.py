@@ -269,7 +269,7 @@ class PagedKVPool:
             table.append(self.allocator.allocate())
         self.lengths[seq_id] = length + n_new
 
-    def current_step(self) -> _Step:
+    def _current_step(self) -> _Step:
         if self._step is None:
             raise RuntimeError("no step is prepared: call pool.prepare(seq_ids, n_new) before the forward")
         return self._step
@@ -286,7 +286,7 @@ class PagedCache(KVCache):
     def update(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
         """Write ``k, v: (B, H_kv, n_new, D)`` into the step's slots; ``positions``: ``(n_new,)`` or
         ``(B, n_new)``, which must be the rows' next positions (a paged sequence stores every token)."""
-        step = self.pool.current_step()
+        step = self.pool._current_step()
         b, n = len(step.seq_ids), step.n_new
         shape = (b, self.pool.n_kv_heads, n, self.pool.head_dim)
         for name, t in (("k", k), ("v", v)):
@@ -306,7 +306,7 @@ class PagedCache(KVCache):
         step.written[self.layer] = True
 
     def _written_step(self) -> _Step:
-        step = self.pool.current_step()
+        step = self.pool._current_step()
         if not step.written[self.layer]:
             raise RuntimeError(f"layer {self.layer} has no keys for this step yet: call update() first")
         return step
@@ -327,7 +327,7 @@ class PagedCache(KVCache):
         """Causal attention of ``q: (B, H_q, n_new, D)`` at ``q_positions`` ``(n_new,)`` or ``(B, n_new)`` over
         each row's gathered blocks: key at position ``p'`` is visible to a query at ``p`` iff ``p' <= p``."""
         k, v = self.keys_values()
-        step = self.pool.current_step()
+        step = self.pool._current_step()
         qp = q_positions if q_positions.dim() == 2 else q_positions.expand(q.shape[0], -1)  # (B, n_new)
         visible = step.key_positions[:, None, :] <= qp[:, :, None]  # (B, n_new, T_max)
         return torch.nn.functional.scaled_dot_product_attention(
