@@ -172,11 +172,10 @@ class Engine:
         if self.policy == "static" and self.running:
             return []
         admitted = []
-        bs = self.pool.block_size
         while self.waiting and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
             tokens = req.prompt + req.output  # a preempted request recomputes what it generated
-            need = -(-len(tokens) // bs)
+            need = self.pool.blocks_needed(req.request_id, len(tokens))  # a new sequence to the pool
             if need + len(self.running) > self.pool.num_free_blocks:  # keep a block per running sequence
                 break
             self.waiting.popleft()
