@@ -81,7 +81,7 @@ def serve(engine: Engine, arrivals: list[tuple[int, object, list[int], int]]) ->
 
 request = st.tuples(
     st.integers(0, 6),  # arrival step
-    st.lists(st.integers(0, TINY.vocab_size - 1), min_size=1, max_size=9),  # prompt
+    st.lists(st.integers(0, TINY.vocab_size - 1), min_size=1, max_size=9),  # prompt, after the common prefix
     st.integers(1, 10),  # max_new_tokens
 )
 
@@ -94,13 +94,21 @@ request = st.tuples(
     max_batch=st.integers(1, 4),
     policy=st.sampled_from(["continuous", "static"]),
     stop=st.booleans(),
+    prefix=st.lists(st.integers(0, TINY.vocab_size - 1), max_size=8),
+    share=st.booleans(),
 )
-def test_outputs_equal_each_request_decoded_alone(tiny, reqs, block_size, spare_blocks, max_batch, policy, stop):
+def test_outputs_equal_each_request_decoded_alone(
+    tiny, reqs, block_size, spare_blocks, max_batch, policy, stop, prefix, share
+):
     """Any arrival pattern, batch size and pool size (down to the largest single request, which forces
-    preemptions): each output equals the request decoded alone, and all blocks are free at the end."""
+    preemptions), prompts with a common prefix, shared or not: each output equals the request decoded alone,
+    and all blocks are free at the end."""
     stop_ids = (7,) if stop else ()
+    reqs = [(t, prefix + p, n) for t, p, n in reqs]
     largest = max(-(-(len(p) + n - 1) // block_size) for _, p, n in reqs)
-    engine = Engine(tiny, largest + spare_blocks, block_size, max_batch, stop_ids=stop_ids, policy=policy)
+    engine = Engine(
+        tiny, largest + spare_blocks, block_size, max_batch, stop_ids=stop_ids, policy=policy, share_prefixes=share
+    )
     arrivals = [(t, f"r{i}", p, n) for i, (t, p, n) in enumerate(reqs)]
     got = serve(engine, arrivals)
     for _, rid, prompt, max_new in arrivals:
@@ -121,6 +129,24 @@ def test_preemption_by_recompute_keeps_outputs(tiny):
     for i, p in enumerate(prompts):
         assert out[i] == alone(tiny, p, 16)
     assert engine.pool.num_free_blocks == 6
+
+
+def test_shared_prefixes_save_blocks_and_keep_outputs(tiny):
+    """Four requests with a common 16-token system prompt: with sharing, later requests fork the first one's
+    blocks, the pool's peak use drops, and every output is unchanged."""
+    system = [(7 * i) % 64 for i in range(16)]
+    prompts = [system + [40 + i, 41 + i] for i in range(4)]
+    peaks, outs = {}, {}
+    for share in (False, True):
+        engine = Engine(tiny, num_blocks=40, block_size=4, max_batch_size=4, share_prefixes=share)
+        for i, p in enumerate(prompts):
+            engine.add_request(i, p, 6)
+        outs[share] = engine.run()
+        peaks[share] = engine.peak_blocks
+        assert engine.pool.num_free_blocks == 40
+        assert (engine.prefix_tokens_shared > 0) == share
+    assert outs[True] == outs[False] == {i: alone(tiny, p, 6) for i, p in enumerate(prompts)}
+    assert peaks[True] < peaks[False], peaks
 
 
 def test_continuous_batching_runs_fewer_steps_than_static(tiny):

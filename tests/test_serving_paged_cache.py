@@ -99,7 +99,7 @@ def test_blocks_never_leak_and_capacity_is_never_exceeded(ops, num_blocks, block
         if op == "add" and s not in pool.tables:
             pool.add_sequence(s)
         elif op == "fork" and s in pool.tables and n not in pool.tables:
-            pool.fork(s, n)
+            pool.fork(s, n, n % (pool.lengths[s] + 1))  # a prefix of the parent, from none to all of it
         elif op == "free" and s in pool.tables:
             pool.free_sequence(s)
         elif op == "grow" and s in pool.tables:
@@ -212,3 +212,34 @@ def test_pool_errors():
     for s in list(pool.tables):
         pool.free_sequence(s)
     assert pool.num_free_blocks == 4
+
+
+def test_fork_of_a_prefix_shares_its_blocks_and_attention_matches_a_full_cache():
+    """A child forked from the first 6 of 10 tokens (block 4: one full block shared, one partly-filled block
+    copied on write) then appending its own tokens attends exactly like a FullCache holding its tokens."""
+    gen = torch.Generator().manual_seed(3)
+    pool = pool_for(8, 4)
+    pool.add_sequence("p")
+    pool.prepare(["p"], 10)
+    k, v = (torch.randn(1, H_KV, 10, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    for cache in pool.caches():
+        cache.update(k, v, torch.arange(10))
+    pool.fork("p", "c", 6)
+    assert pool.tables["c"] == pool.tables["p"][:2] and pool.lengths["c"] == 6
+    assert pool.blocks_needed("c", 3) == 2  # the copy of the shared half-used block, and one more block
+    pool.prepare(["c"], 3)
+    k2, v2, q = (torch.randn(1, H_KV * g, 3, D, generator=gen, dtype=torch.float64) for g in (1, 1, G))
+    ref = FullCache()
+    ref.update(k[:, :, :6], v[:, :, :6], torch.arange(6))
+    ref.update(k2, v2, torch.arange(6, 9))
+    for cache in pool.caches():
+        cache.update(k2, v2, torch.arange(6, 9))
+        got = cache.attend(q, torch.arange(6, 9), SCALE)
+        torch.testing.assert_close(got, ref.attend(q, torch.arange(6, 9), SCALE), rtol=1e-12, atol=1e-12)
+    # the parent's tokens 6..9 are untouched by the child's writes
+    torch.testing.assert_close(pool.k[0][pool.slots("p")], k[0].transpose(0, 1))
+    with pytest.raises(ValueError, match="n_tokens"):
+        pool.fork("p", "d", 11)
+    for seq in ("p", "c"):
+        pool.free_sequence(seq)
+    assert pool.num_free_blocks == 8

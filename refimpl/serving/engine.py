@@ -17,6 +17,10 @@ the queue with the tokens it has generated; when it is admitted again its prompt
 prefilled together, and decoding continues where it stopped. Decoding is greedy, so every request's output is
 the one it gets decoded alone (tests check it for any arrival order and batch mix).
 
+``share_prefixes=True`` (the stretch of Kwon et al. 2023, sec. 4.4, shared prefix): a request whose tokens
+begin with at least a block of the tokens a running sequence has cached *forks* that sequence's blocks for the
+common prefix (reference counts, copy-on-write) and prefills only the rest of its prompt.
+
 ``policy="static"`` is the baseline that continuous batching replaces: a new batch is admitted only when the
 whole previous batch has finished, so short requests leave their slots idle until the longest one ends.
 """
@@ -66,7 +70,8 @@ class Engine:
     ``num_blocks`` blocks of ``block_size`` tokens hold the KV caches of all running sequences; at most
     ``max_batch_size`` sequences run at once; a request finishes after ``max_new_tokens`` tokens or after
     emitting any of ``stop_ids`` (included in its output). ``policy``: ``"continuous"`` (admit whenever there
-    is room) or ``"static"`` (admit only into an empty batch).
+    is room) or ``"static"`` (admit only into an empty batch). ``share_prefixes``: reuse a running sequence's
+    blocks for a common prompt prefix (see the module docstring).
     """
 
     def __init__(
@@ -77,12 +82,15 @@ class Engine:
         max_batch_size: int = 8,
         stop_ids: Sequence[int] = (),
         policy: str = "continuous",
+        share_prefixes: bool = False,
     ) -> None:
         c = model.config
         self.model = model
         self.max_batch_size = check_positive_int("max_batch_size", max_batch_size)
         self.policy = check_choice("policy", policy, ("continuous", "static"))
         self.stop_ids = frozenset(int(i) for i in stop_ids)
+        self.share_prefixes = bool(share_prefixes)
+        self.prefix_tokens_shared = 0  # prompt tokens not prefilled because a running sequence had them
         self.pool = PagedKVPool(c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim, dtype=model.head.dtype)
         self.caches = self.pool.caches()
         self.waiting: deque[Request] = deque()
@@ -175,18 +183,42 @@ class Engine:
         while self.waiting and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
             tokens = req.prompt + req.output  # a preempted request recomputes what it generated
-            need = self.pool.blocks_needed(req.request_id, len(tokens))  # a new sequence to the pool
+            parent, shared = self._longest_prefix(tokens)
+            need = -(-len(tokens) // self.pool.block_size) - shared // self.pool.block_size  # upper bound
             if need + len(self.running) > self.pool.num_free_blocks:  # keep a block per running sequence
                 break
             self.waiting.popleft()
-            self.pool.add_sequence(req.request_id)
-            self.pool.prepare([req.request_id], len(tokens))
+            if parent is None:
+                self.pool.add_sequence(req.request_id)
+            else:
+                self.pool.fork(parent.request_id, req.request_id, shared)
+                self.prefix_tokens_shared += shared
+            self.pool.prepare([req.request_id], len(tokens) - shared)
             self._note_peak()
-            logits = self.model(torch.tensor([tokens]), self.caches, start_pos=0)[0, -1]  # (V,)
+            rest = torch.tensor([tokens[shared:]])  # (1, T - shared): the tokens no running sequence has
+            logits = self.model(rest, self.caches, start_pos=shared)[0, -1]  # (V,)
             self.running.append(req)
             admitted.append(req)
             self._emit(req, int(logits.argmax()))
         return admitted
+
+    def _longest_prefix(self, tokens: list[int]) -> tuple[Request | None, int]:
+        """The running sequence whose cached tokens share the longest prefix with ``tokens`` and its length,
+        if sharing is on and that is at least a block (at least one token is left to prefill, for the logits)."""
+        best, best_len = None, 0
+        if not self.share_prefixes:
+            return best, best_len
+        for r in self.running:
+            cached = r.prompt + r.output[:-1]  # the last emitted token is not in the cache yet
+            n = 0
+            limit = min(len(cached), len(tokens) - 1)
+            while n < limit and cached[n] == tokens[n]:
+                n += 1
+            if n > best_len:
+                best, best_len = r, n
+        if best_len < self.pool.block_size:
+            return None, 0
+        return best, best_len
 
     def _reserve_decode_blocks(self, decoding: list[Request]) -> list[Request]:
         """Preempt (by recompute) the most recently admitted running sequences until every decoding one can

@@ -191,14 +191,19 @@ class PagedKVPool:
         del self.tables[seq_id], self.lengths[seq_id]
         self._step = None
 
-    def fork(self, parent: Hashable, child: Hashable) -> None:
-        """Start ``child`` as a copy of ``parent`` sharing all its blocks (reference counts, no copy)."""
+    def fork(self, parent: Hashable, child: Hashable, n_tokens: int | None = None) -> None:
+        """Start ``child`` as a copy of the first ``n_tokens`` (default: all) of ``parent``'s tokens, sharing the
+        blocks that hold them (reference counts, no copy; a shared partly-filled last block is copied when the
+        child first writes into it)."""
         table = self._table(parent)
+        length = self.lengths[parent]
+        n_tokens = length if n_tokens is None else check_int("n_tokens", n_tokens, min_value=0, max_value=length)
+        shared = table[: -(-n_tokens // self.block_size)]
         self.add_sequence(child)
-        for block in table:
+        for block in shared:
             self.allocator.share(block)
-        self.tables[child] = list(table)
-        self.lengths[child] = self.lengths[parent]
+        self.tables[child] = list(shared)
+        self.lengths[child] = n_tokens
 
     def _table(self, seq_id: Hashable) -> list[int]:
         if seq_id not in self.tables:
