@@ -14,6 +14,7 @@ module                     technique                                      chapte
 ``refimpl.moe``            Mixture-of-Experts routing and dispatch        ``chapters/moe``
 ``refimpl.parallel``       data, ZeRO, tensor, pipeline parallelism       ``chapters/parallel``
 ``refimpl.llm``            SmolLM2-135M in plain PyTorch                  ``chapters/smollm2``
+``refimpl.serving``        paged KV cache, continuous batching            ``chapters/serving``
 =========================  =============================================  ==========================
 
 Helpers every chapter uses: ``refimpl.display`` (``show_source``, the book's figure style) and
@@ -43,6 +44,7 @@ _SUBMODULES = (
     "quant",
     "recording",
     "roofline",
+    "serving",
 )
 
 __all__ = ["__version__", *_SUBMODULES]

@@ -117,7 +117,8 @@ class Block(nn.Module):
         cache: KVCache | None,
         attn_fn: AttnFn | None,
     ) -> Tensor:
-        """``x: (B, T, d)`` at absolute ``positions: (T,)`` (RoPE tables ``cos, sin: (T, D)``) -> ``(B, T, d)``."""
+        """``x: (B, T, d)`` at absolute ``positions: (T,)`` (RoPE tables ``cos, sin: (T, D)``) -> ``(B, T, d)``;
+        per-row positions: ``positions: (B, T)``, ``cos, sin: (B, 1, T, D)``."""
         c = self.config
         b, t, _ = x.shape
         h = rms_norm(x, self.attn_norm, c.norm_eps)
@@ -191,19 +192,29 @@ class Llama(nn.Module):
         """One cache per layer of the policy ``name`` (:func:`refimpl.llm.cache.make_caches`)."""
         return make_caches(name, self.config.n_layers, **kwargs)
 
-    def _check_inputs(self, ids: Tensor, caches: Sequence[KVCache] | None, start_pos: int, attn_fn: Any) -> int:
+    def _check_inputs(
+        self, ids: Tensor, caches: Sequence[KVCache] | None, start_pos: int | Tensor, attn_fn: Any
+    ) -> int | Tensor:
         check_tensor("ids", ids, ndim=2, dtypes=[torch.int64, torch.int32])
-        start_pos = check_int("start_pos", start_pos, min_value=0)
         t = ids.shape[1]
         if t == 0 or ids.shape[0] == 0:
             raise ValueError(f"ids must hold at least one token, got shape {tuple(ids.shape)}")
+        if isinstance(start_pos, Tensor):  # one start position per row
+            check_tensor("start_pos", start_pos, ndim=1, dtypes=[torch.int64, torch.int32])
+            if start_pos.shape[0] != ids.shape[0]:
+                raise ValueError(f"start_pos must hold one position per row ({ids.shape[0]}), got {start_pos.shape[0]}")
+            if int(start_pos.min()) < 0:
+                raise ValueError(f"start_pos must be >= 0, got {int(start_pos.min())}")
+            max_start = int(start_pos.max())
+        else:
+            start_pos = max_start = check_int("start_pos", start_pos, min_value=0)
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {bad}")
-        if start_pos + t > self.config.max_seq_len:
+        if max_start + t > self.config.max_seq_len:
             raise ValueError(
-                f"context of {start_pos + t} tokens (start_pos={start_pos} + {t}) exceeds the model's "
+                f"context of {max_start + t} tokens (start_pos={max_start} + {t}) exceeds the model's "
                 f"max_seq_len={self.config.max_seq_len}"
             )
         if caches is not None:
@@ -218,14 +229,18 @@ class Llama(nn.Module):
         self,
         ids: Tensor,
         caches: Sequence[KVCache] | None = None,
-        start_pos: int = 0,
+        start_pos: int | Tensor = 0,
         attn_fn: AttnFn | None = None,
     ) -> Tensor:
         """Final normalized hidden states ``(B, T, d_model)`` of ``ids: (B, T)`` (see :meth:`forward`)."""
         start_pos = self._check_inputs(ids, caches, start_pos, attn_fn)
         t = ids.shape[1]
-        positions = torch.arange(start_pos, start_pos + t, device=ids.device)  # (T,)
-        cos, sin = self.rope_cos[start_pos : start_pos + t], self.rope_sin[start_pos : start_pos + t]
+        if isinstance(start_pos, Tensor):  # per row: a batch of sequences at different lengths
+            positions = start_pos.to(ids.device, torch.long)[:, None] + torch.arange(t, device=ids.device)  # (B, T)
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, D)
+        else:
+            positions = torch.arange(start_pos, start_pos + t, device=ids.device)  # (T,)
+            cos, sin = self.rope_cos[start_pos : start_pos + t], self.rope_sin[start_pos : start_pos + t]
         x = F.embedding(ids, self.embed)  # (B, T, d): rows of E, i.e. columns of the head
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, positions, None if caches is None else caches[i], attn_fn)
@@ -240,7 +255,7 @@ class Llama(nn.Module):
         self,
         ids: Tensor,
         caches: Sequence[KVCache] | None = None,
-        start_pos: int = 0,
+        start_pos: int | Tensor = 0,
         attn_fn: AttnFn | None = None,
     ) -> Tensor:
         """Logits ``(B, T, vocab_size)`` of the tokens ``ids: (B, T)`` at positions ``start_pos .. +T-1``.
@@ -251,6 +266,10 @@ class Llama(nn.Module):
         * ``caches``: one :class:`~refimpl.llm.cache.KVCache` per layer; this step's keys/values are appended
           and attention reads the cache. Prefill is a call with the prompt and ``start_pos=0``; each decode step
           a call with one token and ``start_pos`` = its position.
+        * ``start_pos`` may be a ``(B,)`` tensor: row ``b`` is at positions ``start_pos[b] .. +T-1`` (a batch of
+          sequences at different lengths, as a serving engine decodes them); the caches then receive
+          ``positions: (B, T)``, which a cache must accept (the serving engine's paged cache does;
+          :class:`~refimpl.llm.cache.FullCache` holds one position list for the whole batch and does not).
 
         Raises ``ValueError`` for empty ``ids``, ids outside ``[0, vocab_size)``, a context beyond
         ``max_seq_len``, a wrong number of caches, or ``attn_fn`` given together with caches.

@@ -1,0 +1,247 @@
+"""A serving engine with iteration-level scheduling (Orca, Yu et al. 2022, sec. 3.1) over a paged KV cache.
+
+Requests arrive with a prompt and a token limit (:meth:`Engine.add_request`). Each :meth:`Engine.step` is one
+iteration of the scheduler:
+
+1. **admit**: waiting requests, first come first served, are prefilled (one forward over the prompt each)
+   while the batch has room and the pool has blocks for the prompt plus one block per running sequence (a
+   watermark, so admitting does not immediately force a preemption); prefill emits the first token;
+2. **decode**: every running sequence that was not just prefilled advances by one token, all of them in *one*
+   batched forward with per-sequence positions (``start_pos`` a ``(B,)`` tensor) over the paged cache;
+3. **retire**: sequences that reached their token limit or a stop token free their blocks at once, so a
+   waiting request can take their place in the next iteration (continuous batching).
+
+When a decode step needs a block and none is free, the most recently admitted running sequence is
+*preempted by recompute* (Kwon et al. 2023, sec. 4.5): its blocks are freed and it goes back to the front of
+the queue with the tokens it has generated; when it is admitted again its prompt and those tokens are
+prefilled together, and decoding continues where it stopped. Decoding is greedy, so every request's output is
+the one it gets decoded alone (tests check it for any arrival order and batch mix).
+
+``share_prefixes=True`` (the stretch of Kwon et al. 2023, sec. 4.4, shared prefix): a request whose tokens
+begin with at least a block of the tokens a running sequence has cached *forks* that sequence's blocks for the
+common prefix (reference counts, copy-on-write) and prefills only the rest of its prompt.
+
+``policy="static"`` is the baseline that continuous batching replaces: a new batch is admitted only when the
+whole previous batch has finished, so short requests leave their slots idle until the longest one ends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from refimpl._checks import check_choice, check_positive_int
+from refimpl.llm.model import Llama
+from refimpl.serving.paged_cache import PagedKVPool
+
+__all__ = ["Engine", "Request"]
+
+
+@dataclass(eq=False)  # requests compare by identity
+class Request:
+    """One request: its prompt, token limit, the tokens generated so far and its timeline.
+
+    Times are ``time.perf_counter()`` seconds; ``first_token_time - arrival_time`` is the time to first token.
+    """
+
+    request_id: Hashable
+    prompt: list[int]
+    max_new_tokens: int
+    output: list[int] = field(default_factory=list)
+    finished: bool = False
+    preemptions: int = 0
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def context_len(self) -> int:
+        """Tokens of prompt and output so far."""
+        return len(self.prompt) + len(self.output)
+
+
+class Engine:
+    """Continuous batching of greedy decoding over a :class:`~refimpl.serving.paged_cache.PagedKVPool`.
+
+    ``num_blocks`` blocks of ``block_size`` tokens hold the KV caches of all running sequences; at most
+    ``max_batch_size`` sequences run at once; a request finishes after ``max_new_tokens`` tokens or after
+    emitting any of ``stop_ids`` (included in its output). ``policy``: ``"continuous"`` (admit whenever there
+    is room) or ``"static"`` (admit only into an empty batch). ``share_prefixes``: reuse a running sequence's
+    blocks for a common prompt prefix (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        model: Llama,
+        num_blocks: int,
+        block_size: int = 16,
+        max_batch_size: int = 8,
+        stop_ids: Sequence[int] = (),
+        policy: str = "continuous",
+        share_prefixes: bool = False,
+    ) -> None:
+        c = model.config
+        self.model = model
+        self.max_batch_size = check_positive_int("max_batch_size", max_batch_size)
+        self.policy = check_choice("policy", policy, ("continuous", "static"))
+        self.stop_ids = frozenset(int(i) for i in stop_ids)
+        self.share_prefixes = bool(share_prefixes)
+        self.prefix_tokens_shared = 0  # prompt tokens not prefilled because a running sequence had them
+        self.pool = PagedKVPool(c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim, dtype=model.head.dtype)
+        self.caches = self.pool.caches()
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[Hashable, Request] = {}
+        self.steps = 0
+        self.preemptions = 0
+        self.peak_blocks = 0
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def add_request(self, request_id: Hashable, prompt_ids: Sequence[int], max_new_tokens: int) -> Request:
+        """Queue a request; raises ``ValueError`` (and changes nothing) for a duplicate id, an empty prompt, a
+        token id outside the vocabulary, a non-positive limit, or a prompt plus limit beyond the model's context
+        or the pool's capacity."""
+        c = self.model.config
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        prompt = [int(i) for i in prompt_ids]
+        if not prompt:
+            raise ValueError(f"request {request_id!r}: prompt_ids must hold at least one token, got an empty prompt")
+        bad = [i for i in prompt if not 0 <= i < c.vocab_size]
+        if bad:
+            raise ValueError(f"request {request_id!r}: token ids must be in [0, {c.vocab_size}), got {bad[0]}")
+        max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
+        total = len(prompt) + max_new_tokens
+        if total > c.max_seq_len:
+            raise ValueError(
+                f"request {request_id!r}: prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
+                f"exceeds the model's max_seq_len={c.max_seq_len}"
+            )
+        if total - 1 > self.pool.capacity_tokens:  # the last token is never fed back, so never cached
+            raise ValueError(
+                f"request {request_id!r}: prompt + max_new_tokens - 1 = {total - 1} tokens exceed the pool's "
+                f"capacity of {self.pool.capacity_tokens} tokens ({self.pool.num_blocks} blocks of "
+                f"{self.pool.block_size})"
+            )
+        req = Request(request_id, prompt, max_new_tokens, arrival_time=time.perf_counter())
+        self.requests[request_id] = req
+        self.waiting.append(req)
+        return req
+
+    def result(self, request_id: Hashable) -> list[int]:
+        """The tokens generated for a finished request; ``KeyError`` for an unknown id, ``RuntimeError`` if it
+        has not finished."""
+        if request_id not in self.requests:
+            raise KeyError(f"unknown request_id {request_id!r}")
+        req = self.requests[request_id]
+        if not req.finished:
+            raise RuntimeError(f"request {request_id!r} has not finished ({len(req.output)} tokens so far)")
+        return list(req.output)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def run(self) -> dict[Hashable, list[int]]:
+        """Step until every request has finished; returns each request's output."""
+        while self.has_unfinished():
+            self.step()
+        return {rid: list(r.output) for rid, r in self.requests.items()}
+
+    # ------------------------------------------------------------------------------------------ one iteration
+
+    def step(self) -> list[Request]:
+        """One scheduler iteration (admit, decode, retire); returns the requests that finished in it."""
+        self.steps += 1
+        prefilled = self._admit()
+        decoding = [r for r in self.running if r not in prefilled and not r.finished]
+        decoding = self._reserve_decode_blocks(decoding)
+        if decoding:
+            ids = torch.tensor([[r.output[-1]] for r in decoding])  # (B, 1): each row's last token
+            start = torch.tensor([r.context_len - 1 for r in decoding])  # (B,): its position
+            self.pool.prepare([r.request_id for r in decoding], 1)
+            self._note_peak()
+            logits = self.model(ids, self.caches, start_pos=start)[:, -1]  # (B, V)
+            for r, token in zip(decoding, logits.argmax(-1).tolist(), strict=True):
+                self._emit(r, token)
+        done = [r for r in self.running if r.finished]
+        for r in done:
+            self.pool.free_sequence(r.request_id)
+            r.finish_time = time.perf_counter()
+        self.running = [r for r in self.running if not r.finished]
+        return done
+
+    def _admit(self) -> list[Request]:
+        """Prefill waiting requests (first come first served) while there is room; returns them."""
+        if self.policy == "static" and self.running:
+            return []
+        admitted = []
+        while self.waiting and len(self.running) < self.max_batch_size:
+            req = self.waiting[0]
+            tokens = req.prompt + req.output  # a preempted request recomputes what it generated
+            parent, shared = self._longest_prefix(tokens)
+            need = -(-len(tokens) // self.pool.block_size) - shared // self.pool.block_size  # upper bound
+            if need + len(self.running) > self.pool.num_free_blocks:  # keep a block per running sequence
+                break
+            self.waiting.popleft()
+            if parent is None:
+                self.pool.add_sequence(req.request_id)
+            else:
+                self.pool.fork(parent.request_id, req.request_id, shared)
+                self.prefix_tokens_shared += shared
+            self.pool.prepare([req.request_id], len(tokens) - shared)
+            self._note_peak()
+            rest = torch.tensor([tokens[shared:]])  # (1, T - shared): the tokens no running sequence has
+            logits = self.model(rest, self.caches, start_pos=shared)[0, -1]  # (V,)
+            self.running.append(req)
+            admitted.append(req)
+            self._emit(req, int(logits.argmax()))
+        return admitted
+
+    def _longest_prefix(self, tokens: list[int]) -> tuple[Request | None, int]:
+        """The running sequence whose cached tokens share the longest prefix with ``tokens`` and its length,
+        if sharing is on and that is at least a block (at least one token is left to prefill, for the logits)."""
+        best, best_len = None, 0
+        if not self.share_prefixes:
+            return best, best_len
+        for r in self.running:
+            cached = r.prompt + r.output[:-1]  # the last emitted token is not in the cache yet
+            n = 0
+            limit = min(len(cached), len(tokens) - 1)
+            while n < limit and cached[n] == tokens[n]:
+                n += 1
+            if n > best_len:
+                best, best_len = r, n
+        if best_len < self.pool.block_size:
+            return None, 0
+        return best, best_len
+
+    def _reserve_decode_blocks(self, decoding: list[Request]) -> list[Request]:
+        """Preempt (by recompute) the most recently admitted running sequences until every decoding one can
+        append a token; returns the decoding sequences that remain."""
+        while decoding:
+            need = sum(self.pool.blocks_needed(r.request_id, 1) for r in decoding)
+            if need <= self.pool.num_free_blocks:
+                break
+            victim = next(r for r in reversed(self.running) if not r.finished)
+            self.pool.free_sequence(victim.request_id)
+            self.running.remove(victim)
+            victim.preemptions += 1
+            self.preemptions += 1
+            self.waiting.appendleft(victim)
+            decoding = [r for r in decoding if r is not victim]
+        return decoding
+
+    def _emit(self, req: Request, token: int) -> None:
+        if req.first_token_time is None:
+            req.first_token_time = time.perf_counter()
+        req.output.append(token)
+        if token in self.stop_ids or len(req.output) == req.max_new_tokens:
+            req.finished = True
+
+    def _note_peak(self) -> None:
+        self.peak_blocks = max(self.peak_blocks, self.pool.num_blocks - self.pool.num_free_blocks)
