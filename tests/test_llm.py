@@ -164,13 +164,17 @@ def test_sha_verification_is_cached(tmp_path, monkeypatch):
 
 
 def test_config_counts():
-    c = LlamaConfig(2, 8, 4, 2, 2, 16, 10, 1e4, 1e-5, 32)
+    shape = dict(n_layers=2, d_model=8, n_kv_heads=2, head_dim=2, ffn_dim=16, vocab_size=10)
+    run = dict(rope_base=1e4, norm_eps=1e-5, max_seq_len=32)
+    c = LlamaConfig(n_heads=4, **shape, **run)
     per_layer = 8 + 8 * 8 + 2 * 4 * 8 + 8 * 8 + 8 + 3 * 16 * 8
     assert c.n_params() == 10 * 8 + 2 * per_layer + 8
     assert c.decode_weight_bytes() == 4 * c.n_params()  # tied: the table is read once, as the head
     assert c.kv_bytes_per_token() == 2 * 2 * 4 * 4
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
-        LlamaConfig(2, 8, 3, 2, 2, 16, 10, 1e4, 1e-5, 32)
+        LlamaConfig(n_heads=3, **shape, **run)
+    with pytest.raises(ValueError, match="n_experts must be 1"):
+        LlamaConfig(n_heads=4, n_experts=2, **shape, **run)
 
 
 # ------------------------------------------------------------------------------------------------ building blocks

@@ -14,19 +14,16 @@ does, and the minimum is the estimate least disturbed by other processes sharing
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from refimpl._checks import check_int, check_positive_int
-from refimpl.roofline.hardware import Hardware, normalize_dtype
+from refimpl.roofline.dtypes import normalize_dtype
 
-__all__ = ["decode_layer_time", "matmul_flops", "measure_hardware", "stream_bandwidth", "time_fn"]
+__all__ = ["decode_layer_time", "matmul_flops", "stream_bandwidth", "time_fn"]
 
 _TORCH_DTYPES = {
     "fp64": torch.float64,
@@ -108,60 +105,6 @@ def matmul_flops(n: int = 512, dtype: Any = torch.float32, *, repeats: int = 5, 
     out = torch.empty(n, n, dtype=tdtype)  # (n, n), preallocated so allocation is not timed
     seconds = time_fn(lambda: torch.mm(a, b, out=out), repeats=repeats, warmup=warmup)
     return 2 * n**3 / seconds
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def measure_hardware(
-    name: str = "cpu",
-    *,
-    matmul_sizes: Sequence[int] = (256, 512, 1024),
-    dtypes: Sequence[Any] = ("fp32",),
-    stream_nbytes: int = 64 * 2**20,
-    repeats: int = 5,
-    return_sweep: bool = False,
-) -> Hardware | tuple[Hardware, dict[str, dict[int, float]]]:
-    """Build a :class:`Hardware` for this machine from measurements.
-
-    ``peak_flops[d]`` is the best :func:`matmul_flops` over ``matmul_sizes`` for each dtype ``d`` in ``dtypes``;
-    ``memory_bandwidth`` is :func:`stream_bandwidth` of ``stream_nbytes``; ``memory_capacity`` is the physical
-    RAM; ``host_link_bandwidth`` is ``None`` (a CPU has no separate host link). Takes about a second with the
-    defaults on a 2-core machine. With ``return_sweep=True`` also returns the sweep ``{dtype: {n: FLOP/s}}``,
-    whose best point is the compute ceiling (to plot the sweep under the roofline it defines).
-    """
-    if not matmul_sizes:
-        raise ValueError("matmul_sizes must name at least one size, got an empty sequence")
-    if not dtypes:
-        raise ValueError("dtypes must name at least one dtype, got an empty sequence")
-    sweep = {normalize_dtype(d): {n: matmul_flops(n, d, repeats=repeats) for n in matmul_sizes} for d in dtypes}
-    peaks = {d: max(rates.values()) for d, rates in sweep.items()}
-    bandwidth = stream_bandwidth(stream_nbytes, repeats=repeats)
-    capacity = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    source = (
-        f"measured: best matmul over n in {list(matmul_sizes)}, streaming copy of {stream_nbytes} B, "
-        f"min of {repeats} runs; torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
-    hardware = Hardware(
-        name=name,
-        peak_flops=peaks,
-        memory_bandwidth=bandwidth,
-        memory_capacity=capacity,
-        host_link_bandwidth=None,
-        description=f"{_cpu_model()} (measured)",
-        source=source,
-        date=datetime.date.today().isoformat(),
-        measured=True,
-    )
-    return (hardware, sweep) if return_sweep else hardware
 
 
 def _sync(device: torch.device) -> None:
