@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from refimpl.caches import make_caches
 from refimpl.eviction import (
     EvictionCache,
     H2OCache,
@@ -17,7 +18,7 @@ from refimpl.eviction import (
     StreamingLLMCache,
     kv_head_attention,
 )
-from refimpl.llm.cache import FullCache, make_caches
+from refimpl.llm.cache import FullCache
 
 POLICIES = ["scissorhands", "h2o", "streamingllm", "window"]
 

@@ -1,0 +1,160 @@
+"""The book's one evaluation path, ``refimpl.llm.perplexity.evaluate_many``: cache configurations as the rows of
+one batch (``RowCaches``), each row equal to a run of its configuration alone, for KIVI and eviction caches.
+
+(The full-precision guarantee, step by step equals one causal pass, is in ``test_llm.py``.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refimpl.caches import cache_factory
+from refimpl.eviction import H2OCache, ScissorhandsCache
+from refimpl.eviction.experiments import kept_positions
+from refimpl.kivi import KIVICache
+from refimpl.llm.cache import FullCache
+from refimpl.llm.perplexity import RowCaches, evaluate, evaluate_many
+
+
+@pytest.fixture(scope="module")
+def model_and_ids():
+    from refimpl.llm import load_model
+    from refimpl.llm.corpus import eval_ids
+
+    try:
+        model, tokenizer = load_model()
+    except FileNotFoundError as err:  # pragma: no cover - the Makefile installs the file
+        pytest.skip(f"SmolLM2 GGUF file not installed: {err}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small operations: one thread is faster on a shared 2-core machine
+    yield model, eval_ids(40, tokenizer)
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def llm(model_and_ids):
+    return model_and_ids
+
+
+# ---- rows of a batch ----------------------------------------------------------------------------------------
+
+
+def test_row_caches_routes_rows_and_checks_batch() -> None:
+    g = torch.Generator().manual_seed(0)
+    k, v, q = (torch.randn(2, 3, 5, 16, generator=g) for _ in range(3))
+    rows = RowCaches([FullCache(), KIVICache(4, 8, 0)])
+    rows.update(k, v, torch.arange(5))
+    single = KIVICache(4, 8, 0)
+    single.update(k[1:], v[1:], torch.arange(5))
+    out = rows.attend(torch.randn(2, 3, 5, 16), torch.arange(5), 0.25)
+    assert out.shape == (2, 3, 5, 16) and len(rows) == 5
+    kk, _ = rows.keys_values()
+    assert torch.equal(kk[0:1], k[0:1]) and torch.equal(kk[1:2], single.keys_values()[0])
+    assert rows.nbytes() == rows.caches[0].nbytes() + single.nbytes()
+    with pytest.raises(ValueError, match="batch size 2"):
+        rows.update(k[:1], v[:1], torch.arange(5))
+    with pytest.raises(ValueError, match="caches must be a non-empty"):
+        RowCaches([])
+    with pytest.raises(TypeError, match="caches must be KVCache objects"):
+        RowCaches([FullCache(), "kivi"])
+    with pytest.raises(ValueError, match="caches must map at least one label"):
+        evaluate_many(None, torch.arange(4), {})  # type: ignore[arg-type]
+
+
+def test_row_caches_of_eviction_caches_equal_separate_caches():
+    g = torch.Generator().manual_seed(0)
+    make = lambda: [FullCache(), H2OCache(budget=6), ScissorhandsCache(budget=20, recent=4, drop_fraction=0.25)]
+    batch, alone = RowCaches(make()), make()
+    pos = 0
+    for n in [4, 1, 1, 1, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]:
+        k, v = torch.randn(3, 3, n, 8, generator=g), torch.randn(3, 3, n, 8, generator=g)
+        q = torch.randn(3, 9, n, 8, generator=g)
+        p = torch.arange(pos, pos + n)
+        batch.update(k, v, p)
+        out = batch.attend(q, p, 0.3)
+        for i, c in enumerate(alone):
+            c.update(k[i : i + 1], v[i : i + 1], p)
+            assert torch.equal(out[i : i + 1], c.attend(q[i : i + 1], p, 0.3))
+        pos += n
+    assert batch.nbytes() == sum(c.nbytes() for c in alone)
+    assert len(batch) == pos and [len(m) for m in batch.caches] == [len(c) for c in alone]
+    with pytest.raises(ValueError, match="batch size 3"):
+        batch.update(k[:1], v[:1], torch.tensor([pos]))
+    with pytest.raises(ValueError, match="different numbers of tokens"):
+        batch.keys_values()  # the rows evicted differently: read batch.caches[i]
+    with pytest.raises(ValueError, match="different token positions"):
+        batch.key_positions()
+    with pytest.raises(ValueError, match="caches must be a non-empty"):
+        RowCaches([])  # the same misuse raises the same error whichever technique's caches are the rows
+
+
+def test_evaluate_many_bad_inputs_before_the_model_runs():
+    ids = torch.arange(10)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        evaluate_many(None, ids[:1], {"full": FullCache})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ids must have 1 dimensions"):
+        evaluate_many(None, ids.view(2, 5), {"full": FullCache})  # type: ignore[arg-type]
+
+
+# ---- on the model --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.model
+def test_kivi_rows_equal_separate_evaluations(llm) -> None:
+    model, ids = llm
+    policies = {
+        "full": FullCache,
+        "kivi2": lambda: KIVICache(2, group_size=8, residual_length=16),
+        "kivi2_keys_per_token": lambda: KIVICache(2, group_size=8, residual_length=16, key_axis="token"),
+    }
+    together = evaluate_many(model, ids, policies, prefill=28)
+    for name, make in policies.items():
+        alone = evaluate(model, ids, make, prefill=28)
+        got = together[name]
+        assert got.n_tokens == alone.n_tokens == ids.shape[0] - 1
+        assert got.cache_bytes == alone.cache_bytes
+        # Same computation; only the batched matmuls round differently (which may flip a 2-bit code).
+        tol = 1e-3 if name == "full" else 2e-2
+        torch.testing.assert_close(got.nll_per_token, alone.nll_per_token, rtol=0, atol=tol)
+    # 2-bit quantization actually happened and changed the predictions.
+    assert (together["kivi2"].nll_per_token - together["full"].nll_per_token).abs().max() > 1e-3
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_eviction_rows_equal_evaluate(model_and_ids):
+    model, ids = model_and_ids
+    configs = [
+        ("full", {}),
+        ("scissorhands", {"budget": 14, "history_window": 8, "recent": 4, "drop_fraction": 0.3}),
+        ("h2o", {"budget": 10}),
+        ("streamingllm", {"budget": 10}),
+        ("window", {"budget": 10}),
+    ]
+    prefill = 16
+    together = evaluate_many(model, ids, {name: cache_factory(name, **kw) for name, kw in configs}, prefill=prefill)
+    runs = list(together.values())
+    for (name, kw), run in zip(configs, runs):
+        ref = evaluate(model, ids, cache_factory(name, **kw), prefill=prefill)
+        torch.testing.assert_close(run.nll_per_token, ref.nll_per_token, rtol=1e-4, atol=1e-4)
+        assert run.peak_cache_bytes == ref.peak_cache_bytes, name
+    # A quantized cache turns float rounding into whole quantization steps (a value on a rounding boundary),
+    # so batched rows match evaluate() only up to that; alone in its batch it matches exactly.
+    quant = [
+        ("scissorhands", {"budget": 14, "recent": 4, "drop_fraction": 0.3, "bits": 4}),
+        ("kivi4", {"residual_length": 8, "group_size": 8}),  # another module's cache: its own prefill group
+    ]
+    for name, kw in quant:
+        (run,) = evaluate_many(model, ids, {name: cache_factory(name, **kw)}, prefill=prefill).values()
+        ref = evaluate(model, ids, cache_factory(name, **kw), prefill=prefill)
+        torch.testing.assert_close(run.nll_per_token, ref.nll_per_token, rtol=1e-6, atol=1e-6)
+        assert run.peak_cache_bytes == ref.peak_cache_bytes < runs[0].peak_cache_bytes / 2
+    by_name = together
+    window_sizes = [round(t) for t in by_name["window"].cache_tokens]
+    assert window_sizes == [10] * (len(ids) - prefill)  # cut to the budget right after the prefill
+    assert by_name["window"].decode_perplexity() > by_name["full"].decode_perplexity()
+    held = kept_positions(by_name["window"].caches[0])  # (H_kv, T): the last 10 positions fed
+    assert held.tolist() == [list(range(len(ids) - 11, len(ids) - 1))] * model.config.n_kv_heads
+    # The prefill is shared, so its NLL is the same for every full-precision configuration.
+    assert torch.equal(runs[1].nll_per_token[:prefill], runs[0].nll_per_token[:prefill])
