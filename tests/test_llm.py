@@ -419,8 +419,10 @@ def test_perplexity_bad_inputs(llm):
         evaluate(model, [5, 6, 7], cache="bogus")
     with pytest.raises(ValueError, match="caches must map at least one label"):
         evaluate_many(model, [5, 6, 7], {})
-    with pytest.raises(ValueError, match="ids must have 1 dimensions"):
-        evaluate_many(model, torch.arange(10).view(2, 5), {"full": FullCache})
+    with pytest.raises(ValueError, match="ids must be one text"):
+        evaluate_many(model, torch.arange(10).view(1, 2, 5), {"full": FullCache})
+    with pytest.raises(ValueError, match="token ids must be in"):
+        evaluate_many(model, torch.tensor([[5, 6], [7, 60000]]), {"full": FullCache})  # every text is checked
     with pytest.raises(ValueError, match="step must be >= 1"):
         evaluate_many(model, [5, 6, 7], {"full": FullCache}, step=0)
     with pytest.raises(ValueError, match="threads must be >= 1"):

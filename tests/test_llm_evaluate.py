@@ -6,6 +6,8 @@ one batch (``RowCaches``), each row equal to a run of its configuration alone, f
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -93,8 +95,8 @@ def test_evaluate_many_bad_inputs_before_the_model_runs():
     ids = torch.arange(10)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         evaluate_many(None, ids[:1], {"full": FullCache})  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="ids must have 1 dimensions"):
-        evaluate_many(None, ids.view(2, 5), {"full": FullCache})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"ids must be one text \(N,\) or S texts \(S, N\), got shape \(1, 2, 5\)"):
+        evaluate_many(None, ids.view(1, 2, 5), {"full": FullCache})  # type: ignore[arg-type]
 
 
 # ---- on the model --------------------------------------------------------------------------------------------
@@ -158,3 +160,26 @@ def test_eviction_rows_equal_evaluate(model_and_ids):
     assert held.tolist() == [list(range(len(ids) - 11, len(ids) - 1))] * model.config.n_kv_heads
     # The prefill is shared, so its NLL is the same for every full-precision configuration.
     assert torch.equal(runs[1].nll_per_token[:prefill], runs[0].nll_per_token[:prefill])
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_several_texts_are_rows_too(model_and_ids):
+    """``ids: (S, N)``: every configuration on every text, each row equal to that text evaluated alone."""
+    model, ids = model_and_ids
+    texts = torch.stack([ids[:20], ids[20:40]])  # two disjoint slices
+    factories = {"full": FullCache, "h2o": lambda: H2OCache(budget=8)}
+    together = evaluate_many(model, texts, factories, prefill=8)
+    for label, make in factories.items():
+        got = together[label]
+        alone = [evaluate(model, text, make, prefill=8) for text in texts]
+        assert got.nll_per_token.shape == (2, 19) and got.n_tokens == 38
+        for s in range(2):
+            torch.testing.assert_close(got.nll_per_token[s], alone[s].nll_per_token, rtol=1e-4, atol=1e-4)
+            assert torch.equal(kept_positions(got.caches[3].caches[s]), kept_positions(alone[s].caches[3]))
+        assert got.cache_bytes == sum(a.cache_bytes for a in alone)
+        assert got.peak_cache_bytes == sum(a.peak_cache_bytes for a in alone)  # both texts grow in step
+        decoded = torch.cat([a.nll_per_token[8:] for a in alone])
+        assert got.decode_perplexity() == pytest.approx(math.exp(float(decoded.mean())), rel=1e-4)
+    # different texts: the same cache gives different losses
+    assert not torch.allclose(together["full"].nll_per_token[0], together["full"].nll_per_token[1])

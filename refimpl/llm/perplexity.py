@@ -42,14 +42,15 @@ class PerplexityResult:
     """Result of a perplexity evaluation of one cache configuration.
 
     ``nll``: mean negative log-likelihood in nats/token over the ``n_tokens`` predicted tokens;
-    ``perplexity = exp(nll)``; ``nll_per_token: (n_tokens,)`` float64, entry ``t`` is the NLL of token
-    ``t+1``. ``cache`` is the configuration's label, ``prefill`` the tokens fed in the first call.
-    The cache statistics are taken after the prefill and after every decode call: ``cache_tokens`` lists the
-    tokens held per layer (mean over layers; per KV head for an evicting cache), ``mean_cache_tokens`` and
-    ``mean_cache_bytes`` average them, ``peak_cache_bytes`` is the largest :meth:`~refimpl.llm.cache.KVCache.nbytes`
-    sum over layers and ``cache_bytes`` the sum at the end. ``caches`` are the per-layer caches at the end
-    (empty for a one-shot run). ``seconds``/``tokens_per_s``: wall time of the whole run and the tokens fed
-    through the model per second (all rows of a batched run).
+    ``perplexity = exp(nll)``; ``nll_per_token: (N-1,)`` float64 (``(S, N-1)`` for ``S`` texts evaluated
+    together), entry ``t`` is the NLL of token ``t+1``. ``cache`` is the configuration's label, ``prefill``
+    the tokens fed in the first call. The cache statistics are taken after the prefill and after every decode
+    call: ``cache_tokens`` lists the tokens held per layer (mean over layers and texts; per KV head for an
+    evicting cache), ``mean_cache_tokens`` and ``mean_cache_bytes`` average them, ``peak_cache_bytes`` is the
+    largest :meth:`~refimpl.llm.cache.KVCache.nbytes` sum over layers (and texts) and ``cache_bytes`` the sum
+    at the end. ``caches`` are the per-layer caches at the end (empty for a one-shot run).
+    ``seconds``/``tokens_per_s``: wall time of the whole run and the tokens fed through the model per second
+    (all rows of a batched run).
     """
 
     nll: float
@@ -69,11 +70,13 @@ class PerplexityResult:
 
     def decode_perplexity(self, start: int | None = None) -> float:
         """``exp(mean NLL)`` of the tokens predicted from position ``start`` on (default ``prefill``: the decoded
-        tokens, where a cache policy acts). Raises ``ValueError`` if no token is predicted from there."""
+        tokens, where a cache policy acts), over all texts. Raises ``ValueError`` if no token is predicted
+        from there."""
         start = self.prefill if start is None else start
-        if not 0 <= start < self.n_tokens:
-            raise ValueError(f"start must be in [0, {self.n_tokens}) (a predicted token), got {start}")
-        return math.exp(float(self.nll_per_token[start:].mean()))
+        n = self.nll_per_token.shape[-1]
+        if not 0 <= start < n:
+            raise ValueError(f"start must be in [0, {n}) (a predicted token), got {start}")
+        return math.exp(float(self.nll_per_token[..., start:].mean()))
 
 
 def token_nll(model: Llama, h: Tensor, targets: Tensor) -> Tensor:
@@ -190,14 +193,14 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _prefill_groups(rows: list[list[KVCache]]) -> list[tuple[bool, list[int]]]:
-    """``(shared, rows)`` pairs: rows sharing a prefill key (two or more) form one shared group each; all other
-    rows form one group prefilled side by side."""
+def _prefill_groups(rows: list[list[KVCache]], texts: list[int]) -> list[tuple[bool, list[int]]]:
+    """``(shared, rows)`` pairs: rows of one text whose caches share a prefill key (two or more rows) form one
+    shared group each; all other rows form one group prefilled side by side."""
     by_key: dict[Hashable, list[int]] = {}
     for i, caches in enumerate(rows):
         key = caches[0].prefill_key()
         if key is not None:
-            by_key.setdefault(key, []).append(i)
+            by_key.setdefault((texts[i], key), []).append(i)
     groups = [(True, group) for group in by_key.values() if len(group) > 1]
     in_shared = {i for _, group in groups for i in group}
     rest = [i for i in range(len(rows)) if i not in in_shared]
@@ -212,33 +215,44 @@ def evaluate_many(
     step: int = 1,
     threads: int | None = None,
 ) -> dict[str, PerplexityResult]:
-    """Perplexity of ``ids: (N,)`` under each cache configuration of ``caches``, all decoded as rows of one batch.
+    """Perplexity of ``ids`` under each cache configuration of ``caches``, all decoded as rows of one batch.
 
+    ``ids``: one text ``(N,)``, or ``S`` texts of equal length ``(S, N)`` (e.g. disjoint slices of a corpus, to
+    put a standard error on a difference); every configuration runs on every text, one row each.
     ``caches`` maps a label to a factory of one layer's cache (``FullCache``, ``lambda: KIVICache(bits=4)``).
     The first ``prefill`` tokens go through the model in one call (their keys/values enter the caches); then
     tokens ``prefill .. N-2`` are fed ``step`` at a time (``step=1``: token-by-token decoding), each call
-    attending over each row's caches. Every token ``1 .. N-1`` is predicted once: ``n_tokens = N - 1``.
-    Rows whose caches return the same :meth:`~refimpl.llm.cache.KVCache.prefill_key` share one prefill pass;
-    the other rows are prefilled together as one batch. Row ``i`` computes what a run of configuration ``i``
-    alone computes, up to the rounding of batched matmuls (a test checks it). ``threads``: torch intra-op
-    threads for the run (restored after; ``None`` keeps the current setting; a decode step is thousands of
-    small operations, for which one thread is often fastest on a CPU).
+    attending over each row's caches. Every token ``1 .. N-1`` is predicted once.
+    Rows of one text whose caches return the same :meth:`~refimpl.llm.cache.KVCache.prefill_key` share one
+    prefill pass; the other rows are prefilled together as one batch. Each row computes what a run of its
+    configuration on its text alone computes, up to the rounding of batched matmuls (a test checks it).
+    ``threads``: torch intra-op threads for the run (restored after; ``None`` keeps the current setting; a
+    decode step is thousands of small operations, for which one thread is often fastest on a CPU).
 
-    Returns ``{label: PerplexityResult}`` in the order of ``caches``. Raises ``ValueError`` for no
-    configurations, fewer than 2 ids, ids outside the vocabulary, more than ``max_seq_len + 1`` ids,
-    ``prefill`` outside ``[1, N]`` or ``step < 1``; ``TypeError`` for a factory that does not make a KVCache.
+    Returns ``{label: PerplexityResult}`` in the order of ``caches``; for ``S`` texts its ``nll_per_token`` is
+    ``(S, N-1)``, its byte counts sum the texts' caches and each of its ``caches`` is a :class:`RowCaches`
+    whose row ``s`` holds text ``s``. Raises ``ValueError`` for no configurations, fewer than 2 ids, ids
+    outside the vocabulary, more than ``max_seq_len + 1`` ids, ``prefill`` outside ``[1, N]`` or ``step < 1``;
+    ``TypeError`` for a factory that does not make a KVCache.
     """
     if not caches:
         raise ValueError("caches must map at least one label to a cache factory, got an empty mapping")
-    ids = token_ids(model, ids)
-    n = ids.shape[0]
+    if isinstance(ids, Tensor) and ids.dim() not in (1, 2):
+        raise ValueError(f"ids must be one text (N,) or S texts (S, N), got shape {tuple(ids.shape)}")
+    if isinstance(ids, Tensor) and ids.dim() == 2:
+        texts = torch.stack([token_ids(model, row) for row in ids])  # (S, N)
+    else:
+        texts = token_ids(model, ids)[None]  # (1, N)
+    n_texts, n = texts.shape
     prefill = check_int("prefill", prefill, min_value=1, max_value=n)
     step = check_positive_int("step", step)
     if threads is not None:
         threads = check_positive_int("threads", threads)
     n_layers = model.config.n_layers
     labels = list(caches)
-    rows = [make_caches(caches[label], n_layers) for label in labels]  # [row][layer]
+    rows = [make_caches(caches[label], n_layers) for label in labels for _ in range(n_texts)]  # [row][layer]
+    text_of = [r % n_texts for r in range(len(rows))]  # row = label index * S + text index
+    x = texts[text_of]  # (M, N): each row's text
     m = len(rows)
     nll = torch.empty(m, n - 1, dtype=torch.float64)
     held_tokens: list[list[float]] = [[] for _ in rows]
@@ -252,46 +266,49 @@ def evaluate_many(
     p = min(prefill, n - 1)  # tokens fed in the prefill call (the last token is never fed: nothing to predict)
     t0 = time.perf_counter()
     with _threads(threads):
-        for shared_prefill, group in _prefill_groups(rows):
+        for shared_prefill, group in _prefill_groups(rows, text_of):
             if shared_prefill:  # one pass, fanned out to the group's caches
                 shared = [_SharedPrefill([rows[i][layer] for i in group]) for layer in range(n_layers)]
-                h = model.hidden(ids[None, :p], shared, 0)[0]  # (p, d)
-                nll[group, :p] = token_nll(model, h, ids[1 : p + 1])
+                h = model.hidden(x[group[0], None, :p], shared, 0)[0]  # (p, d)
+                nll[group, :p] = token_nll(model, h, x[group[0], 1 : p + 1])
             else:  # the group's rows side by side in one batch
                 batched = [RowCaches([rows[i][layer] for i in group]) for layer in range(n_layers)]
-                h = model.hidden(ids[None, :p].expand(len(group), p), batched, 0)  # (rows, p, d)
+                h = model.hidden(x[group, :p], batched, 0)  # (rows, p, d)
                 for j, i in enumerate(group):
-                    nll[i, :p] = token_nll(model, h[j], ids[1 : p + 1])
+                    nll[i, :p] = token_nll(model, h[j], x[i, 1 : p + 1])
         record()
         layers = [RowCaches([row[layer] for row in rows]) for layer in range(n_layers)]
-        x = ids.view(1, n).expand(m, n)  # (M, N): the same text in every row
         pos = p
         while pos < n - 1:
             end = min(pos + step, n - 1)
-            h = model.hidden(x[:, pos:end].contiguous(), layers, pos)  # (M, end - pos, d)
-            targets = ids[pos + 1 : end + 1].repeat(m)
+            h = model.hidden(x[:, pos:end], layers, pos)  # (M, end - pos, d)
+            targets = x[:, pos + 1 : end + 1].reshape(-1)
             nll[:, pos:end] = token_nll(model, h.reshape(-1, h.shape[-1]), targets).view(m, -1)
             record()
             pos = end
     seconds = time.perf_counter() - t0
     out = {}
-    for i, label in enumerate(labels):
-        mean = float(nll[i].mean())
+    for j, label in enumerate(labels):
+        mine = range(j * n_texts, (j + 1) * n_texts)
+        tokens = [sum(held_tokens[i][t] for i in mine) / n_texts for t in range(len(held_tokens[0]))]
+        nbytes = [sum(held_bytes[i][t] for i in mine) for t in range(len(held_bytes[0]))]
+        per_token = nll[j * n_texts : (j + 1) * n_texts].clone()  # (S, N-1)
+        mean = float(per_token.mean())
         out[label] = PerplexityResult(
             nll=mean,
             perplexity=math.exp(mean),
-            n_tokens=n - 1,
-            cache_bytes=held_bytes[i][-1],
+            n_tokens=per_token.numel(),
+            cache_bytes=nbytes[-1],
             tokens_per_s=m * (n - 1) / max(seconds, 1e-9),
             seconds=seconds,
-            nll_per_token=nll[i].clone(),
+            nll_per_token=per_token if n_texts > 1 else per_token[0],
             cache=label,
             prefill=prefill,
-            peak_cache_bytes=max(held_bytes[i]),
-            mean_cache_bytes=sum(held_bytes[i]) / len(held_bytes[i]),
-            mean_cache_tokens=sum(held_tokens[i]) / len(held_tokens[i]),
-            cache_tokens=held_tokens[i],
-            caches=rows[i],
+            peak_cache_bytes=max(nbytes),
+            mean_cache_bytes=sum(nbytes) / len(nbytes),
+            mean_cache_tokens=sum(tokens) / len(tokens),
+            cache_tokens=tokens,
+            caches=rows[j] if n_texts == 1 else [RowCaches([rows[i][k] for i in mine]) for k in range(n_layers)],
         )
     return out
 
