@@ -15,28 +15,16 @@ from refimpl.caches import cache_factory
 from refimpl.eviction import H2OCache, ScissorhandsCache
 from refimpl.eviction.experiments import kept_positions
 from refimpl.kivi import KIVICache
+from refimpl.llm import load_model
 from refimpl.llm.cache import FullCache
+from refimpl.llm.corpus import eval_ids
 from refimpl.llm.perplexity import RowCaches, evaluate, evaluate_many
 
 
 @pytest.fixture(scope="module")
 def model_and_ids():
-    from refimpl.llm import load_model
-    from refimpl.llm.corpus import eval_ids
-
-    try:
-        model, tokenizer = load_model()
-    except FileNotFoundError as err:  # pragma: no cover - the Makefile installs the file
-        pytest.skip(f"SmolLM2 GGUF file not installed: {err}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small operations: one thread is faster on a shared 2-core machine
-    yield model, eval_ids(40, tokenizer)
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def llm(model_and_ids):
-    return model_and_ids
+    model, tokenizer = load_model()  # the runs below are single-threaded (threads=1): many small operations
+    return model, eval_ids(40, tokenizer)
 
 
 # ---- rows of a batch ----------------------------------------------------------------------------------------
@@ -103,16 +91,16 @@ def test_evaluate_many_bad_inputs_before_the_model_runs():
 
 
 @pytest.mark.model
-def test_kivi_rows_equal_separate_evaluations(llm) -> None:
-    model, ids = llm
+def test_kivi_rows_equal_separate_evaluations(model_and_ids) -> None:
+    model, ids = model_and_ids
     policies = {
         "full": FullCache,
         "kivi2": lambda: KIVICache(2, group_size=8, residual_length=16),
         "kivi2_keys_per_token": lambda: KIVICache(2, group_size=8, residual_length=16, key_axis="token"),
     }
-    together = evaluate_many(model, ids, policies, prefill=28)
+    together = evaluate_many(model, ids, policies, prefill=28, threads=1)
     for name, make in policies.items():
-        alone = evaluate(model, ids, make, prefill=28)
+        alone = evaluate(model, ids, make, prefill=28, threads=1)
         got = together[name]
         assert got.n_tokens == alone.n_tokens == ids.shape[0] - 1
         assert got.cache_bytes == alone.cache_bytes
@@ -135,10 +123,11 @@ def test_eviction_rows_equal_evaluate(model_and_ids):
         ("window", {"budget": 10}),
     ]
     prefill = 16
-    together = evaluate_many(model, ids, {name: cache_factory(name, **kw) for name, kw in configs}, prefill=prefill)
+    factories = {name: cache_factory(name, **kw) for name, kw in configs}
+    together = evaluate_many(model, ids, factories, prefill=prefill, threads=1)
     runs = list(together.values())
     for (name, kw), run in zip(configs, runs):
-        ref = evaluate(model, ids, cache_factory(name, **kw), prefill=prefill)
+        ref = evaluate(model, ids, cache_factory(name, **kw), prefill=prefill, threads=1)
         torch.testing.assert_close(run.nll_per_token, ref.nll_per_token, rtol=1e-4, atol=1e-4)
         assert run.peak_cache_bytes == ref.peak_cache_bytes, name
     # A quantized cache turns float rounding into whole quantization steps (a value on a rounding boundary),
@@ -148,8 +137,8 @@ def test_eviction_rows_equal_evaluate(model_and_ids):
         ("kivi4", {"residual_length": 8, "group_size": 8}),  # another module's cache: its own prefill group
     ]
     for name, kw in quant:
-        (run,) = evaluate_many(model, ids, {name: cache_factory(name, **kw)}, prefill=prefill).values()
-        ref = evaluate(model, ids, cache_factory(name, **kw), prefill=prefill)
+        (run,) = evaluate_many(model, ids, {name: cache_factory(name, **kw)}, prefill=prefill, threads=1).values()
+        ref = evaluate(model, ids, cache_factory(name, **kw), prefill=prefill, threads=1)
         torch.testing.assert_close(run.nll_per_token, ref.nll_per_token, rtol=1e-6, atol=1e-6)
         assert run.peak_cache_bytes == ref.peak_cache_bytes < runs[0].peak_cache_bytes / 2
     by_name = together
@@ -169,10 +158,10 @@ def test_several_texts_are_rows_too(model_and_ids):
     model, ids = model_and_ids
     texts = torch.stack([ids[:20], ids[20:40]])  # two disjoint slices
     factories = {"full": FullCache, "h2o": lambda: H2OCache(budget=8)}
-    together = evaluate_many(model, texts, factories, prefill=8)
+    together = evaluate_many(model, texts, factories, prefill=8, threads=1)
     for label, make in factories.items():
         got = together[label]
-        alone = [evaluate(model, text, make, prefill=8) for text in texts]
+        alone = [evaluate(model, text, make, prefill=8, threads=1) for text in texts]
         assert got.nll_per_token.shape == (2, 19) and got.n_tokens == 38
         for s in range(2):
             torch.testing.assert_close(got.nll_per_token[s], alone[s].nll_per_token, rtol=1e-4, atol=1e-4)

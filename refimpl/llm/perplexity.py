@@ -319,6 +319,7 @@ def evaluate(
     cache: CacheFactory = FullCache,
     prefill: int = 1,
     step: int = 1,
+    threads: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``ids: (N,)`` consumed through one cache configuration: :func:`evaluate_many` with one row.
 
@@ -326,7 +327,7 @@ def evaluate(
     the result's ``cache`` label is its name. Errors as :func:`evaluate_many`.
     """
     label = getattr(cache, "__name__", type(cache).__name__)
-    return evaluate_many(model, ids, {label: cache}, prefill=prefill, step=step)[label]
+    return evaluate_many(model, ids, {label: cache}, prefill=prefill, step=step, threads=threads)[label]
 
 
 def evaluate_one_shot(model: Llama, ids: Tensor | Sequence[int], attn_fn: AttnFn | None = None) -> PerplexityResult:
