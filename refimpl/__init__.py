@@ -14,6 +14,10 @@ module                     technique                                      chapte
 ``refimpl.llm``            SmolLM2-135M in plain PyTorch                  ``chapters/smollm2``
 =========================  =============================================  ==========================
 
+Shared pieces: ``refimpl.model_config`` (the model shape the cost model and the LLM share), ``refimpl.caches``
+(the KV-cache policies of every technique by name) and ``refimpl.cli`` (the LLM's command line, which uses
+them). Imports point down: helpers, then ``roofline`` and ``llm``, then the techniques, then these registries.
+
 ``import refimpl`` is cheap: submodules (and torch) are imported only when first used.
 """
 
