@@ -5,24 +5,19 @@
 
 Protocol (the chapter's): the first ``--prefill`` tokens of the book's fixed corpus slice
 (:func:`refimpl.llm.corpus.eval_ids`, slice ``eval``) go through the model in one call, then the rest one token
-per decode step, each through :func:`refimpl.llm.perplexity.evaluate` with the cache under test (one run per
-cache). The budget is 20% of the evaluated context (``--tokens``), i.e. a 5x smaller cache. The perplexity is
-that of the decoded tokens, where the policy acts; the increase is relative to the full cache measured in the
-same run: ``ppl_policy / ppl_full - 1`` (0.10 = 10% higher). Scissorhands runs with its defaults (w = 400,
-r = 10, m = 0.4 B). Every line after the header is ``name: number``.
+per decode step, the caches under test side by side as rows of one batch
+(:func:`refimpl.llm.perplexity.evaluate_many`). The budget is 20% of the evaluated context (``--tokens``), i.e.
+a 5x smaller cache. The perplexity is that of the decoded tokens, where the policy acts; the increase is
+relative to the full cache measured in the same run: ``ppl_policy / ppl_full - 1`` (0.10 = 10% higher).
+Scissorhands runs with its defaults (w = 400, r = 10, m = 0.4 B). Every line after the header is ``name: number``.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
-from _common import progress, report
-
-
-def _decoded_ppl(result, prefill: int) -> float:
-    return math.exp(float(result.nll_per_token[prefill:].mean()))
+from _common import report
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -33,7 +28,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args(argv)
 
-    from refimpl.llm import evaluate, load_model
+    from refimpl.eviction import ScissorhandsCache, SlidingWindowCache
+    from refimpl.llm import FullCache, evaluate_many, load_model
     from refimpl.llm.corpus import eval_ids
 
     torch.set_num_threads(args.threads)
@@ -43,11 +39,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model, tokenizer = load_model()
     ids = eval_ids(n, tokenizer)
     out: dict[str, float] = {}
-    full = evaluate(model, ids, "full", prefill=prefill)
-    out["full_ppl"] = _decoded_ppl(full, prefill)
-    for name in progress(("scissorhands", "window"), desc="bench_eviction"):
-        r = evaluate(model, ids, name, prefill=prefill, cache_kwargs={"budget": budget})
-        out[f"{name}_ppl_at_5x"] = _decoded_ppl(r, prefill)
+    runs = evaluate_many(
+        model,
+        ids,
+        {
+            "full": FullCache,
+            "scissorhands": lambda: ScissorhandsCache(budget=budget),
+            "window": lambda: SlidingWindowCache(budget=budget),
+        },
+        prefill=prefill,
+    )
+    full = runs["full"]
+    out["full_ppl"] = full.decode_perplexity()
+    for name in ("scissorhands", "window"):
+        r = runs[name]
+        out[f"{name}_ppl_at_5x"] = r.decode_perplexity()
         out[f"{name}_ppl_increase_at_5x"] = out[f"{name}_ppl_at_5x"] / out["full_ppl"] - 1
         out[f"{name}_cache_compression"] = full.peak_cache_bytes / r.peak_cache_bytes  # memory to provide
     report(out, header=f"SmolLM2-135M, {n} tokens of the eval slice, prefill {prefill}, budget {budget} (20%)")

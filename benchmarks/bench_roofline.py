@@ -22,7 +22,7 @@ import torch
 from _common import report
 
 from refimpl.recording import provenance, write_recording
-from refimpl.roofline import Workload, analyze, list_hardware, list_models, measure
+from refimpl.roofline import Workload, analyze, list_hardware, list_models, measure, measure_hardware
 from refimpl.roofline.ops import elementwise, matmul
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def ceilings(quick: bool) -> None:
     """Measure the two ceilings and how far below them a GEMV and an elementwise add run."""
     sizes = (64, 128) if quick else (256, 512, 1024)
     nbytes = 2**22 if quick else 2**26
-    hw = measure.measure_hardware(matmul_sizes=sizes, stream_nbytes=nbytes, repeats=3)
+    hw = measure_hardware(matmul_sizes=sizes, stream_nbytes=nbytes, repeats=3)
     n = 256 if quick else 4096
     w, x = torch.randn(n, n), torch.randn(n)
     gemv = matmul("gemv", 1, n, n, act_bytes=4, weight_bytes=4)

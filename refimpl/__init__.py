@@ -21,6 +21,10 @@ Helpers every chapter uses: ``refimpl.display`` (``show_source``, the book's fig
 ``refimpl.recording`` (provenance of recorded GPU measurements), ``refimpl.interact`` (widgets that also work
 while a notebook executes in the book build). ``python -m refimpl`` checks an installation.
 
+Shared pieces: ``refimpl.model_config`` (the model shape the cost model and the LLM share), ``refimpl.caches``
+(the KV-cache policies of every technique by name) and ``refimpl.cli`` (the LLM's command line, which uses
+them). Imports point down: helpers, then ``roofline`` and ``llm``, then the techniques, then these registries.
+
 ``import refimpl`` is cheap: submodules (and torch) are imported only when first used.
 """
 
@@ -33,12 +37,15 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "attention",
+    "caches",
+    "cli",
     "display",
     "eviction",
     "interact",
     "kivi",
     "llm",
     "memo",
+    "model_config",
     "moe",
     "parallel",
     "quant",

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from refimpl.caches import make_caches
 from refimpl.eviction import (
     EvictionCache,
     H2OCache,
@@ -17,7 +18,7 @@ from refimpl.eviction import (
     StreamingLLMCache,
     kv_head_attention,
 )
-from refimpl.llm.cache import FullCache, make_caches
+from refimpl.llm.cache import FullCache
 
 POLICIES = ["scissorhands", "h2o", "streamingllm", "window"]
 
@@ -274,14 +275,24 @@ def test_budget_recent_sinks_and_positions(name, budget, chunks, grp, seed):
     seed=st.integers(0, 2**16),
 )
 def test_budget_at_least_length_equals_full_cache(name, chunks, extra, seed):
-    """With B >= sequence length nothing is evicted and attention outputs equal the full cache's exactly."""
+    """With B >= sequence length nothing is evicted and attention outputs equal the full cache's: exactly the
+    same arithmetic as the base class's attention over every token, and the fused attention FullCache runs
+    up to float64 rounding."""
     n = sum(chunks)
     budget = max(n + extra, 16)
     kw = small_kwargs(name, budget) if name != "scissorhands" else {"budget": budget}
     out = drive_attend(make(name, **kw), chunks, seed=seed)
-    ref = drive_attend(FullCache(), chunks, seed=seed)
-    for a, r in zip(out, ref):
+    ref = drive_attend(_UnfusedFullCache(), chunks, seed=seed)
+    fused = drive_attend(FullCache(), chunks, seed=seed)
+    for a, r, f in zip(out, ref, fused):
         assert torch.equal(a, r)
+        torch.testing.assert_close(a, f, rtol=1e-12, atol=1e-12)
+
+
+class _UnfusedFullCache(FullCache):
+    """Every token, attended by the base class's :func:`~refimpl.llm.cache.grouped_attention` (no observer)."""
+
+    needs_attention = True
 
 
 @pytest.mark.parametrize("name", POLICIES)

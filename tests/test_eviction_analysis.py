@@ -9,7 +9,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refimpl.eviction import H2OCache, ScissorhandsCache
 from refimpl.eviction.analysis import (
     AttentionRecorder,
     important_sets,
@@ -19,8 +18,7 @@ from refimpl.eviction.analysis import (
     set_size_ratio,
     top_mass,
 )
-from refimpl.eviction.experiments import CacheBatch
-from refimpl.llm.cache import FullCache, grouped_attention
+from refimpl.llm.cache import grouped_attention
 
 
 def causal_attention_rows(shape, t, seed, sharp=3.0):
@@ -131,42 +129,3 @@ def test_recorder_records_the_attention_it_computes():
     torch.testing.assert_close(rec.attention(), w.view(1, 2, 3, 7, 7).mean(2))
     with pytest.raises(RuntimeError, match="nothing recorded"):
         AttentionRecorder().attention()
-
-
-def test_cache_batch_rows_equal_separate_caches():
-    g = torch.Generator().manual_seed(0)
-    make = lambda: [FullCache(), H2OCache(budget=6), ScissorhandsCache(budget=20, recent=4, drop_fraction=0.25)]
-    batch, alone = CacheBatch(make()), make()
-    pos = 0
-    for n in [4, 1, 1, 1, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]:
-        k, v = torch.randn(3, 3, n, 8, generator=g), torch.randn(3, 3, n, 8, generator=g)
-        q = torch.randn(3, 9, n, 8, generator=g)
-        p = torch.arange(pos, pos + n)
-        batch.update(k, v, p)
-        out = batch.attend(q, p, 0.3)
-        for i, c in enumerate(alone):
-            c.update(k[i : i + 1], v[i : i + 1], p)
-            assert torch.equal(out[i : i + 1], c.attend(q[i : i + 1], p, 0.3))
-        pos += n
-    assert batch.nbytes() == sum(c.nbytes() for c in alone)
-    assert len(batch) == pos and [len(m) for m in batch.members] == [len(c) for c in alone]
-    with pytest.raises(ValueError, match="batch size 3"):
-        batch.update(k[:1], v[:1], torch.tensor([pos]))
-    with pytest.raises(NotImplementedError):
-        batch.keys_values()
-    with pytest.raises(TypeError):
-        CacheBatch([])
-
-
-def test_evaluate_policies_bad_inputs():
-    from refimpl.eviction.experiments import evaluate_policies
-
-    ids = torch.arange(10)
-    with pytest.raises(ValueError, match="at least 2 tokens"):
-        evaluate_policies(None, ids[:1], [("full", {})])
-    with pytest.raises(ValueError, match="prefill must be <= 9"):
-        evaluate_policies(None, ids, [("full", {})], prefill=10)
-    with pytest.raises(ValueError, match="configs"):
-        evaluate_policies(None, ids, [], prefill=2)
-    with pytest.raises(ValueError, match="ids must have 1 dimensions"):
-        evaluate_policies(None, ids.view(2, 5), [("full", {})])

@@ -1,7 +1,7 @@
-"""Eviction caches inside SmolLM2-135M: the batched sweep equals refimpl.llm.perplexity.evaluate; the benchmark.
+"""Eviction inside SmolLM2-135M: recorded attention, and the benchmark's quick mode.
 
-These load the 135M-parameter model (a few seconds) and decode a few dozen steps per configuration, so they are
-marked ``slow`` and ``model``; together they take about 20 s on an idle 2-core CPU.
+These load the 135M-parameter model (a few seconds), so they are marked ``slow`` and ``model``. (Eviction caches
+as rows of the batched evaluation, each equal to a run alone: ``test_llm_evaluate.py``.)
 """
 
 from __future__ import annotations
@@ -19,46 +19,6 @@ def model_and_ids(one_thread):
 
     model, tokenizer = load_model()
     return model, eval_ids(40, tokenizer)
-
-
-def test_evaluate_policies_equals_evaluate(model_and_ids):
-    from refimpl.eviction.experiments import evaluate_policies
-    from refimpl.llm import evaluate
-
-    model, ids = model_and_ids
-    configs = [
-        ("full", {}),
-        ("scissorhands", {"budget": 14, "history_window": 8, "recent": 4, "drop_fraction": 0.3}),
-        ("h2o", {"budget": 10}),
-        ("streamingllm", {"budget": 10, "rope_base": model.config.rope_base}),
-        ("streamingllm", {"budget": 10, "positions": "original"}),
-        ("window", {"budget": 10}),
-    ]
-    prefill = 16
-    runs = evaluate_policies(model, ids, configs, prefill=prefill)
-    for (name, kw), run in zip(configs, runs):
-        ref = evaluate(model, ids, name, prefill=prefill, cache_kwargs=kw)
-        torch.testing.assert_close(run.nll_per_token, ref.nll_per_token, rtol=1e-4, atol=1e-4)
-        assert run.peak_bytes == ref.peak_cache_bytes, name
-    # A quantized cache turns float rounding into whole quantization steps (a value on a rounding boundary),
-    # so batched rows match evaluate() only up to that; alone in its batch it matches exactly.
-    quant = [
-        ("scissorhands", {"budget": 14, "recent": 4, "drop_fraction": 0.3, "bits": 4}),
-        ("kivi4", {"residual_length": 8, "group_size": 8}),  # another module's cache: its own prefill group
-    ]
-    for name, kw in quant:
-        (run,) = evaluate_policies(model, ids, [(name, kw)], prefill=prefill)
-        ref = evaluate(model, ids, name, prefill=prefill, cache_kwargs=kw)
-        torch.testing.assert_close(run.nll_per_token, ref.nll_per_token, rtol=1e-6, atol=1e-6)
-        assert run.peak_bytes == ref.peak_cache_bytes < runs[0].peak_bytes / 2
-    by_name = {r.name: r for r in runs}
-    assert by_name["window"].sizes == [10] * (len(ids) - prefill)  # cut to the budget right after the prefill
-    assert by_name["window"].perplexity() > by_name["full"].perplexity()
-    # The prefill is shared, so its NLL is the same for every full-precision configuration.
-    assert torch.equal(runs[1].nll_per_token[:prefill], runs[0].nll_per_token[:prefill])
-    # StreamingLLM's positions in the cache differ from the original ones once tokens were evicted.
-    in_cache, original = runs[3].nll_per_token[prefill:], runs[4].nll_per_token[prefill:]
-    assert float((in_cache - original).abs().max()) > 1e-4
 
 
 def test_record_attention_rows_are_causal_distributions(model_and_ids):

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from refimpl.caches import make_caches
 from refimpl.kivi import (
     KIVICache,
     bits_per_element,
@@ -22,7 +23,7 @@ from refimpl.kivi import (
     quantize_groups,
     unpack_codes,
 )
-from refimpl.llm.cache import FullCache, grouped_attention, make_caches
+from refimpl.llm.cache import FullCache, grouped_attention
 
 BITS = (2, 4, 8)
 

@@ -13,10 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refimpl.llm import corpus, gguf_file
+from refimpl.llm.cache import FullCache
 from refimpl.llm.config import LlamaConfig
 from refimpl.llm.generate import generate, generate_ids, top_p_filter
 from refimpl.llm.model import apply_rope, causal_attention, load_model, rms_norm, rope_cos_sin
-from refimpl.llm.perplexity import evaluate, evaluate_one_shot
+from refimpl.llm.perplexity import evaluate, evaluate_many, evaluate_one_shot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -155,13 +156,17 @@ def test_sha_verification_is_cached(tmp_path, monkeypatch):
 
 
 def test_config_counts():
-    c = LlamaConfig(2, 8, 4, 2, 2, 16, 10, 1e4, 1e-5, 32)
+    shape = dict(n_layers=2, d_model=8, n_kv_heads=2, head_dim=2, ffn_dim=16, vocab_size=10)
+    run = dict(rope_base=1e4, norm_eps=1e-5, max_seq_len=32)
+    c = LlamaConfig(n_heads=4, **shape, **run)
     per_layer = 8 + 8 * 8 + 2 * 4 * 8 + 8 * 8 + 8 + 3 * 16 * 8
     assert c.n_params() == 10 * 8 + 2 * per_layer + 8
     assert c.decode_weight_bytes() == 4 * c.n_params()  # tied: the table is read once, as the head
     assert c.kv_bytes_per_token() == 2 * 2 * 4 * 4
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
-        LlamaConfig(2, 8, 3, 2, 2, 16, 10, 1e4, 1e-5, 32)
+        LlamaConfig(n_heads=3, **shape, **run)
+    with pytest.raises(ValueError, match="n_experts must be 1"):
+        LlamaConfig(n_heads=4, n_experts=2, **shape, **run)
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
@@ -298,8 +303,8 @@ def test_forward_bad_inputs(llm):
         model(torch.tensor([1, 2]))
     with pytest.raises(TypeError, match="ids must have dtype"):
         model(torch.tensor([[1.0]]))
-    with pytest.raises(ValueError, match="cache name must be one of"):
-        model.new_caches("nonsense")
+    with pytest.raises(TypeError, match="factory must be a callable"):
+        model.new_caches("nonsense")  # names live above the LLM, in refimpl.caches
 
 
 @needs_model
@@ -359,7 +364,7 @@ def test_generate_bad_inputs(llm):
         generate(model, tok, "Hi", 8192)
     with pytest.raises(ValueError, match="temperature must be >= 0.0"):
         generate(model, tok, "Hi", 2, temperature=-1.0)
-    with pytest.raises(ValueError, match="cache name must be one of"):
+    with pytest.raises(ValueError, match="cache must be a cache factory or 30 KVCache objects"):
         generate(model, tok, "Hi", 2, cache="nope")
     with pytest.raises(ValueError, match="token ids must be in"):
         generate_ids(model, [49152], 2)
@@ -401,8 +406,20 @@ def test_perplexity_bad_inputs(llm):
         evaluate(model, [5, 60000])
     with pytest.raises(ValueError, match="prefill must be <= 3"):
         evaluate(model, [5, 6, 7], prefill=4)
-    with pytest.raises(ValueError, match="cache name must be one of"):
+    with pytest.raises(TypeError, match="factory must be a callable"):
         evaluate(model, [5, 6, 7], cache="bogus")
+    with pytest.raises(ValueError, match="caches must map at least one label"):
+        evaluate_many(model, [5, 6, 7], {})
+    with pytest.raises(ValueError, match="ids must be one text"):
+        evaluate_many(model, torch.arange(10).view(1, 2, 5), {"full": FullCache})
+    with pytest.raises(ValueError, match="token ids must be in"):
+        evaluate_many(model, torch.tensor([[5, 6], [7, 60000]]), {"full": FullCache})  # every text is checked
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        evaluate_many(model, [5, 6, 7], {"full": FullCache}, step=0)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        evaluate_many(model, [5, 6, 7], {"full": FullCache}, threads=0)
+    with pytest.raises(ValueError, match="start must be in"):
+        evaluate(model, [5, 6, 7], prefill=3).decode_perplexity()  # every token predicted in the prefill
     with pytest.raises(ValueError, match="exceed the model's max_seq_len"):
         evaluate_one_shot(model, torch.ones(8194, dtype=torch.long))
 
@@ -436,7 +453,7 @@ def test_corpus_slices_are_fixed(llm):
 
 @needs_model
 def test_cli_perplexity_and_generate(tmp_path, capsys):
-    from refimpl.llm.__main__ import main, parse_cache_args
+    from refimpl.cli import main, parse_cache_args
 
     path = tmp_path / "t.txt"
     path.write_text(corpus.load_text()[:400], encoding="utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refimpl.llm.cache import CACHE_NAMES, FullCache, KVCache, check_step, grouped_attention, make_caches
+from refimpl.llm.cache import FULL_PRECISION_PREFILL, FullCache, KVCache, check_step, grouped_attention, make_caches
 from refimpl.llm.model import causal_attention
 
 
@@ -209,14 +210,18 @@ def test_full_cache_errors():
         cache.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4), torch.tensor([2]))
 
 
-def test_make_caches_and_unknown_name():
-    caches = make_caches("full", 4)
+def test_make_caches_from_a_factory():
+    caches = make_caches(FullCache, 4)
     assert len(caches) == 4 and all(isinstance(c, FullCache) for c in caches)
     assert len({id(c) for c in caches}) == 4, "one distinct cache per layer"
-    assert make_caches("full", 2, capacity=3)[0]._capacity == 3
-    with pytest.raises(ValueError, match="cache name must be one of"):
-        make_caches("no-such-policy", 2)
-    assert "full" in CACHE_NAMES
+    assert make_caches(functools.partial(FullCache, capacity=3), 2)[0]._capacity == 3
+    assert caches[0].prefill_key() == FULL_PRECISION_PREFILL and KVCache().prefill_key() is None
+    with pytest.raises(TypeError, match="factory must be a callable"):
+        make_caches("full", 2)  # the LLM knows no names: refimpl.caches maps them to factories
+    with pytest.raises(TypeError, match="factory must return a KVCache"):
+        make_caches(dict, 2)
+    with pytest.raises(ValueError, match="n_layers must be >= 1"):
+        make_caches(FullCache, 0)
 
 
 def test_check_step_errors():

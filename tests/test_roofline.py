@@ -37,6 +37,7 @@ from refimpl.roofline import (
 )
 from refimpl.roofline.__main__ import main
 from refimpl.roofline.hardware import HARDWARE_YAML
+from refimpl.roofline.models import resolve_model
 from refimpl.roofline.ops import matmul
 
 GPUS = ["a100-40gb", "a100-80gb", "h100-sxm", "h200"]
@@ -189,20 +190,18 @@ def test_mixtral_active_params():
     assert m.n_params() - m.n_active_params() == m.n_layers * 6 * m.expert_params()
 
 
-def test_smollm2_from_gguf_metadata():
-    from refimpl.llm.gguf_file import read_config
+def test_smollm2_datasheet_entry_matches_gguf_metadata():
+    """The cost model's SmolLM2 entry is the shape the LLM reads from the GGUF file (one definition, no drift)."""
+    from refimpl.llm import read_config
+    from refimpl.model_config import ModelConfig
 
     cfg, m = read_config(), get_model("smollm2-135m")
-    assert (m.n_layers, m.d_model, m.n_heads, m.n_kv_heads, m.ffn_dim, m.vocab_size) == (
-        cfg.n_layers,
-        cfg.d_model,
-        cfg.n_heads,
-        cfg.n_kv_heads,
-        cfg.ffn_dim,
-        cfg.vocab_size,
-    )
+    assert isinstance(cfg, ModelConfig)  # the LLM's config is the shared shape, analyzable as is
+    shape = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "source")]
+    assert {f: getattr(m, f) for f in shape} == {f: getattr(cfg, f) for f in shape}
     assert m.tie_embeddings and m.n_params() == cfg.n_params()
     assert m.n_params() == pytest.approx(135e6, rel=0.01)  # the "135M" of its name
+    assert resolve_model(cfg) is cfg
 
 
 def test_unknown_model_and_bad_config():

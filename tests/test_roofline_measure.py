@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from refimpl.roofline import Hardware, load_hardware, measure
+from refimpl.roofline import Hardware, load_hardware, measure, measure_hardware
 
 
 def test_time_fn_calls_warmup_plus_repeats_and_returns_the_minimum():
@@ -27,12 +27,12 @@ def test_stream_bandwidth_and_matmul_flops_are_positive_and_finite():
 
 
 def test_measured_hardware():
-    hw = measure.measure_hardware(matmul_sizes=(64, 128), stream_nbytes=2**20, repeats=2)
+    hw = measure_hardware(matmul_sizes=(64, 128), stream_nbytes=2**20, repeats=2)
     assert isinstance(hw, Hardware) and hw.measured and hw.host_link_bandwidth is None
     assert hw.dtypes == ["fp32"] and hw.peak("fp32") > 0 and hw.memory_bandwidth > 0
     assert hw.memory_capacity > 2**28  # at least 256 MiB of RAM
     assert "matmul" in hw.source and hw.date
-    hw2, sweep = measure.measure_hardware(matmul_sizes=(32, 64), stream_nbytes=2**16, repeats=1, return_sweep=True)
+    hw2, sweep = measure_hardware(matmul_sizes=(32, 64), stream_nbytes=2**16, repeats=1, return_sweep=True)
     assert set(sweep) == {"fp32"} and set(sweep["fp32"]) == {32, 64}
     assert hw2.peak("fp32") == max(sweep["fp32"].values())  # the best point of the sweep is the ceiling
     # the "cpu" entry is measured once per process and cached
@@ -57,15 +57,15 @@ def test_read_stream_counts_bytes_by_the_operator_convention(kernel):
 def test_read_bandwidth_and_measure_operators():
     bw = measure.read_bandwidth((2**20, 2**21), repeats=2)
     assert 1e8 < bw < 1e13
-    hw = measure.measure_hardware(matmul_sizes=(64,), stream_nbytes=2**20, repeats=2)
+    hw = measure_hardware(matmul_sizes=(64,), stream_nbytes=2**20, repeats=2)
     assert "read" in hw.source and "copy" not in hw.source  # the ceiling is a read stream, not a copy
     a, b = torch.ones(2**16), torch.ones(2**16)
     op = measure.read_stream(2**18)[0]
-    hw2, points = measure.measure_operators(
-        {"dot": (op, lambda: torch.dot(a, b))}, hw, read_sizes=(2**20,), repeats=2, warmup=0
+    bw2, points = measure.measure_operators(
+        {"dot": (op, lambda: torch.dot(a, b))}, hw.memory_bandwidth, read_sizes=(2**20,), repeats=2, warmup=0
     )
     assert set(points) == {"dot"} and points["dot"][0] == op.intensity and points["dot"][1] > 0
-    assert hw2.memory_bandwidth >= hw.memory_bandwidth and hw2.peak_flops == hw.peak_flops
+    assert bw2 >= hw.memory_bandwidth
     w = [torch.ones(8, 16), torch.ones(16, 4)]
     assert 0 < measure.matvec_time(w, repeats=2) < 1.0
     with pytest.raises(ValueError, match="kernel"):
@@ -75,7 +75,7 @@ def test_read_bandwidth_and_measure_operators():
     with pytest.raises(ValueError, match="sizes and kernels"):
         measure.read_bandwidth(())
     with pytest.raises(ValueError, match="kernels must name"):
-        measure.measure_operators({}, hw)
+        measure.measure_operators({}, hw.memory_bandwidth)
     with pytest.raises(ValueError, match="weights must hold"):
         measure.matvec_time([])
     with pytest.raises(ValueError, match=r"weights\[0\]"):
@@ -94,7 +94,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="for a measurement"):
         measure.matmul_flops(8, "int4")
     with pytest.raises(ValueError, match="matmul_sizes must name at least one size"):
-        measure.measure_hardware(matmul_sizes=())
+        measure_hardware(matmul_sizes=())
 
 
 def test_decode_layer_time_runs_the_model_shapes():

@@ -2,11 +2,12 @@
 
 * :mod:`refimpl.eviction.policies`: :class:`ScissorhandsCache` (Liu et al. 2023), :class:`H2OCache` (Zhang et
   al. 2023), :class:`StreamingLLMCache` (Xiao et al. 2023), :class:`SlidingWindowCache`, on one base class
-  :class:`EvictionCache`; registered in :data:`refimpl.llm.cache.CACHE_NAMES`.
+  :class:`EvictionCache`; registered by name in :data:`refimpl.caches.CACHE_NAMES`.
 * :mod:`refimpl.eviction.analysis`: attention sparsity and the persistence of importance, measured from
   recorded attention weights.
-* :mod:`refimpl.eviction.experiments`: recording a model's attention, and a batched step-by-step perplexity
-  sweep over policies and budgets (:func:`~refimpl.eviction.experiments.evaluate_policies`).
+* :mod:`refimpl.eviction.experiments`: recording a model's attention, and the positions a cache kept.
+
+Perplexity under these caches: :func:`refimpl.llm.perplexity.evaluate_many` with their factories.
 """
 
 from refimpl.eviction.policies import (

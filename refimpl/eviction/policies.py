@@ -29,11 +29,13 @@ attended on top of them (the new token's own key is always needed to compute its
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 from torch import Tensor
 
 from refimpl._checks import check_choice, check_float, check_int, check_positive_int, check_tensor
-from refimpl.llm.cache import KVCache, check_step, grouped_attention
+from refimpl.llm.cache import FULL_PRECISION_PREFILL, KVCache, check_step, grouped_attention
 
 __all__ = [
     "POSITIONS",
@@ -102,8 +104,7 @@ class EvictionCache(KVCache):
         name = type(self).__name__
         if budget is None:
             raise ValueError(
-                f"{name} needs budget=<tokens to keep per layer and KV head>, e.g. "
-                f"make_caches({self.policy_name!r}, n_layers, budget=128); got budget=None"
+                f"{name} needs budget=<tokens to keep per layer and KV head>, e.g. {name}(budget=128); got budget=None"
             )
         self.budget = check_positive_int("budget", budget)
         self.recent = check_int("recent", recent, min_value=0)
@@ -135,8 +136,11 @@ class EvictionCache(KVCache):
         self.tokens_seen = 0  # tokens ever added
         self.tokens_evicted = 0  # tokens ever dropped
 
-    #: name under which :data:`refimpl.llm.cache.CACHE_NAMES` registers the policy (for error messages)
-    policy_name = "eviction"
+    def prefill_key(self) -> Hashable | None:
+        """Full-precision storage: the prefill attends over every token exactly as the full cache does (eviction
+        comes after the step's attention). Quantized storage: the same for the same ``bits`` and
+        ``group_size``."""
+        return FULL_PRECISION_PREFILL if self.bits is None else ("quantized", self.bits, self.group_size)
 
     # ---- hooks for the policies ----
 
@@ -304,8 +308,6 @@ class ScissorhandsCache(EvictionCache):
     ``r + m - 1``.
     """
 
-    policy_name = "scissorhands"
-
     def __init__(
         self,
         budget: int | None = None,
@@ -362,8 +364,6 @@ class H2OCache(EvictionCache):
     Statistics held: one accumulated score per token and KV head, ``(B, H_kv, T)`` float32.
     """
 
-    policy_name = "h2o"
-
     def __init__(
         self,
         budget: int | None = None,
@@ -407,8 +407,6 @@ class StreamingLLMCache(EvictionCache):
     Raises ``ValueError`` unless ``budget > sink_tokens``, for an unknown ``positions``, or for
     ``positions="in_cache"`` without ``rope_base``.
     """
-
-    policy_name = "streamingllm"
 
     def __init__(
         self,
@@ -468,8 +466,6 @@ class StreamingLLMCache(EvictionCache):
 
 class SlidingWindowCache(EvictionCache):
     """A sliding window: keep the ``budget`` most recent tokens. Needs no statistics."""
-
-    policy_name = "window"
 
     def __init__(self, budget: int | None = None, *, bits: int | None = None, group_size: int = 32) -> None:
         recent = 0 if budget is None else check_positive_int("budget", budget)

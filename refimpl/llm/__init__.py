@@ -7,32 +7,38 @@
 ``refimpl.llm.model``          the decoder (:class:`Llama`) and :func:`load_model`
 ``refimpl.llm.cache``          the KV-cache interface (:class:`KVCache`) and :class:`FullCache`
 ``refimpl.llm.generate``       :func:`generate`: greedy / temperature + top-p sampling, streaming
-``refimpl.llm.perplexity``     :func:`evaluate`: perplexity of a cache policy, step by step
+``refimpl.llm.perplexity``     :func:`evaluate_many`: perplexity of cache configurations, step by step
 ``refimpl.llm.corpus``         the fixed evaluation corpus (CPython's pydoc topics)
 ``refimpl.llm.perf``           FLOPs and bytes of a forward call, measured decode speed
 ``refimpl.llm.reference``      the independent implementation: ``transformers`` on the same GGUF file
 =============================  ===============================================================
 
-Command line: ``python -m refimpl.llm generate "PROMPT"`` and ``python -m refimpl.llm perplexity FILE``.
+The layer names no technique: KIVI, the eviction policies and others hand their cache classes (factories) to
+:func:`evaluate_many`, :func:`generate` and :func:`make_caches`.
+
+Command line: ``python -m refimpl.llm generate "PROMPT"`` and ``python -m refimpl.llm perplexity FILE``
+(defined in :mod:`refimpl.cli`, above the techniques whose caches it names).
 """
 
-from refimpl.llm.cache import CACHE_NAMES, FullCache, KVCache, grouped_attention, make_caches
+from refimpl.llm.cache import CacheFactory, FullCache, KVCache, grouped_attention, make_caches
 from refimpl.llm.config import LlamaConfig
 from refimpl.llm.generate import generate, generate_ids
 from refimpl.llm.gguf_file import find_gguf, read_config
 from refimpl.llm.model import Llama, load_model
-from refimpl.llm.perplexity import PerplexityResult, evaluate, evaluate_one_shot
+from refimpl.llm.perplexity import PerplexityResult, RowCaches, evaluate, evaluate_many, evaluate_one_shot
 from refimpl.llm.tokenizer import Tokenizer
 
 __all__ = [
-    "CACHE_NAMES",
+    "CacheFactory",
     "FullCache",
     "KVCache",
     "Llama",
     "LlamaConfig",
     "PerplexityResult",
+    "RowCaches",
     "Tokenizer",
     "evaluate",
+    "evaluate_many",
     "evaluate_one_shot",
     "find_gguf",
     "generate",

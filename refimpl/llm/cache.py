@@ -26,22 +26,27 @@ excluded by convention since every policy needs them equally; subclasses say wha
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import Tensor
 
-from refimpl._checks import check_choice, check_int, check_tensor
+from refimpl._checks import check_int, check_positive_int, check_tensor
 
 __all__ = [
-    "CACHE_NAMES",
+    "FULL_PRECISION_PREFILL",
+    "CacheFactory",
     "FullCache",
     "KVCache",
     "check_step",
     "grouped_attention",
     "make_caches",
 ]
+
+
+#: :meth:`KVCache.prefill_key` of every cache whose prefill attends over the step's keys and values exactly as
+#: they arrive (the full cache; an evicting cache that stores full precision and evicts after the step).
+FULL_PRECISION_PREFILL = "full precision"
 
 
 def grouped_attention(
@@ -103,6 +108,12 @@ class KVCache:
 
     def observe(self, weights: Tensor, q_positions: Tensor) -> None:
         """Receive this step's attention weights ``(B, H_q, T_new, T)`` (columns in cache order)."""
+
+    def prefill_key(self) -> Hashable | None:
+        """Caches returning equal keys (not ``None``) compute the same attention output for a prefill, whatever
+        they keep afterwards, so a batched evaluation may run one prefill pass for all of them
+        (:func:`refimpl.llm.perplexity.evaluate_many`). ``None`` (the default): no such promise."""
+        return None
 
     def nbytes(self) -> int:
         """Bytes of the tensors this cache holds for keys and values (storage actually allocated for them)."""
@@ -178,6 +189,9 @@ class FullCache(KVCache):
         self._pos[self._len : end] = positions
         self._len = end
 
+    def prefill_key(self) -> Hashable | None:
+        return FULL_PRECISION_PREFILL  # exact attention over every token of the prefill
+
     def keys_values(self) -> tuple[Tensor, Tensor]:
         if self._k is None:
             raise RuntimeError("the cache is empty: call update() before keys_values()")
@@ -212,28 +226,25 @@ class FullCache(KVCache):
         return self._len
 
 
-# Cache policies by name, for `make_caches` and the command line (`--cache NAME`). Each entry is
-# (module, class, default keyword arguments); modules are imported only when a name is used.
-CACHE_NAMES: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "full": ("refimpl.llm.cache", "FullCache", {}),
-    "kivi2": ("refimpl.kivi", "KIVICache", {"bits": 2}),
-    "kivi4": ("refimpl.kivi", "KIVICache", {"bits": 4}),
-    "scissorhands": ("refimpl.eviction", "ScissorhandsCache", {}),
-    "h2o": ("refimpl.eviction", "H2OCache", {}),
-    "streamingllm": ("refimpl.eviction", "StreamingLLMCache", {}),
-    "window": ("refimpl.eviction", "SlidingWindowCache", {}),
-}
+#: A zero-argument callable that returns a fresh one-layer cache: a cache class (``FullCache``) or a technique's
+#: configured class (``functools.partial(KIVICache, bits=2)``, ``lambda: ScissorhandsCache(budget=128)``).
+CacheFactory = Callable[[], KVCache]
 
 
-def make_caches(name: str, n_layers: int, **kwargs: Any) -> list[KVCache]:
-    """Build one cache per layer of the policy registered as ``name`` in :data:`CACHE_NAMES`.
+def make_caches(factory: CacheFactory, n_layers: int) -> list[KVCache]:
+    """One fresh cache per layer, each ``factory()``.
 
-    ``kwargs`` override the policy's defaults (e.g. ``budget=128``). Raises ``ValueError`` for an unknown name.
+    The LLM names no technique: a technique hands its cache class (or a factory) here, and the command line's
+    table of names lives above the techniques (:mod:`refimpl.caches`). Raises ``TypeError`` if ``factory`` is
+    not callable or does not return a :class:`KVCache`, ``ValueError`` for ``n_layers < 1``.
     """
-    check_choice("cache name", name, CACHE_NAMES)
-    module, cls_name, defaults = CACHE_NAMES[name]
-    cls = getattr(importlib.import_module(module), cls_name)
-    return [cls(**{**defaults, **kwargs}) for _ in range(n_layers)]
+    if not callable(factory):
+        raise TypeError(f"factory must be a callable returning a KVCache (e.g. FullCache), got {factory!r}")
+    n_layers = check_positive_int("n_layers", n_layers)
+    caches = [factory() for _ in range(n_layers)]
+    if not isinstance(caches[0], KVCache):
+        raise TypeError(f"factory must return a KVCache, got {type(caches[0]).__name__} from {factory!r}")
+    return caches
 
 
 def check_step(k: Tensor, v: Tensor, positions: Tensor) -> None:

@@ -9,53 +9,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from refimpl.model_config import ModelConfig
+
 __all__ = ["LlamaConfig"]
 
 
-@dataclass(frozen=True)
-class LlamaConfig:
-    """Hyper-parameters of a Llama-architecture decoder.
+@dataclass(frozen=True, kw_only=True)
+class LlamaConfig(ModelConfig):
+    """A Llama-architecture decoder the book runs: its shapes (:class:`~refimpl.model_config.ModelConfig`,
+    shared with the roofline cost model) plus what running it needs.
 
-    ``n_layers`` decoder blocks of width ``d_model``; attention has ``n_heads`` query heads and ``n_kv_heads``
-    key/value heads (GQA group size ``n_heads // n_kv_heads``) of size ``head_dim``; the SwiGLU block has hidden
-    size ``ffn_dim``; RoPE uses base ``rope_base`` (the ``10000`` of Su et al. 2021, eq. 15);
-    RMSNorm adds ``norm_eps``. ``max_seq_len`` is the context length the model was trained for.
-    ``tie_embeddings`` is True when the output head reuses the token-embedding matrix.
+    RoPE uses base ``rope_base`` (the ``10000`` of Su et al. 2021, eq. 15); RMSNorm adds ``norm_eps``;
+    ``max_seq_len`` is the context length the model was trained for; ``bos_id`` and ``eos_id`` are the
+    tokenizer's special tokens. The output head is tied to the token embedding unless ``tie_embeddings=False``.
+    The shape fields may be given by position, the others only by keyword. Raises ``ValueError`` as
+    :class:`~refimpl.model_config.ModelConfig` does, and for ``n_experts != 1`` (the decoder is dense).
     """
 
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    ffn_dim: int
-    vocab_size: int
+    name: str = ""
+    tie_embeddings: bool = True
     rope_base: float
     norm_eps: float
     max_seq_len: int
-    tie_embeddings: bool = True
     bos_id: int = 1
     eos_id: int = 2
-    name: str = ""
 
     def __post_init__(self) -> None:
-        if self.n_heads % self.n_kv_heads != 0:
-            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head (GQA)."""
-        return self.n_heads // self.n_kv_heads
-
-    @property
-    def q_dim(self) -> int:
-        """Width of the concatenated query heads, ``n_heads * head_dim``."""
-        return self.n_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        """Width of the concatenated key (or value) heads, ``n_kv_heads * head_dim``."""
-        return self.n_kv_heads * self.head_dim
+        super().__post_init__()
+        if self.n_experts != 1:
+            raise ValueError(f"n_experts must be 1 (the book's decoder has a dense MLP), got {self.n_experts}")
 
     def layer_params(self) -> dict[str, int]:
         """Parameter count of each weight of one decoder block, by name (the names of ``model.py``)."""
@@ -71,12 +53,6 @@ class LlamaConfig:
             "w_up": f * d,
             "w_down": d * f,
         }
-
-    def n_params(self) -> int:
-        """Total parameter count (the tied embedding counted once)."""
-        head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
-        per_layer = sum(self.layer_params().values())
-        return self.vocab_size * self.d_model + self.n_layers * per_layer + self.d_model + head
 
     def decode_weight_bytes(self, weight_bits: float = 32) -> float:
         """Bytes of weights one batch-1 decode step reads at ``weight_bits`` per weight (float32: 32): every

@@ -9,13 +9,12 @@ restricted to the nucleus: the smallest set of most likely tokens whose probabil
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from refimpl._checks import check_float, check_int, check_positive_int, check_tensor
-from refimpl.llm.cache import KVCache, make_caches
+from refimpl.llm.cache import CacheFactory, FullCache, KVCache, make_caches
 from refimpl.llm.model import Llama
 from refimpl.llm.tokenizer import Tokenizer
 
@@ -51,13 +50,13 @@ def sample_next(logits: Tensor, temperature: float, top_p: float, generator: tor
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _fresh_caches(model: Llama, cache: str | Sequence[KVCache], cache_kwargs: dict[str, Any] | None) -> list[KVCache]:
-    """Caches named by ``cache`` (a policy name) or given as objects; these must be empty, one per layer."""
-    if isinstance(cache, str):
-        return make_caches(cache, model.config.n_layers, **(cache_kwargs or {}))
+def _fresh_caches(model: Llama, cache: CacheFactory | Sequence[KVCache]) -> list[KVCache]:
+    """One cache per layer from ``cache``: a factory of one layer's cache, or the objects themselves (empty)."""
+    if callable(cache):
+        return make_caches(cache, model.config.n_layers)
     caches = list(cache)
     if len(caches) != model.config.n_layers or not all(isinstance(c, KVCache) for c in caches):
-        raise ValueError(f"cache must be a policy name or {model.config.n_layers} KVCache objects, got {cache!r}")
+        raise ValueError(f"cache must be a cache factory or {model.config.n_layers} KVCache objects, got {cache!r}")
     if any(len(c) for c in caches):
         raise ValueError("cache objects must be empty (fresh) at the start")
     return caches
@@ -70,19 +69,18 @@ def generate_ids(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
-    cache: str | Sequence[KVCache] = "full",
-    cache_kwargs: dict[str, Any] | None = None,
+    cache: CacheFactory | Sequence[KVCache] = FullCache,
     stop_ids: Sequence[int] = (),
     on_token: Callable[[int], None] | None = None,
 ) -> list[int]:
     """Generate up to ``max_new_tokens`` token ids after ``prompt_ids``; returns the new ids.
 
-    ``cache``: a policy name of :data:`refimpl.llm.cache.CACHE_NAMES` (built with ``cache_kwargs``) or one
-    fresh cache object per layer. Generation stops after emitting any id in ``stop_ids`` (that id included).
+    ``cache``: a factory of one layer's cache (``FullCache``, ``lambda: KIVICache(bits=2)``) or one fresh cache
+    object per layer. Generation stops after emitting any id in ``stop_ids`` (that id included).
     ``on_token(id)`` is called for every new id as it is produced.
 
     Raises ``ValueError`` for an empty prompt, ids outside the vocabulary, a prompt plus ``max_new_tokens``
-    longer than ``max_seq_len``, bad sampling parameters, or an unknown cache name.
+    longer than ``max_seq_len``, bad sampling parameters, or cache objects that are not one fresh cache per layer.
     """
     prompt = [int(i) for i in prompt_ids]
     if not prompt:
@@ -96,7 +94,7 @@ def generate_ids(
             f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"max_seq_len={model.config.max_seq_len}"
         )
-    caches = _fresh_caches(model, cache, cache_kwargs)
+    caches = _fresh_caches(model, cache)
     generator = torch.Generator().manual_seed(seed)
     stop = set(stop_ids)
 
@@ -123,9 +121,8 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
-    cache: str | Sequence[KVCache] = "full",
+    cache: CacheFactory | Sequence[KVCache] = FullCache,
     stream: Callable[[str], None] | None = None,
-    cache_kwargs: dict[str, Any] | None = None,
     chat: bool = False,
 ) -> str:
     """Continue ``prompt`` by up to ``max_new_tokens`` tokens; returns the new text (without the prompt).
@@ -163,7 +160,6 @@ def generate(
         top_p=top_p,
         seed=seed,
         cache=cache,
-        cache_kwargs=cache_kwargs,
         stop_ids=tokenizer.stop_ids,
         on_token=on_token,
     )

@@ -220,6 +220,9 @@ _CONFIG_CACHE: dict[tuple[str, int, int], LlamaConfig] = {}
 def read_config(path: str | os.PathLike[str] | None = None) -> LlamaConfig:
     """Build the :class:`LlamaConfig` from the GGUF metadata (cheap: reads the header only, memoized).
 
+    The result is a :class:`refimpl.model_config.ModelConfig`, so the roofline cost model analyzes it as is
+    (``refimpl.roofline.analyze(read_config(), ...)``).
+
     Raises ``ValueError`` if the file's architecture is not ``llama``.
     """
     file = find_gguf(path)
@@ -248,6 +251,7 @@ def read_config(path: str | os.PathLike[str] | None = None) -> LlamaConfig:
         bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 1)),
         eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 2)),
         name=str(meta.get("general.name", "")),
+        source=f"GGUF metadata of {file.name}",
     )
     _CONFIG_CACHE[key] = config
     return config

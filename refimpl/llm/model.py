@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from refimpl._checks import check_int, check_tensor
-from refimpl.llm.cache import KVCache, make_caches
+from refimpl.llm.cache import CacheFactory, FullCache, KVCache, make_caches
 from refimpl.llm.config import LlamaConfig
 from refimpl.llm.gguf_file import find_gguf, read_config, read_tensors, read_tokenizer_data, unpermute_rope_rows
 from refimpl.llm.tokenizer import Tokenizer
@@ -188,9 +188,9 @@ class Llama(nn.Module):
             )
         return cls(config, in_out(tensors["token_embd.weight"]), tensors["output_norm.weight"], blocks)
 
-    def new_caches(self, name: str = "full", **kwargs: Any) -> list[KVCache]:
-        """One cache per layer of the policy ``name`` (:func:`refimpl.llm.cache.make_caches`)."""
-        return make_caches(name, self.config.n_layers, **kwargs)
+    def new_caches(self, factory: CacheFactory = FullCache) -> list[KVCache]:
+        """One fresh cache per layer, each ``factory()`` (:func:`refimpl.llm.cache.make_caches`)."""
+        return make_caches(factory, self.config.n_layers)
 
     def _check_inputs(
         self, ids: Tensor, caches: Sequence[KVCache] | None, start_pos: int | Tensor, attn_fn: Any

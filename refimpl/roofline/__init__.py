@@ -6,7 +6,8 @@ does, with tested formulas:
 
 * :mod:`~refimpl.roofline.hardware` - ceilings from datasheets (``refimpl/data/hardware.yaml``) or measured (``"cpu"``);
 * :mod:`~refimpl.roofline.ops` - operators as (FLOPs, bytes read, bytes written), intensity, bound, time;
-* :mod:`~refimpl.roofline.models` - Llama-2-7B, Llama-3-8B, SmolLM2-135M (from its GGUF file), Mixtral-8x7B;
+* :mod:`~refimpl.roofline.dtypes` - dtype names and storage bits;
+* :mod:`~refimpl.roofline.models` - Llama-2-7B, Llama-3-8B, SmolLM2-135M, Mixtral-8x7B as datasheet entries;
 * :mod:`~refimpl.roofline.analyzer` - a :class:`Workload` (stage, batch, length, precisions) analyzed per
   operator, its memory footprint, the max batch;
 * :mod:`~refimpl.roofline.measure` - streaming read and matmul micro-benchmarks (imports torch; loaded lazily);
@@ -32,7 +33,14 @@ from refimpl.roofline.analyzer import (
     memory_footprint,
     weight_bytes,
 )
-from refimpl.roofline.hardware import Hardware, dtype_bits, list_hardware, load_hardware, normalize_dtype
+from refimpl.roofline.hardware import (
+    Hardware,
+    dtype_bits,
+    list_hardware,
+    load_hardware,
+    measure_hardware,
+    normalize_dtype,
+)
 from refimpl.roofline.models import ModelConfig, get_model, list_models
 from refimpl.roofline.ops import (
     Operator,
@@ -67,6 +75,7 @@ __all__ = [
     "load_hardware",
     "max_batch",
     "measure",
+    "measure_hardware",
     "memory_footprint",
     "normalize_dtype",
     "operator_cost",

@@ -9,7 +9,8 @@ bounds a kernel of arithmetic intensity ``I`` (FLOP per byte of memory traffic) 
 The two ceilings meet at the ridge point ``I* = pi / beta``: a kernel left of it is memory-bound, right of it
 compute-bound. This module holds the ceilings. Datasheet entries live in ``refimpl/data/hardware.yaml`` (package
 data, read with :mod:`importlib.resources`) with their source and date; the entry ``"cpu"`` is measured on the
-machine that runs the code (:mod:`refimpl.roofline.measure`).
+machine that runs the code (:func:`measure_hardware`, with the micro-benchmarks
+of :mod:`refimpl.roofline.measure`).
 
 Units are SI everywhere in code: FLOP/s, bytes/s, bytes. Dense and 2:4-sparse peaks are kept apart: only
 ``peak_flops`` (dense) is a ceiling used by the analyzer; ``peak_flops_sparse`` is there to be labelled honestly.
@@ -17,12 +18,17 @@ Units are SI everywhere in code: FLOP/s, bytes/s, bytes. Dense and 2:4-sparse pe
 
 from __future__ import annotations
 
+import datetime
 import functools
+import os
+import platform
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 from refimpl._checks import check_choice, check_float
+from refimpl.roofline.dtypes import DTYPE_BITS, dtype_bits, normalize_dtype
 
 __all__ = [
     "DTYPE_BITS",
@@ -31,55 +37,13 @@ __all__ = [
     "dtype_bits",
     "list_hardware",
     "load_hardware",
+    "measure_hardware",
     "normalize_dtype",
     "resolve_hardware",
 ]
 
 #: The datasheet entries, shipped inside the package (a :class:`~importlib.resources.abc.Traversable`).
 HARDWARE_YAML = resources.files("refimpl") / "data" / "hardware.yaml"
-
-#: Storage size of one element, in bits. tf32 is stored as fp32 (it only changes the Tensor Core arithmetic).
-DTYPE_BITS: dict[str, float] = {
-    "fp64": 64,
-    "fp32": 32,
-    "tf32": 32,
-    "bf16": 16,
-    "fp16": 16,
-    "fp8": 8,
-    "int8": 8,
-    "int4": 4,
-}
-
-# Other spellings readers use (torch names, numpy names) -> the canonical short name.
-_ALIASES: dict[str, str] = {
-    "float64": "fp64",
-    "double": "fp64",
-    "float32": "fp32",
-    "float": "fp32",
-    "bfloat16": "bf16",
-    "float16": "fp16",
-    "half": "fp16",
-    "float8_e4m3fn": "fp8",
-    "float8_e5m2": "fp8",
-    "e4m3": "fp8",
-    "e5m2": "fp8",
-}
-
-
-def normalize_dtype(dtype: Any) -> str:
-    """Return the canonical dtype name (``"fp16"``, ``"bf16"``, ``"fp32"``, ...) for a name or ``torch.dtype``.
-
-    Accepts ``"fp16"``, ``"float16"``, ``"half"``, ``torch.float16`` and the like. Raises ``ValueError`` listing
-    the known names for anything else.
-    """
-    name = str(dtype).removeprefix("torch.").lower() if not isinstance(dtype, str) else dtype.lower()
-    name = _ALIASES.get(name, name)
-    return check_choice("dtype", name, DTYPE_BITS)
-
-
-def dtype_bits(dtype: Any) -> float:
-    """Bits per stored element of ``dtype`` (see :data:`DTYPE_BITS`)."""
-    return DTYPE_BITS[normalize_dtype(dtype)]
 
 
 @dataclass(frozen=True)
@@ -187,6 +151,66 @@ def _from_entry(name: str, entry: dict[str, Any]) -> Hardware:
     )
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_hardware(
+    name: str = "cpu",
+    *,
+    matmul_sizes: Sequence[int] = (256, 512, 1024),
+    dtypes: Sequence[Any] = ("fp32",),
+    stream_nbytes: int = 64 * 2**20,
+    repeats: int = 5,
+    return_sweep: bool = False,
+) -> Hardware | tuple[Hardware, dict[str, dict[int, float]]]:
+    """Build a :class:`Hardware` for this machine from measurements.
+
+    ``peak_flops[d]`` is the best :func:`matmul_flops` over ``matmul_sizes`` for each dtype ``d`` in ``dtypes``;
+    ``memory_bandwidth`` is :func:`read_bandwidth` over arrays of ``stream_nbytes`` and ``2 * stream_nbytes``
+    bytes (a read-dominated stream, the way memory-bound operators use memory); ``memory_capacity`` is the physical
+    RAM; ``host_link_bandwidth`` is ``None`` (a CPU has no separate host link). Takes about a second with the
+    defaults on a 2-core machine. With ``return_sweep=True`` also returns the sweep ``{dtype: {n: FLOP/s}}``,
+    whose best point is the compute ceiling (to plot the sweep under the roofline it defines).
+    """
+    import torch
+
+    from refimpl.roofline.measure import matmul_flops, read_bandwidth
+
+    if not matmul_sizes:
+        raise ValueError("matmul_sizes must name at least one size, got an empty sequence")
+    if not dtypes:
+        raise ValueError("dtypes must name at least one dtype, got an empty sequence")
+    sweep = {normalize_dtype(d): {n: matmul_flops(n, d, repeats=repeats) for n in matmul_sizes} for d in dtypes}
+    peaks = {d: max(rates.values()) for d, rates in sweep.items()}
+    read_sizes = (stream_nbytes, 2 * stream_nbytes)
+    bandwidth = read_bandwidth(read_sizes, repeats=repeats)
+    capacity = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    source = (
+        f"measured: best matmul over n in {list(matmul_sizes)}, best streaming read (sum, matvec) over "
+        f"{list(read_sizes)} B, min of {repeats} runs; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    hardware = Hardware(
+        name=name,
+        peak_flops=peaks,
+        memory_bandwidth=bandwidth,
+        memory_capacity=capacity,
+        host_link_bandwidth=None,
+        description=f"{_cpu_model()} (measured)",
+        source=source,
+        date=datetime.date.today().isoformat(),
+        measured=True,
+    )
+    return (hardware, sweep) if return_sweep else hardware
+
+
 _MEASURED: dict[str, Hardware] = {}
 
 
@@ -194,7 +218,7 @@ def load_hardware(name: str) -> Hardware:
     """Return the :class:`Hardware` called ``name`` (see :func:`list_hardware`).
 
     Datasheet entries come from :data:`HARDWARE_YAML`. ``"cpu"`` is measured on first use with
-    :func:`refimpl.roofline.measure.measure_hardware` (about a second) and cached for the process.
+    :func:`measure_hardware` (about a second) and cached for the process.
     Raises ``ValueError`` listing the known names for an unknown ``name``.
     """
     table = _read_yaml()
@@ -202,8 +226,6 @@ def load_hardware(name: str) -> Hardware:
     entry = table[name]
     if entry.get("measured"):
         if name not in _MEASURED:
-            from refimpl.roofline.measure import measure_hardware
-
             _MEASURED[name] = measure_hardware(name=name)
         return _MEASURED[name]
     return _from_entry(name, entry)

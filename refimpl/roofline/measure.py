@@ -21,10 +21,6 @@ stream, so that on a shared machine a ceiling and the points under it see the sa
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import os
-import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -33,7 +29,7 @@ import torch
 from torch import Tensor
 
 from refimpl._checks import check_choice, check_int, check_positive_int, check_tensor
-from refimpl.roofline.hardware import Hardware, normalize_dtype
+from refimpl.roofline.dtypes import normalize_dtype
 from refimpl.roofline.ops import Operator
 
 __all__ = [
@@ -41,7 +37,6 @@ __all__ = [
     "decode_layer_time",
     "matmul_flops",
     "matvec_time",
-    "measure_hardware",
     "measure_operators",
     "read_bandwidth",
     "read_stream",
@@ -195,27 +190,28 @@ def matvec_time(weights: Sequence[Tensor], *, repeats: int = 5, warmup: int = 1)
 
 def measure_operators(
     kernels: Mapping[str, tuple[Operator, Callable[[], Any]]],
-    hardware: Hardware,
+    bandwidth: float,
     *,
     read_sizes: Sequence[int] = (64 * 2**20,),
     repeats: int = 5,
     warmup: int = 1,
-) -> tuple[Hardware, dict[str, tuple[float, float]]]:
+) -> tuple[float, dict[str, tuple[float, float]]]:
     """Time each ``name: (operator, fn)`` of ``kernels`` right after every :func:`read_stream` of ``read_sizes``.
 
     In each of ``repeats`` rounds, every kernel runs once, each run preceded and followed by two runs of every
     read stream, so the memory ceiling is sampled next to every operator, under the same load, and more often
     than any one operator (a ceiling is the best the machine does; on a shared machine the best needs many
     samples).
-    Returns ``hardware`` with its memory bandwidth raised to the best read stream seen here if that is higher,
-    and ``{name: (intensity, achieved FLOP/s)}`` with achieved = ``op.flops / min time``.
+    Returns the memory ceiling ``bandwidth`` (B/s, e.g. a :class:`~refimpl.roofline.Hardware`'s) raised to the
+    best read stream seen here if that is higher, and ``{name: (intensity, achieved FLOP/s)}`` with achieved =
+    ``op.flops / min time``.
     """
     if not kernels:
         raise ValueError("kernels must name at least one (operator, function) pair, got an empty mapping")
     repeats = check_positive_int("repeats", repeats)
     warmup = check_int("warmup", warmup, min_value=0)
     streams = [read_stream(n, k) for n in read_sizes for k in READ_KERNELS]
-    bandwidth, best = hardware.memory_bandwidth, dict.fromkeys(kernels, float("inf"))
+    best = dict.fromkeys(kernels, float("inf"))
     for _ in range(warmup):
         for _, fn in [*kernels.values(), *streams]:
             fn()
@@ -229,7 +225,7 @@ def measure_operators(
             best[name] = min(best[name], time_fn(fn, repeats=1, warmup=0))
             bandwidth = max(bandwidth, sample_ceiling())
     points = {name: (op.intensity, op.flops / best[name]) for name, (op, _) in kernels.items()}
-    return dataclasses.replace(hardware, memory_bandwidth=bandwidth), points
+    return bandwidth, points
 
 
 def matmul_flops(n: int = 512, dtype: Any = torch.float32, *, repeats: int = 5, warmup: int = 1) -> float:
@@ -246,62 +242,6 @@ def matmul_flops(n: int = 512, dtype: Any = torch.float32, *, repeats: int = 5, 
     out = torch.empty(n, n, dtype=tdtype)  # (n, n), preallocated so allocation is not timed
     seconds = time_fn(lambda: torch.mm(a, b, out=out), repeats=repeats, warmup=warmup)
     return 2 * n**3 / seconds
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def measure_hardware(
-    name: str = "cpu",
-    *,
-    matmul_sizes: Sequence[int] = (256, 512, 1024),
-    dtypes: Sequence[Any] = ("fp32",),
-    stream_nbytes: int = 64 * 2**20,
-    repeats: int = 5,
-    return_sweep: bool = False,
-) -> Hardware | tuple[Hardware, dict[str, dict[int, float]]]:
-    """Build a :class:`Hardware` for this machine from measurements.
-
-    ``peak_flops[d]`` is the best :func:`matmul_flops` over ``matmul_sizes`` for each dtype ``d`` in ``dtypes``;
-    ``memory_bandwidth`` is :func:`read_bandwidth` over arrays of ``stream_nbytes`` and ``2 * stream_nbytes``
-    bytes (a read-dominated stream, the way memory-bound operators use memory); ``memory_capacity`` is the physical
-    RAM; ``host_link_bandwidth`` is ``None`` (a CPU has no separate host link). Takes about a second with the
-    defaults on a 2-core machine. With ``return_sweep=True`` also returns the sweep ``{dtype: {n: FLOP/s}}``,
-    whose best point is the compute ceiling (to plot the sweep under the roofline it defines).
-    """
-    if not matmul_sizes:
-        raise ValueError("matmul_sizes must name at least one size, got an empty sequence")
-    if not dtypes:
-        raise ValueError("dtypes must name at least one dtype, got an empty sequence")
-    sweep = {normalize_dtype(d): {n: matmul_flops(n, d, repeats=repeats) for n in matmul_sizes} for d in dtypes}
-    peaks = {d: max(rates.values()) for d, rates in sweep.items()}
-    read_sizes = (stream_nbytes, 2 * stream_nbytes)
-    bandwidth = read_bandwidth(read_sizes, repeats=repeats)
-    capacity = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    source = (
-        f"measured: best matmul over n in {list(matmul_sizes)}, best streaming read (sum, matvec) over "
-        f"{list(read_sizes)} B, min of {repeats} runs; torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
-    hardware = Hardware(
-        name=name,
-        peak_flops=peaks,
-        memory_bandwidth=bandwidth,
-        memory_capacity=capacity,
-        host_link_bandwidth=None,
-        description=f"{_cpu_model()} (measured)",
-        source=source,
-        date=datetime.date.today().isoformat(),
-        measured=True,
-    )
-    return (hardware, sweep) if return_sweep else hardware
 
 
 def _sync(device: torch.device) -> None:
