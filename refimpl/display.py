@@ -119,8 +119,12 @@ class Claim:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-        if not (self.holds is None or isinstance(self.holds, bool)):
-            raise TypeError(f"holds must be True, False or None, got {self.holds!r}")
+        if self.holds is not None and not isinstance(self.holds, bool):
+            import numpy as np
+
+            if not isinstance(self.holds, np.bool_):  # a comparison of numpy scalars gives np.bool_
+                raise TypeError(f"holds must be True, False or None, got {self.holds!r}")
+            object.__setattr__(self, "holds", bool(self.holds))
         if self.holds is not True and not self.why.strip():
             raise ValueError(f"why must say why the claim {self.claim!r} does not hold or cannot be tested here")
 
@@ -168,13 +172,15 @@ class ClaimsTable:
         from html import escape
 
         colour = {"yes": "#009E73", "no": "#D55E00", "not testable here": "#666666"}
-        head = "".join(f"<th style='text-align:left'>{escape(c)}</th>" for c in self.COLUMNS)
+        cell = "text-align:left;vertical-align:top;padding:0.2em 0.5em"
+        head = "".join(f"<th style='{cell}'>{escape(c)}</th>" for c in self.COLUMNS)
         body = []
         for row in self.rows:
             cells = [escape(c) for c in self._cells(row)]
             cells[3] = f"<b style='color:{colour[row.verdict]}'>{cells[3]}</b>"
-            body.append("<tr>" + "".join(f"<td style='text-align:left'>{c}</td>" for c in cells) + "</tr>")
-        return f"<table class='refimpl-claims'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            body.append("<tr>" + "".join(f"<td style='{cell}'>{c}</td>" for c in cells) + "</tr>")
+        table = "class='refimpl-claims' style='font-size:0.85em;border-collapse:collapse'"
+        return f"<table {table}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
     def __repr__(self) -> str:
         return "\n".join(" | ".join(self._cells(r)) for r in self.rows)

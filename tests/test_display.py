@@ -88,6 +88,13 @@ def test_claims_table_computes_verdicts_and_renders_every_cell() -> None:
     assert "not testable here" in repr(table)
 
 
+def test_claims_table_accepts_a_numpy_comparison() -> None:
+    import numpy as np
+
+    row = _claim("x", np.float64(2.0) > 1.0)
+    assert row.holds is True and row.verdict == "yes"
+
+
 def test_claims_table_escapes_html() -> None:
     html = claims_table([_claim("<script>", True)])._repr_html_()
     assert "<script>" not in html and "&lt;script&gt;" in html
