@@ -92,6 +92,7 @@ def test_each_technique_chapter_ends_with_an_asserted_claims_table(chapter: str)
     at = [i for i, s in enumerate(sources) if "claims_table(" in s]
     assert len(at) == 1, f"{chapter}: one cell builds the claims table"
     src = sources[at[0]]
+    assert cells[at[0]]["metadata"].get("tags") == ["hide-input"], f"{chapter}: the table shows, its code folds"
     assert "assert claims.verdicts == {" in src and src.rstrip().endswith("claims"), "verdicts asserted, table shown"
     nxt = sources[at[0] + 1] if at[0] + 1 < len(sources) else ""
     assert nxt.startswith(("## Summary", "## Exercises")), f"{chapter}: the claims table closes the chapter's text"
