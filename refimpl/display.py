@@ -2,13 +2,15 @@
 
 The book never copies an algorithm into a notebook. A chapter calls :func:`show_source` on the ``refimpl``
 object it explains, so the code the reader sees is the code the tests check. :func:`use_book_style` sets one
-matplotlib style for every figure in the book.
+matplotlib style for every figure in the book. :func:`claims_table` renders the table of a paper's claims, each
+with what this book measured and a computed verdict, that closes each technique chapter.
 """
 
 from __future__ import annotations
 
 import inspect
 import textwrap
+from dataclasses import dataclass
 from typing import Any
 
 #: Figures are rendered at the book's content width (about 7 inches at 100 dpi) and must stay readable there.
@@ -89,3 +91,102 @@ def show_source(obj: Any) -> SourceCode:
     name = getattr(obj, "__qualname__", None)
     title = f"{module}.{name}" if name and module != name else str(module)
     return SourceCode(code, title=title)
+
+
+#: The three verdicts of a claims table, by what :func:`verdict` is given.
+VERDICTS = {True: "yes", False: "no", None: "not testable here"}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One row of a chapter's closing table: a paper's claim, its figure, what this book measured, the verdict.
+
+    ``holds`` is computed in the notebook: ``True`` or ``False`` when the claim can be tested here, ``None``
+    when it cannot (then ``why`` must say why). ``cite`` is the ``references.bib`` key of the paper and
+    ``where`` the place in it (a table, a figure, the abstract) that states ``paper``.
+    """
+
+    claim: str
+    paper: str
+    cite: str
+    where: str
+    measured: str
+    holds: bool | None
+    why: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("claim", "paper", "cite", "where", "measured"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        if self.holds is not None and not isinstance(self.holds, bool):
+            import numpy as np
+
+            if not isinstance(self.holds, np.bool_):  # a comparison of numpy scalars gives np.bool_
+                raise TypeError(f"holds must be True, False or None, got {self.holds!r}")
+            object.__setattr__(self, "holds", bool(self.holds))
+        if self.holds is not True and not self.why.strip():
+            raise ValueError(f"why must say why the claim {self.claim!r} does not hold or cannot be tested here")
+
+    @property
+    def verdict(self) -> str:
+        """``"yes"``, ``"no"`` or ``"not testable here"``."""
+        return VERDICTS[self.holds]
+
+
+class ClaimsTable:
+    """The "paper claims | measured here | holds here?" table that closes each technique chapter.
+
+    Renders as HTML in Jupyter and in the book (``_repr_html_``), as markdown (``_repr_markdown_``) and as
+    plain text. :attr:`verdicts` maps each claim to its verdict, so a notebook asserts them all at once and a
+    change that flips a verdict fails the cell.
+    """
+
+    COLUMNS = ("the paper claims", "paper's figure", "measured here", "holds here?", "why")
+
+    def __init__(self, rows: list[Claim]) -> None:
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, Claim) for r in rows):
+            raise TypeError(f"rows must be a non-empty list of Claim, got {rows!r}")
+        claims = [r.claim for r in rows]
+        if len(set(claims)) != len(claims):
+            raise ValueError(f"rows must have distinct claims, got {claims}")
+        self.rows = rows
+
+    @property
+    def verdicts(self) -> dict[str, str]:
+        """``{claim: verdict}`` in row order."""
+        return {r.claim: r.verdict for r in self.rows}
+
+    def _cells(self, row: Claim) -> tuple[str, ...]:
+        return (row.claim, f"{row.paper} ({row.cite}, {row.where})", row.measured, row.verdict, row.why)
+
+    def _repr_markdown_(self) -> str:
+        def esc(text: str) -> str:
+            return text.replace("|", "\\|").replace("\n", " ")
+
+        lines = ["| " + " | ".join(self.COLUMNS) + " |", "|" + "---|" * len(self.COLUMNS)]
+        lines += ["| " + " | ".join(esc(c) for c in self._cells(r)) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        colour = {"yes": "#009E73", "no": "#D55E00", "not testable here": "#666666"}
+        cell = "text-align:left;vertical-align:top;padding:0.2em 0.5em"
+        head = "".join(f"<th style='{cell}'>{escape(c)}</th>" for c in self.COLUMNS)
+        body = []
+        for row in self.rows:
+            cells = [escape(c) for c in self._cells(row)]
+            cells[3] = f"<b style='color:{colour[row.verdict]}'>{cells[3]}</b>"
+            body.append("<tr>" + "".join(f"<td style='{cell}'>{c}</td>" for c in cells) + "</tr>")
+        table = "class='refimpl-claims' style='font-size:0.85em;border-collapse:collapse'"
+        return f"<table {table}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+    def __repr__(self) -> str:
+        return "\n".join(" | ".join(self._cells(r)) for r in self.rows)
+
+
+def claims_table(rows: list[Claim]) -> ClaimsTable:
+    """Return the displayable closing table of a chapter; use it as a cell's last expression after asserting
+    ``table.verdicts``."""
+    return ClaimsTable(rows)

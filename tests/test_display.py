@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from refimpl import _checks
-from refimpl.display import BOOK_STYLE, show_source, source_of, use_book_style
+from refimpl.display import BOOK_STYLE, Claim, claims_table, show_source, source_of, use_book_style
 
 
 def test_show_source_renders_the_real_source_as_highlighted_html() -> None:
@@ -70,3 +70,47 @@ def test_check_same_device_names_each_tensor() -> None:
     meta = torch.zeros(1, device="meta")
     with pytest.raises(ValueError, match="q on cpu, k on meta"):
         _checks.check_same_device(q=torch.zeros(1), k=meta)
+
+
+def _claim(claim: str = "exact", holds: bool | None = True, why: str = "") -> Claim:
+    return Claim(claim, "2.6x", "liu2024kivi", "abstract", "3.1x", holds, why)
+
+
+def test_claims_table_computes_verdicts_and_renders_every_cell() -> None:
+    rows = [_claim("a", True), _claim("b | c", False, "too small"), _claim("d", None, "needs a GPU")]
+    table = claims_table(rows)
+    assert table.verdicts == {"a": "yes", "b | c": "no", "d": "not testable here"}
+    html = table._repr_html_()
+    assert html.count("<tr>") == 4 and "needs a GPU" in html and "liu2024kivi" in html
+    assert "<b style='color:#D55E00'>no</b>" in html
+    md = table._repr_markdown_().splitlines()
+    assert len(md) == 5 and md[0].startswith("| the paper claims |") and "b \\| c" in md[3]
+    assert "not testable here" in repr(table)
+
+
+def test_claims_table_accepts_a_numpy_comparison() -> None:
+    import numpy as np
+
+    row = _claim("x", np.float64(2.0) > 1.0)
+    assert row.holds is True and row.verdict == "yes"
+
+
+def test_claims_table_escapes_html() -> None:
+    html = claims_table([_claim("<script>", True)])._repr_html_()
+    assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: _claim("x", False), ValueError, "why must say why"),
+        (lambda: _claim("x", None, "  "), ValueError, "why must say why"),
+        (lambda: _claim("x", 1), TypeError, "holds must be True, False or None, got 1"),
+        (lambda: Claim("x", "", "k", "abstract", "1", True), ValueError, "paper must be a non-empty string"),
+        (lambda: claims_table([]), TypeError, "rows must be a non-empty list of Claim"),
+        (lambda: claims_table([_claim("x"), _claim("x")]), ValueError, "rows must have distinct claims"),
+    ],
+)
+def test_claims_table_rejects_bad_rows(make, error, message) -> None:
+    with pytest.raises(error, match=message):
+        make()

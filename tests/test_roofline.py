@@ -531,12 +531,17 @@ def test_plots_draw_what_the_analysis_says():
     ax = plot_operators(a)
     shown = sum(len(c.get_offsets()) for c in ax.collections)
     assert shown == sum(1 for r in a.rows if r.op.flops > 0 and r.op.bytes > 0)
-    labels = " ".join(t.get_text() for t in ax.texts)
-    assert "gate_proj" in labels
+    numbers = [t.get_text() for t in ax.texts if t.get_text().isdigit()]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert numbers == [str(i) for i in range(1, len(numbers) + 1)] and numbers
+    assert any(t.startswith("1: ") and "gate_proj" in t for t in legend), legend
+    assert sum(t[0].isdigit() for t in legend) == len(numbers), "each number is named in the legend"
     ax = plot_time_breakdown(a, top=5)
     widths = sorted(p.get_width() for p in ax.patches)
     expected = sorted(r.total_time * 1e3 for r in a.rows)[-5:]
     assert widths == pytest.approx(expected)
+    colours = [tuple(h.get_facecolor()) for h in ax.get_legend().legend_handles]
+    assert colours == [matplotlib.colors.to_rgba(c) for c in ("#0072B2", "#D55E00")], "the legend shows each colour"
     plt.close("all")
 
 
@@ -565,3 +570,20 @@ def test_workload_is_frozen_normalized_and_validated_on_replace():
     # the analysis reads the workload's fields through, resolved against the model
     a = analyze("mixtral-8x7b", "h200", Workload(batch=3, dtype="bf16"))
     assert (a.batch, a.dtype, a.active_experts, a.weight_bits) == (3, "bf16", 2, 16)
+
+
+def test_plot_roofline_can_put_the_ridge_in_the_legend():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from refimpl.roofline.plot import plot_roofline
+
+    hw = load_hardware("a100-40gb")
+    ax = plot_roofline(hw, "fp16", intensity_range=(1.0, 1e3))
+    assert [t.get_text() for t in ax.texts] == [f"ridge {hw.ridge_point('fp16'):.3g}"]
+    ax = plot_roofline(hw, "fp16", intensity_range=(1.0, 1e3), ridge_in_legend=True)
+    assert len(ax.texts) == 0 and ax.lines[0].get_label() == f"{hw.name} (fp16), ridge {hw.ridge_point('fp16'):.3g}"
+    assert len(ax.lines) == 2  # the roof and the ridge marker
+    plt.close("all")

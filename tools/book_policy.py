@@ -8,6 +8,8 @@
 
 ``python tools/book_policy.py notebooks`` prints the notebooks in the table of contents, one per line;
 ``python tools/book_policy.py check`` runs the output and exercise checks over them and exits 1 on a problem.
+``python tools/book_policy.py numbers`` lists the typed numbers in the chapters' prose (:func:`typed_numbers_in`)
+and exits 1 if there is one.
 """
 
 from __future__ import annotations
@@ -103,6 +105,101 @@ def exercise_problems(path: Path) -> list[str]:
     return problems
 
 
+# --- Typed numbers in the prose -------------------------------------------------------------------------------
+# The book promises that every number in its prose is computed: pasted with {glue:text}, read from data, or a
+# paper's figure inside a sentence that cites it. `typed_numbers` finds the digits in a markdown cell that are
+# none of these. What it ignores, and why:
+_IGNORED = [
+    r"```.*?```",  # fenced code
+    r"\$\$.*?\$\$",  # display maths: equations are notation, not measurements
+    r"(?<!\\)\$[^$\n]+?(?<!\\)\$",  # inline maths ($G = 32$, $10^9$): notation
+    r"\{[\w:-]+\}`[^`]*`",  # MyST roles: {glue:text}`key:.2f`, {cite:p}`key`, {eq}`label`, {doc}`x`
+    r"`[^`\n]*`",  # code spans: names and values of code
+    r"\]\([^)]*\)",  # link targets
+    r"<[^>\n]+>",  # HTML tags
+    r"^#{1,6} .*$",  # headings: section numbers and "Exercise N"
+    r"^\s*(?:\d+\.|[-*])\s",  # list markers "1. "
+    r"\*\*\d+\.\*\*",  # bold step markers "**1.**"
+]
+#: A digit group that stands alone (with an optional "x" or "%"): not part of a name such as H100, SmolLM2-135M,
+#: Llama-2-7B, fp16, a 7B model or a data type such as 4-bit. "2.6x", "31%" and "576-wide" are numbers.
+_NUMBER = re.compile(r"(?<![\w.\-/])\d+(?:[.,]\d+)*(?:x|%)?(?![\w/]|-bit\b|\.\d)")
+#: Words after which a number is a reference, not a measurement.
+_REFERENCE_WORDS = re.compile(
+    r"(?:equation|eq\.|section|chapter|figure|fig\.|table|algorithm|alg\.|theorem|lemma|exercise|step|part|"
+    r"appendix|line|version|v)\s*$",
+    re.I,
+)
+_YEAR = re.compile(r"(?:19|20)\d\d")
+#: A sentence ends at ". ", "? ", "! " or a blank line; one that cites a paper ({cite...}) states its figures.
+_SENTENCE = re.compile(r"(?<=[.?!])\s+(?=[A-Z(*\[{$`])|\n\s*\n")
+
+
+#: An exercise states its problem's inputs; its solution cell computes and asserts the answer.
+_EXERCISE = re.compile(r"\s*### Exercise \d+")
+
+
+def _prose(text: str) -> str:
+    """``text`` with the regions that `typed_numbers` ignores blanked out (same length, so offsets hold)."""
+    for pattern in _IGNORED:
+        text = re.sub(pattern, lambda m: re.sub(r"[^\n]", " ", m.group(0)), text, flags=re.S | re.M)
+    return text
+
+
+def typed_numbers_in(text: str) -> list[str]:
+    """The typed numbers in the markdown ``text``, each with a few words of context.
+
+    A number is allowed when it is glued, inside code, maths, a heading, a link target or an HTML tag; part of
+    a name (H100, SmolLM2-135M, fp16, 4-bit); a year; a reference (Section 3, Exercise 2); 0 or 1; or in a
+    sentence that cites a paper with a ``{cite...}`` role (the paper's figure).
+    """
+    found = []
+    start = 0
+    for match in list(_SENTENCE.finditer(text)) + [None]:
+        end = match.start() if match else len(text)
+        sentence = text[start:end]
+        start = match.end() if match else len(text)
+        if "{cite" in sentence:
+            continue
+        prose = _prose(sentence)
+        for number in _NUMBER.finditer(prose):
+            value = number.group(0)
+            before = prose[: number.start()]
+            if value in ("0", "1") or _YEAR.fullmatch(value) or _REFERENCE_WORDS.search(before):
+                continue
+            context = " ".join(sentence[max(0, number.start() - 30) : number.end() + 30].split())
+            found.append(f"{value!r} in '...{context}...'")
+    return found
+
+
+def _markdown_of(path: Path) -> list[tuple[str, str]]:
+    """(where, text) for each markdown cell of a notebook, or the whole of a markdown page."""
+    if path.suffix == ".md":
+        return [(path.name, path.read_text())]
+    return [
+        (f"{path.name}: cell {i}", _source(c))
+        for i, c in enumerate(_cells(path))
+        if c["cell_type"] == "markdown" and not _EXERCISE.match(_source(c))
+    ]
+
+
+def typed_number_problems(path: Path) -> list[str]:
+    """Typed numbers in the prose of a chapter (a notebook's markdown cells, except exercise statements, or a
+    markdown page)."""
+    return [f"{where}: typed number {hit}" for where, text in _markdown_of(path) for hit in typed_numbers_in(text)]
+
+
+def toc_chapters(root: Path = ROOT) -> list[Path]:
+    """The notebooks and markdown pages under ``chapters/`` that ``_toc.yml`` includes."""
+    out = []
+    for entry in toc_files(root / "_toc.yml"):
+        for suffix in (".ipynb", ".md"):
+            path = root / f"{entry}{suffix}"
+            if path.exists() and path.parent.name == "chapters":
+                out.append(path)
+    return out
+
+
 def main(argv: list[str]) -> int:
     command = argv[0] if argv else "notebooks"
     if command == "notebooks":
@@ -112,7 +209,11 @@ def main(argv: list[str]) -> int:
         problems = [p for nb in toc_notebooks() for p in output_problems(nb) + exercise_problems(nb)]
         print("\n".join(problems) or "book policy: ok")
         return 1 if problems else 0
-    print(f"unknown command {command!r}; expected 'notebooks' or 'check'", file=sys.stderr)
+    if command == "numbers":
+        problems = [p for page in toc_chapters() for p in typed_number_problems(page)]
+        print("\n".join(problems) or "typed numbers: none")
+        return 1 if problems else 0
+    print(f"unknown command {command!r}; expected 'notebooks', 'check' or 'numbers'", file=sys.stderr)
     return 2
 
 

@@ -35,8 +35,13 @@ def plot_roofline(
     label: str | None = None,
     color: str | None = None,
     mark_ridge: bool = True,
+    ridge_in_legend: bool = False,
 ) -> Any:
-    """Draw ``P(I) = min(pi, beta I)`` on log-log axes (FLOP/byte vs FLOP/s), with the ridge point marked."""
+    """Draw ``P(I) = min(pi, beta I)`` on log-log axes (FLOP/byte vs FLOP/s), with the ridge point marked.
+
+    The ridge's value is written next to it, or, with ``ridge_in_legend`` (several machines on one axes, whose
+    ridges lie close together), in the line's legend label.
+    """
     import numpy as np
 
     ax = _axes(ax)
@@ -44,9 +49,14 @@ def plot_roofline(
     peak, bw = hardware.peak(dtype), hardware.memory_bandwidth
     ridge = peak / bw
     x = np.geomspace(lo, hi, 200)
-    (line,) = ax.loglog(x, np.minimum(peak, bw * x), color=color, label=label or f"{hardware.name} ({dtype})")
-    if mark_ridge and lo <= ridge <= hi:
+    label = label or f"{hardware.name} ({dtype})"
+    shown = mark_ridge and lo <= ridge <= hi
+    if shown and ridge_in_legend:
+        label = f"{label}, ridge {ridge:.3g}"
+    (line,) = ax.loglog(x, np.minimum(peak, bw * x), color=color, label=label)
+    if shown:
         ax.plot([ridge], [peak], "o", color=line.get_color(), markersize=5)
+    if shown and not ridge_in_legend:
         ax.annotate(
             f"ridge {ridge:.3g}", (ridge, peak), textcoords="offset points", xytext=(-6, 4), ha="right", fontsize=9
         )
@@ -58,7 +68,8 @@ def plot_roofline(
 def plot_operators(analysis: Analysis, ax: Any = None, *, annotate: int = 6) -> Any:
     """The hardware's roofline with one point per operator at (intensity, attainable FLOP/s).
 
-    Point area grows with the operator's share of the stage's time; the ``annotate`` slowest are labelled.
+    Point area grows with the operator's share of the stage's time; the ``annotate`` slowest points are
+    numbered, and the legend names the operators at each number.
     Operators that never touch memory (infinite intensity) are left out.
     """
     ax = _axes(ax)
@@ -83,17 +94,20 @@ def plot_operators(analysis: Analysis, ax: Any = None, *, annotate: int = 6) -> 
         key = (round(math.log10(r.op.intensity), 1), round(math.log10(r.attainable_flops), 1))
         groups.setdefault(key, []).append(r)
     ranked = sorted(groups.values(), key=lambda g: -sum(r.total_time for r in g))[:annotate]
-    for i, group in enumerate(ranked):
+    # A number at each labelled point and the names in the legend: long names beside clustered points overlap.
+    for i, group in enumerate(ranked, start=1):
         group.sort(key=lambda r: -r.total_time)
         names = ", ".join(r.op.name for r in group[:3]) + (f" +{len(group) - 3}" if len(group) > 3 else "")
         r = group[0]
         ax.annotate(
-            names,
+            str(i),
             (r.op.intensity, r.attainable_flops),
             textcoords="offset points",
-            xytext=(6, -4 - 10 * (i % 2)),
-            fontsize=8,
+            xytext=(5, -12 if i % 2 else 4),
+            fontsize=9,
+            fontweight="bold",
         )
+        ax.plot([], [], " ", label=f"{i}: {names}")
     for bound, color in BOUND_COLORS.items():
         ax.scatter([], [], color=color, label=f"{bound}-bound operator")
     ax.legend(loc="lower right", fontsize=8)
@@ -110,9 +124,11 @@ def plot_time_breakdown(analysis: Analysis, ax: Any = None, *, top: int = 10) ->
         [r.total_time * 1e3 for r in rows],
         color=[BOUND_COLORS[r.bound] for r in rows],
     )
-    for bound, color in BOUND_COLORS.items():
-        ax.barh([], [], color=color, label=f"{bound}-bound")
-    ax.legend(loc="lower right", fontsize=8)
+    from matplotlib.patches import Patch
+
+    # Legend patches made directly: an empty ``barh`` gives its legend entry the default colour, not ``color``.
+    handles = [Patch(color=color, label=f"{bound}-bound") for bound, color in BOUND_COLORS.items()]
+    ax.legend(handles=handles, loc="lower right", fontsize=8)
     ax.set_xlabel("time in the stage (ms)")
     ax.set_title(f"{analysis.stage}: {analysis.time * 1e3:.3g} ms on {analysis.hardware.name}")
     return ax
