@@ -3,10 +3,14 @@
 Batch-1 decode reads every weight once per token (float32: ``config.decode_weight_bytes()`` bytes, plus the
 KV cache), so its ceiling is ``memory bandwidth / bytes per token`` tokens/s. Prefill of T tokens is a
 sequence of matrix-matrix products, bound by the matmul throughput: ``FLOP/s / FLOPs per token``.
+Batched decode (``--rows`` sequences, one token each per step, as a batched perplexity evaluation runs) reads
+the weights once for all rows; its ceiling is the lower of the two: ``rows / max(bytes / bandwidth,
+FLOPs / FLOP/s)`` tokens/s.
 Both ceilings are measured in the same run with ``refimpl.roofline.measure`` (STREAM copy bandwidth, best fp32
 matmul), so the printed fractions are ratios of two measurements on the same machine.
 
-Usage: ``python benchmarks/bench_llm.py [--quick] [--context N] [--steps N] [--prefill-tokens N] [--threads N]``.
+Usage: ``python benchmarks/bench_llm.py [--quick] [--context N] [--steps N] [--prefill-tokens N] [--rows N]
+[--threads N]``.
 Prints ``name: value`` lines.
 
 The script sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it: by default OpenMP threads spin
@@ -39,15 +43,16 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     p.add_argument("--steps", type=int, default=32, help="decode steps per timed run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prefill-tokens", type=int, default=256)
+    p.add_argument("--rows", type=int, default=8, help="sequences decoded together in the batched measurement")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's)")
     args = p.parse_args(argv)
     if args.quick:
-        args.context, args.steps, args.repeats, args.prefill_tokens = 8, 3, 1, 16
+        args.context, args.steps, args.repeats, args.prefill_tokens, args.rows = 8, 3, 1, 16, 2
     stream_bytes = (16 if args.quick else 256) * 2**20
 
     model, tok = load_model()
     c = model.config
-    ids = corpus.eval_ids(max(args.context, args.prefill_tokens), tok)
+    ids = corpus.eval_ids(max(args.context * args.rows, args.prefill_tokens), tok)
 
     bandwidth = measure.stream_bandwidth(stream_bytes, repeats=3 if args.quick else 5)  # B/s
     peak = max(
@@ -69,6 +74,13 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     flops_per_token = forward_flops(c, t) / t
     prefill_bound = peak / flops_per_token
 
+    # batched decode: rows disjoint slices of the corpus, decoded together
+    rows = ids[: args.context * args.rows].view(args.rows, args.context)  # (rows, context)
+    s_batch = time_decode(model, rows, args.steps, args.repeats)
+    mean_context = args.context + args.steps // 2
+    batch_bytes = c.decode_weight_bytes() + args.rows * mean_context * c.kv_bytes_per_token()  # weights shared
+    batch_bound_s = max(batch_bytes / bandwidth, args.rows * forward_flops(c, 1, mean_context) / peak)
+
     model_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     lines = [
@@ -87,6 +99,11 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         f"prefill_tokens_per_s: {t / s_prefill:.3f}",
         f"prefill_bound_tokens_per_s: {prefill_bound:.3f}",
         f"prefill_roofline_fraction: {t / s_prefill / prefill_bound:.3f}",
+        f"batch_decode_rows: {args.rows}",
+        f"batch_decode_tokens_per_s: {args.rows / s_batch:.3f}",
+        f"batch_decode_bound_tokens_per_s: {args.rows / batch_bound_s:.3f}",
+        f"batch_decode_roofline_fraction: {batch_bound_s / s_batch:.3f}",
+        f"batch_decode_speedup_vs_batch1: {args.rows * s_decode / s_batch:.3f}",
     ]
     for line in lines:
         print(line)

@@ -487,7 +487,7 @@ def test_benchmark_quick_prints_numbers():
 
 @needs_model
 def test_forward_flops_match_torch_flop_counter(llm):
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
     from refimpl.llm.perf import decode_bytes, forward_flops
 
@@ -495,10 +495,32 @@ def test_forward_flops_match_torch_flop_counter(llm):
     ids = corpus.eval_ids(12, tok)[None]
     caches = model.new_caches()
     model(ids[:, :5], caches, 0)
-    with FlopCounterMode(display=False) as counter:  # counts every matmul torch runs
+    # counts every matmul torch runs; torch's table lacks the CPU flash-attention kernel that the full cache's
+    # scaled_dot_product_attention runs, so it is given torch's own SDPA formula (grouped KV heads supported)
+    cpu_sdpa = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v)
+    }
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
         model(ids[:, 5:], caches, 5)
     # the cache path scores every (query, cached key) pair and masks afterwards: the non-causal count
     assert counter.get_total_flops() == forward_flops(model.config, 7, context=5, causal=False)
     assert forward_flops(model.config, 7, context=5) < forward_flops(model.config, 7, context=5, causal=False)
     weights = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if not n.startswith("rope"))
     assert decode_bytes(model.config, 10) == weights + 10 * 2 * 30 * 3 * 64 * 4
+
+
+@needs_model
+def test_batched_decode_through_caches_equals_rows_alone(llm):
+    """Rows decoded together (one cache holding both) give each row's logits alone; batched decode timing."""
+    from refimpl.llm.perf import time_decode
+
+    model, tok = llm
+    rows = torch.stack([corpus.eval_ids(10, tok), corpus.eval_ids(10, tok, "heldout")])  # (2, 10)
+    caches = model.new_caches()
+    both = [model(rows[:, :8], caches, 0)] + [model(rows[:, t : t + 1], caches, t) for t in (8, 9)]
+    for r in range(2):
+        alone = model(rows[r : r + 1])
+        torch.testing.assert_close(torch.cat(both, dim=1)[r : r + 1], alone, rtol=1e-4, atol=1e-4)
+    assert time_decode(model, rows, steps=1, repeats=1) > 0
+    with pytest.raises(ValueError, match="prompt"):
+        time_decode(model, rows[None], steps=1)

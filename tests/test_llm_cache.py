@@ -134,6 +134,70 @@ def test_full_cache_attend_equals_causal_attention():
     torch.testing.assert_close(torch.cat(outs, dim=2), ref, rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    b=st.integers(1, 2),
+    h_kv=st.integers(1, 3),
+    g=st.integers(1, 3),
+    t_q=st.integers(1, 4),
+    t_k=st.integers(1, 6),
+    d=st.sampled_from([1, 4, 8]),
+    seed=st.integers(0, 1000),
+)
+def test_full_cache_attend_matches_naive(b, h_kv, g, t_q, t_k, d, seed):
+    """The fused attention of FullCache against the float64 loop, queries at any positions (some see no key)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h_kv * g, t_q, d, generator=gen)
+    k = torch.randn(b, h_kv, t_k, d, generator=gen)
+    v = torch.randn(b, h_kv, t_k, d, generator=gen)
+    k_pos = torch.arange(3, 3 + t_k)
+    q_pos = torch.randint(0, 3 + t_k + 2, (t_q,), generator=gen)  # below 3: the query sees no key
+    cache = FullCache(capacity=2)
+    cache.update(k, v, k_pos)
+    out = cache.attend(q, q_pos, 1 / math.sqrt(d))
+    ref, _ = naive_attention(q, k, v, q_pos, k_pos, 1 / math.sqrt(d))
+    assert out.shape == q.shape and not torch.isnan(out).any()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_full_cache_subclass_that_observes_gets_the_weights():
+    class Observer(FullCache):
+        needs_attention = True
+
+        def observe(self, weights, q_positions):
+            self.seen = weights
+
+    q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 2, 5, 8)
+    cache = Observer()
+    cache.update(k, k, torch.arange(5))
+    out = cache.attend(q, torch.tensor([3, 4]), 0.5)
+    ref_out, ref_w = grouped_attention(q, k, k, torch.tensor([3, 4]), torch.arange(5), 0.5)
+    assert torch.equal(out, ref_out) and torch.equal(cache.seen, ref_w)
+
+
+def test_full_cache_truncate_rolls_back():
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4)
+    cache = FullCache(capacity=16)  # no growth: the rollback reuses the buffers
+    cache.update(k[:, :, :6], v[:, :, :6], torch.arange(6))
+    ptr = cache.keys_values()[0].data_ptr()
+    cache.truncate(4)  # reject two tokens, e.g. a wrong speculative guess
+    assert len(cache) == 4 and cache.nbytes() == 2 * 2 * 4 * 4 * 4
+    assert torch.equal(cache.key_positions(), torch.arange(4))
+    cache.update(k[:, :, 4:9], v[:, :, 4:9], torch.arange(4, 9))  # the accepted continuation
+    ck, cv = cache.keys_values()
+    assert torch.equal(ck, k) and torch.equal(cv, v) and torch.equal(cache.key_positions(), torch.arange(9))
+    assert ck.data_ptr() == ptr, "truncating keeps the buffers"
+    cache.truncate(0)
+    assert len(cache) == 0 and cache.nbytes() == 0
+    with pytest.raises(ValueError, match="length must be <= 0"):
+        cache.truncate(1)
+    with pytest.raises(ValueError, match="length must be >= 0"):
+        cache.truncate(-1)
+    with pytest.raises(NotImplementedError, match="truncate"):
+        KVCache().truncate(0)
+
+
 def test_full_cache_errors():
     cache = FullCache()
     with pytest.raises(RuntimeError, match="empty"):

@@ -12,12 +12,12 @@ Slow (about 15-30 s on 2 cores: gguf-py dequantizes 135M weights in numpy): mark
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-from refimpl.llm import corpus, evaluate, evaluate_one_shot, find_gguf, generate, load_model
+from refimpl.llm import corpus, evaluate, evaluate_one_shot, generate, generate_ids, load_model
+from refimpl.llm.reference import load_transformers, time_transformers_decode
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -35,29 +35,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def hf():
-    """(model, tokenizer) built by transformers from the GGUF file, offline.
-
-    ``from_pretrained(..., gguf_file=...)`` needs the ``accelerate`` package, which the book does not install,
-    so we call the same building blocks it calls: ``AutoConfig`` from the GGUF metadata, the model on the meta
-    device, ``load_gguf_checkpoint`` for the dequantized (and un-permuted) weights, ``convert_gguf_tokenizer``.
-    """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, LlamaForCausalLM
-    from transformers.integrations.gguf import convert_gguf_tokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    path = find_gguf()
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)
-    result = model.load_state_dict(parsed["tensors"], strict=False, assign=True)
-    assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys
-    model.lm_head.weight = model.model.embed_tokens.weight  # tied head (tie_word_embeddings)
-    model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its buffers were on the meta device
-    tokenizer, _ = convert_gguf_tokenizer("llama", parsed["tokenizer"])
-    return model.eval(), tokenizer
+    """(model, tokenizer) built by transformers from the GGUF file, offline (:mod:`refimpl.llm.reference`)."""
+    return load_transformers()
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +89,21 @@ def test_same_greedy_text(hf, ours):
         out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
     ref_text = hf_tok.decode(out[0, ids.shape[1] :].tolist())
     assert generate(model, tok, prompt, 12) == ref_text
+
+
+def test_transformers_decode_timing_and_greedy_tokens(hf, ours):
+    """The chapter's baseline: transformers decodes (timed like ours) the same greedy tokens as our model."""
+    from transformers import DynamicCache
+
+    hf_model, _ = hf
+    model, tok = ours
+    prompt = corpus.eval_ids(16, tok)
+    assert time_transformers_decode(hf_model, prompt, steps=2, repeats=1) > 0
+    with torch.inference_mode():
+        cache, ids, theirs = DynamicCache(), prompt[None], []
+        for _ in range(4):
+            ids = hf_model(ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            theirs.append(int(ids))
+    assert generate_ids(model, prompt.tolist(), 4) == theirs
+    with pytest.raises(ValueError, match="prompt"):
+        time_transformers_decode(hf_model, prompt[None], steps=1)

@@ -10,6 +10,7 @@
 ``refimpl.llm.perplexity``     :func:`evaluate`: perplexity of a cache policy, step by step
 ``refimpl.llm.corpus``         the fixed evaluation corpus (CPython's pydoc topics)
 ``refimpl.llm.perf``           FLOPs and bytes of a forward call, measured decode speed
+``refimpl.llm.reference``      the independent implementation: ``transformers`` on the same GGUF file
 =============================  ===============================================================
 
 Command line: ``python -m refimpl.llm generate "PROMPT"`` and ``python -m refimpl.llm perplexity FILE``.

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from refimpl._checks import check_choice, check_tensor
+from refimpl._checks import check_choice, check_int, check_tensor
 
 __all__ = [
     "CACHE_NAMES",
@@ -119,13 +119,28 @@ class KVCache:
             self.observe(weights, q_positions)
         return out
 
+    def truncate(self, length: int) -> None:
+        """Forget every token after the first ``length`` (a rollback, e.g. of rejected speculative tokens).
+
+        Optional: the base class raises ``NotImplementedError``; a cache that compressed or evicted tokens
+        cannot always restore an earlier state.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support truncate()")
+
 
 class FullCache(KVCache):
     """The full-precision cache: every token, in the dtype it arrives in.
 
-    Storage grows by doubling a preallocated buffer (amortized O(1) append; no per-step reallocation of the
-    whole cache). :meth:`nbytes` counts the filled part of the key and value buffers, i.e.
-    ``2 * B * H_kv * T * D * itemsize`` bytes, the quantity the roofline chapter calls the KV-cache size.
+    Storage grows by doubling a preallocated buffer (amortized O(1) append; a decode step writes one token in
+    place, no per-step reallocation of the whole cache); ``capacity`` sets the first allocation, so a cache
+    sized to the longest context never reallocates. :meth:`nbytes` counts the filled part of the key and value
+    buffers, i.e. ``2 * B * H_kv * T * D * itemsize`` bytes, the quantity the roofline chapter calls the
+    KV-cache size.
+
+    :meth:`attend` computes the same attention as :func:`grouped_attention` with PyTorch's fused
+    ``scaled_dot_product_attention`` (one operation instead of about ten, which matters at batch-1 decode,
+    where a step is 30 layers of small operations); a subclass that sets ``needs_attention`` gets the
+    base class's attention and its weights.
     """
 
     def __init__(self, capacity: int = 256) -> None:
@@ -178,6 +193,20 @@ class FullCache(KVCache):
             return 0
         b, h, _, d = self._k.shape
         return 2 * b * h * self._len * d * self._k.element_size()
+
+    def attend(self, q: Tensor, q_positions: Tensor, scale: float) -> Tensor:
+        if self.needs_attention:  # a subclass that observes the weights
+            return super().attend(q, q_positions, scale)
+        k, v = self.keys_values()
+        visible = self.key_positions() <= q_positions[:, None]  # (T_q, T_k): causal by position
+        # a query that sees no key gets zero output, as in grouped_attention (a test checks it)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=visible, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+
+    def truncate(self, length: int) -> None:
+        length = check_int("length", length, min_value=0, max_value=self._len)
+        self._len = length  # the buffers keep their capacity; later updates overwrite the dropped tokens
 
     def __len__(self) -> int:
         return self._len

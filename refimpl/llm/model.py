@@ -43,8 +43,11 @@ AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm (Zhang & Sennrich 2019, eq. 4): ``x / sqrt(mean(x^2) + eps) * weight`` over the last dim."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    """RMSNorm (Zhang & Sennrich 2019, eq. 4): ``x / sqrt(mean(x^2) + eps) * weight`` over the last dim.
+
+    PyTorch's fused ``F.rms_norm`` computes exactly this formula in one operation instead of six (a test
+    checks it against the formula written out)."""
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from refimpl._checks import check_int, check_positive_int
+from refimpl._checks import check_int, check_positive_int, check_tensor
 from refimpl.llm.config import LlamaConfig
 
 __all__ = ["decode_bytes", "forward_flops", "time_decode", "time_matvecs"]
@@ -43,7 +43,8 @@ def decode_bytes(config: LlamaConfig, context: int, bytes_per_value: int = 4) ->
 
 
 def time_decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, repeats: int = 3) -> float:
-    """Seconds of one greedy decode step after a prefill of ``prompt: (T,)`` through fresh full caches.
+    """Seconds of one greedy decode step after a prefill of ``prompt: (T,)`` (or ``(B, T)``: ``B`` sequences
+    decoded together, one token each per step) through fresh full caches.
 
     Each of ``repeats`` runs prefills, then times ``steps`` decode steps one by one; the result is the
     fastest step: the one least disturbed by other processes (the convention of
@@ -52,14 +53,16 @@ def time_decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, repeat
     """
     steps = check_positive_int("steps", steps)
     repeats = check_positive_int("repeats", repeats)
-    n = prompt.shape[0]
+    check_tensor("prompt", prompt, ndim=(1, 2), dtypes=[torch.int64, torch.int32])
+    rows = prompt if prompt.dim() == 2 else prompt[None]  # (B, T)
+    n = rows.shape[1]
     best = float("inf")
     for _ in range(repeats):
         caches = model.new_caches()
-        nxt = int(model(prompt[None], caches, 0)[0, -1].argmax())
+        nxt = model(rows, caches, 0)[:, -1:].argmax(-1)  # (B, 1)
         for i in range(steps):
             start = time.perf_counter()
-            nxt = int(model(torch.tensor([[nxt]]), caches, n + i)[0, -1].argmax())
+            nxt = model(nxt, caches, n + i)[:, -1:].argmax(-1)
             best = min(best, time.perf_counter() - start)
     return best
 
