@@ -220,12 +220,21 @@ class Llama(nn.Module):
         caches: Sequence[KVCache] | None = None,
         start_pos: int = 0,
         attn_fn: AttnFn | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """Final normalized hidden states ``(B, T, d_model)`` of ``ids: (B, T)`` (see :meth:`forward`)."""
         start_pos = self._check_inputs(ids, caches, start_pos, attn_fn)
         t = ids.shape[1]
-        positions = torch.arange(start_pos, start_pos + t, device=ids.device)  # (T,)
-        cos, sin = self.rope_cos[start_pos : start_pos + t], self.rope_sin[start_pos : start_pos + t]
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + t, device=ids.device)  # (T,)
+            cos, sin = self.rope_cos[start_pos : start_pos + t], self.rope_sin[start_pos : start_pos + t]
+        else:  # explicit positions, e.g. a token tree: siblings share a position
+            check_tensor("positions", positions, ndim=1, dtypes=[torch.int64])
+            if positions.shape[0] != t or int(positions.min()) < 0 or int(positions.max()) >= self.config.max_seq_len:
+                raise ValueError(
+                    f"positions must hold {t} positions in [0, {self.config.max_seq_len}), got {positions.tolist()}"
+                )
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = F.embedding(ids, self.embed)  # (B, T, d): rows of E, i.e. columns of the head
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, positions, None if caches is None else caches[i], attn_fn)
@@ -242,6 +251,7 @@ class Llama(nn.Module):
         caches: Sequence[KVCache] | None = None,
         start_pos: int = 0,
         attn_fn: AttnFn | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """Logits ``(B, T, vocab_size)`` of the tokens ``ids: (B, T)`` at positions ``start_pos .. +T-1``.
 
@@ -251,11 +261,13 @@ class Llama(nn.Module):
         * ``caches``: one :class:`~refimpl.llm.cache.KVCache` per layer; this step's keys/values are appended
           and attention reads the cache. Prefill is a call with the prompt and ``start_pos=0``; each decode step
           a call with one token and ``start_pos`` = its position.
+        * ``positions: (T,)`` (optional) replaces ``start_pos .. +T-1`` as the tokens' positions for RoPE and
+          for the caches (a token tree gives siblings one position; :mod:`refimpl.speculative.tree`).
 
         Raises ``ValueError`` for empty ``ids``, ids outside ``[0, vocab_size)``, a context beyond
         ``max_seq_len``, a wrong number of caches, or ``attn_fn`` given together with caches.
         """
-        return self.logits(self.hidden(ids, caches, start_pos, attn_fn))
+        return self.logits(self.hidden(ids, caches, start_pos, attn_fn, positions))
 
     def __repr__(self) -> str:
         c = self.config
