@@ -38,4 +38,5 @@ __all__ = [
     "speculative_decode",
     "verify_greedy",
     "verify_sampled",
+    "verify_tree_greedy",
 ]

@@ -1,0 +1,74 @@
+"""Speculative decoding of SmolLM2-135M on the CPU: wall-clock against plain greedy decoding in the same run.
+
+    python benchmarks/bench_speculative.py            # 2 prompts of the eval slice, 256 new tokens each (minutes)
+    python benchmarks/bench_speculative.py --quick    # 1 prompt, 24 new tokens
+
+Protocol: prompts are consecutive ``--prompt-len``-token pieces of the book's fixed corpus slice ``eval``
+(:func:`refimpl.llm.corpus.eval_ids`); each is decoded greedily for ``--new-tokens`` tokens by plain decoding
+(one forward per token) and by each method, interleaved per prompt (:func:`refimpl.speculative.measure.
+compare_methods`): prompt lookup (chain of ``gamma`` tokens, and a tree of up to 4 continuations), a self-draft
+skipping layers 10 and 20 (chain, and a tree with 2 candidates per position). ``*_speedup`` is plain decoding's
+time over the method's; ``spec_greedy_speedup`` the best method's. ``forward_cost_k{k}`` is the time of one
+cached forward of k tokens over that of 1 token. Every line after the header is ``name: number``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens decoded per prompt (default 256)")
+    parser.add_argument("--prompts", type=int, default=None, help="number of prompts (default 2)")
+    parser.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt (default 128)")
+    parser.add_argument("--gamma", type=int, default=4, help="draft length (default 4)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    args = parser.parse_args(argv)
+
+    from refimpl.llm import load_model
+    from refimpl.llm.corpus import eval_ids
+    from refimpl.speculative import LayerSkipDraft, PromptLookupDraft
+    from refimpl.speculative.measure import compare_methods, forward_cost
+
+    torch.set_num_threads(args.threads)
+    new = args.new_tokens or (24 if args.quick else 256)
+    n_prompts = args.prompts or (1 if args.quick else 2)
+    model, tokenizer = load_model()
+    ids = eval_ids(n_prompts * args.prompt_len, tokenizer).view(n_prompts, args.prompt_len).tolist()
+    keep = [i for i in range(model.config.n_layers) if i not in (10, 20)]
+    g = args.gamma
+    methods = {
+        "lookup": lambda: (PromptLookupDraft(), {"gamma": g}),
+        "lookup_tree": lambda: (PromptLookupDraft(n_candidates=4), {"gamma": g, "tree": True}),
+        "selfdraft": lambda: (LayerSkipDraft(model, keep), {"gamma": g}),
+        "selfdraft_tree": lambda: (LayerSkipDraft(model, keep, width=2), {"gamma": g, "tree": True}),
+    }
+    print(f"# SmolLM2-135M, {n_prompts} prompts x {args.prompt_len} tokens (eval slice), {new} new tokens, gamma {g}")
+    res = compare_methods(model, ids, new, methods)
+    out: dict[str, float] = {"plain_tokens_per_s": res["plain"]["tokens_per_s"]}
+    for name in methods:
+        r, st = res[name], res[name]["stats"]
+        out[f"{name}_tokens_per_s"] = r["tokens_per_s"]
+        out[f"{name}_speedup"] = r["speedup"]
+        out[f"{name}_identical"] = float(r["identical"])
+        out[f"{name}_acceptance_rate"] = st.acceptance_rate
+        out[f"{name}_tokens_per_target_forward"] = st.tokens_per_forward
+    best = max(methods, key=lambda n: res[n]["speedup"])
+    out["spec_greedy_speedup"] = res[best]["speedup"]
+    out["spec_outputs_identical"] = float(all(res[n]["identical"] for n in methods))
+    out["spec_tokens_per_target_forward"] = res[best]["stats"].tokens_per_forward
+    out["spec_acceptance_rate"] = res[best]["stats"].acceptance_rate
+    for k, ratio in forward_cost(model, torch.tensor(ids[0]), (2, 4, 8, 16)).items():
+        out[f"forward_cost_k{k}"] = ratio
+    print(f"# best method: {best}")
+    for key, value in out.items():
+        print(f"{key}: {value:.4g}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

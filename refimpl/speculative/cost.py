@@ -1,0 +1,76 @@
+"""What speculation buys: the expected speed-up (Leviathan et al. 2023, sec. 3.3-3.5) and its roofline.
+
+With acceptance rate ``alpha`` (each draft accepted independently with probability ``alpha``), ``gamma`` drafts
+and a draft that costs ``c`` target forwards per token, one step emits ``E = (1 - alpha^(gamma+1)) / (1 - alpha)``
+tokens (eq. 1) for the time of ``gamma`` draft forwards and one target forward over ``gamma + 1`` tokens. If
+that forward costs ``v`` single-token forwards, the wall-clock speed-up over plain decoding is
+
+    speedup = E / (gamma * c + v)            (Theorem 3.8 is the case v = 1)
+
+Decode is memory-bound, so on a GPU ``v`` stays near 1 until the ``gamma + 1`` tokens per sequence (times the
+batch) reach the ridge point; then verification costs as much as ``gamma + 1`` decode steps and speculation stops
+paying. :func:`roofline_speedup` computes ``c`` and ``v`` from the roofline analyzer (model arithmetic).
+"""
+
+from __future__ import annotations
+
+from refimpl._checks import check_float, check_int
+from refimpl.roofline import ModelConfig, analyze
+from refimpl.speculative.verify import expected_tokens_per_step
+
+__all__ = ["TINYLLAMA_1B", "best_gamma", "expected_speedup", "roofline_speedup"]
+
+#: A 1B-class draft for Llama-2-7B with the same tokenizer (TinyLlama-1.1B, Zhang et al. 2024).
+TINYLLAMA_1B = ModelConfig(
+    name="tinyllama-1.1b",
+    n_layers=22,
+    d_model=2048,
+    n_heads=32,
+    n_kv_heads=4,
+    head_dim=64,
+    ffn_dim=5632,
+    vocab_size=32000,
+    source="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T config.json (Zhang et al. 2024)",
+)
+
+
+def expected_speedup(alpha: float, gamma: int, c: float, v: float = 1.0) -> float:
+    """``E(alpha, gamma) / (gamma * c + v)``: speed-up of speculative over plain decoding (see module docstring).
+
+    ``c``: a draft token's cost in target forwards (0 for prompt lookup); ``v``: cost of verifying ``gamma + 1``
+    tokens in single-token forwards. Raises ``ValueError`` for ``alpha`` outside [0, 1], ``c < 0`` or ``v <= 0``.
+    """
+    c = check_float("c", c, min_value=0.0)
+    v = check_float("v", v, min_value=0.0, min_inclusive=False)
+    return expected_tokens_per_step(alpha, gamma) / (check_int("gamma", gamma, min_value=0) * c + v)
+
+
+def best_gamma(alpha: float, c: float, v_of: list[float]) -> int:
+    """The draft length ``gamma`` in ``0 .. len(v_of) - 1`` that maximizes :func:`expected_speedup`, with
+    ``v_of[gamma]`` the measured (or modelled) cost of verifying ``gamma + 1`` tokens."""
+    if not v_of:
+        raise ValueError("v_of must hold the verification cost of at least gamma = 0")
+    return max(range(len(v_of)), key=lambda g: expected_speedup(alpha, g, c, v_of[g]))
+
+
+def roofline_speedup(
+    target: ModelConfig | str,
+    draft: ModelConfig | str,
+    hardware: str,
+    alpha: float,
+    gamma: int,
+    batch: int = 1,
+    seq: int = 1024,
+) -> float:
+    """Predicted speed-up of ``draft`` + ``target`` over plain decoding of ``target`` on ``hardware``.
+
+    Times from :func:`refimpl.roofline.analyze` (decode at context ``seq``, fp16): a draft step at ``batch``, a
+    verification as a decode step of ``batch * (gamma + 1)`` rows. That charges each of the ``gamma + 1`` tokens
+    its own KV-cache read (a real kernel reads a sequence's cache once), so verification is over-estimated and
+    the speed-up is a lower bound of the model. Model arithmetic, not a measurement.
+    """
+    gamma = check_int("gamma", gamma, min_value=0)
+    t1 = analyze(target, hardware, stage="decode", batch=batch, seq=seq).time
+    tv = analyze(target, hardware, stage="decode", batch=batch * (gamma + 1), seq=seq).time
+    td = analyze(draft, hardware, stage="decode", batch=batch, seq=seq).time
+    return expected_speedup(alpha, gamma, td / t1, tv / t1)
