@@ -11,6 +11,7 @@ module                     technique                                      chapte
 ``refimpl.kivi``           KIVI 2-bit KV-cache quantization               ``chapters/kivi``
 ``refimpl.eviction``       Scissorhands, H2O, StreamingLLM eviction       ``chapters/scissorhands``
 ``refimpl.moe``            Mixture-of-Experts routing and dispatch        ``chapters/moe``
+``refimpl.speculative``    speculative decoding, self-drafts, token trees ``chapters/speculative``
 ``refimpl.llm``            SmolLM2-135M in plain PyTorch                  ``chapters/smollm2``
 =========================  =============================================  ==========================
 
@@ -37,6 +38,7 @@ _SUBMODULES = (
     "moe",
     "recording",
     "roofline",
+    "speculative",
 )
 
 __all__ = ["__version__", *_SUBMODULES]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from refimpl.speculative.cost import TINYLLAMA_1B, best_gamma, expected_speedup, roofline_speedup
+from refimpl.speculative.cost import TINYLLAMA_1B, best_gamma, expected_speedup, roofline_speedup, verify_time
 
 
 def test_expected_speedup_is_leviathan_theorem_3_8():
@@ -27,9 +27,21 @@ def test_best_gamma():
         best_gamma(0.5, 0.1, [])
 
 
-def test_roofline_speedup_falls_with_batch():
-    s = [roofline_speedup("llama-2-7b", TINYLLAMA_1B, "h100-sxm", 0.8, 4, batch=b) for b in (1, 16, 256)]
-    assert s[0] > 1.5 > s[1] > s[2] and s[2] < 1.0  # memory-bound at batch 1 pays; compute-bound does not
+def test_roofline_speedup_falls_with_batch_at_short_context():
+    s = [roofline_speedup("llama-2-7b", TINYLLAMA_1B, "h100-sxm", 0.6, 4, batch=b, seq=128) for b in (1, 64, 512)]
+    assert s[0] > 1.3 and s[0] > s[1] > s[2] and s[2] < 1.0  # memory-bound at batch 1 pays; compute-bound does not
+
+
+def test_verify_time_against_the_analyzer():
+    import refimpl.roofline as rl
+
+    one = rl.analyze("llama-2-7b", "h100-sxm", stage="decode", batch=2, seq=256)
+    assert verify_time("llama-2-7b", "h100-sxm", 1, batch=2, seq=256) == one.time
+    wide = rl.analyze("llama-2-7b", "h100-sxm", stage="decode", batch=10, seq=256)
+    by_op = wide.time_by_operator()
+    by_op["attention"] = one.time_by_operator()["attention"]  # the KV cache read once per sequence
+    assert verify_time("llama-2-7b", "h100-sxm", 5, batch=2, seq=256) == pytest.approx(sum(by_op.values()))
+    assert one.time < verify_time("llama-2-7b", "h100-sxm", 5, batch=2, seq=256) < wide.time
 
 
 def test_bad_inputs():

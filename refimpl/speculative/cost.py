@@ -9,7 +9,8 @@ that forward costs ``v`` single-token forwards, the wall-clock speed-up over pla
 
 Decode is memory-bound, so on a GPU ``v`` stays near 1 until the ``gamma + 1`` tokens per sequence (times the
 batch) reach the ridge point; then verification costs as much as ``gamma + 1`` decode steps and speculation stops
-paying. :func:`roofline_speedup` computes ``c`` and ``v`` from the roofline analyzer (model arithmetic).
+paying. Long contexts delay that point: attention reads each sequence's KV cache once however many tokens
+verify against it. :func:`roofline_speedup` computes ``c`` and ``v`` from the roofline analyzer (model arithmetic).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from refimpl._checks import check_float, check_int
 from refimpl.roofline import ModelConfig, analyze
 from refimpl.speculative.verify import expected_tokens_per_step
 
-__all__ = ["TINYLLAMA_1B", "best_gamma", "expected_speedup", "roofline_speedup"]
+__all__ = ["TINYLLAMA_1B", "best_gamma", "expected_speedup", "roofline_speedup", "verify_time"]
 
 #: A 1B-class draft for Llama-2-7B with the same tokenizer (TinyLlama-1.1B, Zhang et al. 2024).
 TINYLLAMA_1B = ModelConfig(
@@ -53,6 +54,22 @@ def best_gamma(alpha: float, c: float, v_of: list[float]) -> int:
     return max(range(len(v_of)), key=lambda g: expected_speedup(alpha, g, c, v_of[g]))
 
 
+def verify_time(target: ModelConfig | str, hardware: str, k: int, batch: int = 1, seq: int = 1024) -> float:
+    """Roofline seconds of one target forward over ``k`` new tokens per sequence, ``batch`` sequences, context
+    ``seq`` (fp16; :func:`refimpl.roofline.analyze`).
+
+    Every operator but attention is costed as a decode step of ``batch * k`` rows; attention reads each
+    sequence's KV cache once, as in a decode step at ``batch`` (its FLOPs grow ``k``-fold but stay far below the
+    ridge point at these sizes). ``k = 1`` is a decode step. Model arithmetic, not a measurement.
+    """
+    k = check_int("k", k, min_value=1)
+    one = analyze(target, hardware, stage="decode", batch=batch, seq=seq)
+    if k == 1:
+        return one.time
+    wide = analyze(target, hardware, stage="decode", batch=batch * k, seq=seq)
+    return wide.time - wide.time_by_operator()["attention"] + one.time_by_operator()["attention"]
+
+
 def roofline_speedup(
     target: ModelConfig | str,
     draft: ModelConfig | str,
@@ -62,15 +79,10 @@ def roofline_speedup(
     batch: int = 1,
     seq: int = 1024,
 ) -> float:
-    """Predicted speed-up of ``draft`` + ``target`` over plain decoding of ``target`` on ``hardware``.
-
-    Times from :func:`refimpl.roofline.analyze` (decode at context ``seq``, fp16): a draft step at ``batch``, a
-    verification as a decode step of ``batch * (gamma + 1)`` rows. That charges each of the ``gamma + 1`` tokens
-    its own KV-cache read (a real kernel reads a sequence's cache once), so verification is over-estimated and
-    the speed-up is a lower bound of the model. Model arithmetic, not a measurement.
-    """
+    """Predicted speed-up of ``draft`` + ``target`` over plain decoding of ``target`` on ``hardware``:
+    :func:`expected_speedup` with ``c`` a draft decode step and ``v`` a :func:`verify_time` of ``gamma + 1``
+    tokens, both relative to a target decode step at the same ``batch`` and ``seq``. Model arithmetic."""
     gamma = check_int("gamma", gamma, min_value=0)
-    t1 = analyze(target, hardware, stage="decode", batch=batch, seq=seq).time
-    tv = analyze(target, hardware, stage="decode", batch=batch * (gamma + 1), seq=seq).time
-    td = analyze(draft, hardware, stage="decode", batch=batch, seq=seq).time
-    return expected_speedup(alpha, gamma, td / t1, tv / t1)
+    t1 = verify_time(target, hardware, 1, batch, seq)
+    td = verify_time(draft, hardware, 1, batch, seq)
+    return expected_speedup(alpha, gamma, td / t1, verify_time(target, hardware, gamma + 1, batch, seq) / t1)
