@@ -2,6 +2,7 @@
 
     python benchmarks/bench_speculative.py            # 2 prompts of the eval slice, 256 new tokens each (minutes)
     python benchmarks/bench_speculative.py --quick    # 1 prompt, 24 new tokens
+    python benchmarks/bench_speculative.py --record data/measurements/speculative_cpu.json   # as the chapter reads it
 
 Protocol: prompts are consecutive ``--prompt-len``-token pieces of the book's fixed corpus slice ``eval``
 (:func:`refimpl.llm.corpus.eval_ids`); each is decoded greedily for ``--new-tokens`` tokens by plain decoding
@@ -15,6 +16,7 @@ cached forward of k tokens over that of 1 token. Every line after the header is 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt (default 128)")
     parser.add_argument("--gamma", type=int, default=4, help="draft length (default 4)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--record", default=None, help="also write the lines as JSON with provenance to this path")
     args = parser.parse_args(argv)
 
     from refimpl.llm import load_model
@@ -67,6 +70,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"# best method: {best}")
     for key, value in out.items():
         print(f"{key}: {value:.4g}")
+    if args.record:
+        from refimpl.recording import provenance, write_recording
+
+        command = "python benchmarks/bench_speculative.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_recording(args.record, {**provenance(command.strip()), "best_method": best, "lines": out})
     return out
 
 
