@@ -262,7 +262,7 @@ class Llama(nn.Module):
           and attention reads the cache. Prefill is a call with the prompt and ``start_pos=0``; each decode step
           a call with one token and ``start_pos`` = its position.
         * ``positions: (T,)`` (optional) replaces ``start_pos .. +T-1`` as the tokens' positions for RoPE and
-          for the caches (a token tree gives siblings one position; :mod:`refimpl.speculative.tree`).
+          for the caches (e.g. a tree of candidate tokens, whose siblings share a position).
 
         Raises ``ValueError`` for empty ``ids``, ids outside ``[0, vocab_size)``, a context beyond
         ``max_seq_len``, a wrong number of caches, or ``attn_fn`` given together with caches.
