@@ -156,3 +156,18 @@ def test_bad_inputs(llm, prompt):
         LayerSkipDraft(model, [30])
     with pytest.raises(ValueError, match="positions must hold 2 positions"):
         model(torch.tensor([[1, 2]]), positions=torch.tensor([0]))
+
+
+@needs_model
+def test_explicit_positions_equal_start_pos(llm, prompt):
+    """The one change to the model: ``positions`` (default ``start_pos .. +T-1``) gives the same logits when it
+    spells out the default, with and without caches."""
+    model, _ = llm
+    ids = torch.tensor([prompt[:12]])
+    torch.testing.assert_close(model(ids, start_pos=5), model(ids, positions=torch.arange(5, 17)), rtol=0, atol=0)
+    a = [FullCache() for _ in range(model.config.n_layers)]
+    b = [FullCache() for _ in range(model.config.n_layers)]
+    model(ids, a)
+    model(ids, b)
+    step = torch.tensor([prompt[12:15]])
+    torch.testing.assert_close(model(step, a, start_pos=12), model(step, b, 12, positions=torch.arange(12, 15)))
