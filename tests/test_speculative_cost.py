@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from refimpl.speculative.cost import TINYLLAMA_1B, best_gamma, expected_speedup, roofline_speedup, verify_time
+from refimpl.speculative.cost import (
+    TINYLLAMA_1B,
+    best_gamma,
+    expected_speedup,
+    predicted_cache_ttft,
+    roofline_speedup,
+    verify_time,
+)
 
 
 def test_expected_speedup_is_leviathan_theorem_3_8():
@@ -51,3 +58,17 @@ def test_bad_inputs():
         expected_speedup(0.5, 2, -0.1)
     with pytest.raises(ValueError, match="v must be > 0"):
         expected_speedup(0.5, 2, 0.1, v=0.0)
+
+
+def test_predicted_cache_ttft():
+    import refimpl.roofline as rl
+
+    got = predicted_cache_ttft("llama-2-7b", TINYLLAMA_1B, "h100-sxm", 1024)
+    assert got["prefill"] == rl.analyze("llama-2-7b", "h100-sxm", stage="prefill", seq=1024).time
+    parts = rl.analyze(TINYLLAMA_1B, "h100-sxm", stage="prefill", seq=1024).time + got["predictor"]
+    parts += rl.analyze("llama-2-7b", "h100-sxm", stage="decode", seq=1024).time
+    assert got["predicted"] == pytest.approx(parts)
+    # predictor FLOPs by hand: 32 layers, K and V, 2 FLOPs per MAC, 256 -> 4096 channels, 1024 tokens
+    flops = 1024 * 32 * 2 * 2 * 256 * 4096
+    assert got["predictor"] == pytest.approx(flops / rl.load_hardware("h100-sxm").peak("fp16"))
+    assert got["predicted"] < got["prefill"] / 2  # prefill is compute-bound: a 6x smaller model cuts it

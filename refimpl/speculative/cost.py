@@ -16,10 +16,10 @@ verify against it. :func:`roofline_speedup` computes ``c`` and ``v`` from the ro
 from __future__ import annotations
 
 from refimpl._checks import check_float, check_int
-from refimpl.roofline import ModelConfig, analyze
+from refimpl.roofline import ModelConfig, analyze, get_model
 from refimpl.speculative.verify import expected_tokens_per_step
 
-__all__ = ["TINYLLAMA_1B", "best_gamma", "expected_speedup", "roofline_speedup", "verify_time"]
+__all__ = ["TINYLLAMA_1B", "best_gamma", "expected_speedup", "predicted_cache_ttft", "roofline_speedup", "verify_time"]
 
 #: A 1B-class draft for Llama-2-7B with the same tokenizer (TinyLlama-1.1B, Zhang et al. 2024).
 TINYLLAMA_1B = ModelConfig(
@@ -86,3 +86,26 @@ def roofline_speedup(
     t1 = verify_time(target, hardware, 1, batch, seq)
     td = verify_time(draft, hardware, 1, batch, seq)
     return expected_speedup(alpha, gamma, td / t1, verify_time(target, hardware, gamma + 1, batch, seq) / t1)
+
+
+def predicted_cache_ttft(
+    base: ModelConfig | str, auxiliary: ModelConfig | str, hardware: str, seq: int
+) -> dict[str, float]:
+    """Time to first token with the base model's prefill, and with its KV cache predicted from a smaller model
+    (KV Prediction, Horton et al. 2024): roofline seconds, fp16, one sequence of ``seq`` prompt tokens.
+
+    ``prefill``: the base model's prefill. ``predicted``: the auxiliary model's prefill, plus the predictor (per
+    base layer one linear map from an auxiliary layer's keys and values to the base layer's, ``2 * 2 *
+    kv_aux * kv_base`` FLOPs per token and layer, at the compute peak), plus one base decode step over the
+    predicted cache for the first token. Returns ``{"prefill", "predicted", "predictor"}``. Model arithmetic;
+    the quality cost of a predicted cache is not modelled.
+    """
+    seq = check_int("seq", seq, min_value=1)
+    b = get_model(base) if isinstance(base, str) else base
+    a = get_model(auxiliary) if isinstance(auxiliary, str) else auxiliary
+    prefill = analyze(b, hardware, stage="prefill", seq=seq)
+    kv_base, kv_aux = b.n_kv_heads * b.head_dim, a.n_kv_heads * a.head_dim
+    predictor = seq * b.n_layers * 2 * 2 * kv_aux * kv_base / prefill.peak_flops
+    first = analyze(b, hardware, stage="decode", seq=seq).time
+    aux = analyze(a, hardware, stage="prefill", seq=seq).time
+    return {"prefill": prefill.time, "predicted": aux + predictor + first, "predictor": predictor}
