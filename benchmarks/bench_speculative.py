@@ -10,7 +10,10 @@ Protocol: prompts are consecutive ``--prompt-len``-token pieces of the book's fi
 compare_methods`): prompt lookup (chain of ``gamma`` tokens, and a tree of up to 4 continuations), a self-draft
 skipping layers 10 and 20 (chain, and a tree with 2 candidates per position). ``*_speedup`` is plain decoding's
 time over the method's; ``spec_greedy_speedup`` the best method's. ``forward_cost_k{k}`` is the time of one
-cached forward of k tokens over that of 1 token. Every line after the header is ``name: number``.
+cached forward of k tokens over that of 1 token. Prompt lookup also runs at gamma 2 and 8:
+``lookup_best_gamma_measured`` is the fastest of its draft lengths, ``lookup_best_gamma_predicted`` the gamma
+(0 .. 8) that maximizes ``E(alpha, gamma) / v(gamma + 1)`` with its measured acceptance rate alpha and the measured
+forward costs. Every line after the header is ``name: number``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from refimpl.llm import load_model
     from refimpl.llm.corpus import eval_ids
     from refimpl.speculative import LayerSkipDraft, PromptLookupDraft
+    from refimpl.speculative.cost import best_gamma
     from refimpl.speculative.measure import compare_methods, forward_cost
 
     torch.set_num_threads(args.threads)
@@ -51,6 +55,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "selfdraft_tree": lambda: (LayerSkipDraft(model, keep, width=2), {"gamma": g, "tree": True}),
     }
     print(f"# SmolLM2-135M, {n_prompts} prompts x {args.prompt_len} tokens (eval slice), {new} new tokens, gamma {g}")
+    extra = (2, 8) if not args.quick else ()  # prompt lookup at other draft lengths: the best gamma, measured
+    for gx in extra:
+        methods[f"lookup_gamma{gx}"] = lambda gx=gx: (PromptLookupDraft(), {"gamma": gx})
     res = compare_methods(model, ids, new, methods)
     out: dict[str, float] = {"plain_tokens_per_s": res["plain"]["tokens_per_s"]}
     for name in methods:
@@ -60,13 +67,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         out[f"{name}_identical"] = float(r["identical"])
         out[f"{name}_acceptance_rate"] = st.acceptance_rate
         out[f"{name}_tokens_per_target_forward"] = st.tokens_per_forward
+    lk = res["lookup"]["stats"]
+    for i, (a, d) in enumerate(zip(lk.accepted_at, lk.drafted_at)):
+        out[f"lookup_acceptance_at_{i + 1}"] = a / d
     best = max(methods, key=lambda n: res[n]["speedup"])
     out["spec_greedy_speedup"] = res[best]["speedup"]
     out["spec_outputs_identical"] = float(all(res[n]["identical"] for n in methods))
     out["spec_tokens_per_target_forward"] = res[best]["stats"].tokens_per_forward
     out["spec_acceptance_rate"] = res[best]["stats"].acceptance_rate
-    for k, ratio in forward_cost(model, torch.tensor(ids[0]), (2, 4, 8, 16)).items():
+    out["spec_mean_accepted_length"] = out["spec_tokens_per_target_forward"] - 1
+    v = forward_cost(model, torch.tensor(ids[0]), range(2, 10))  # v[k]: a forward of k tokens over one of 1
+    for k, ratio in v.items():
         out[f"forward_cost_k{k}"] = ratio
+    if extra:  # the expected-tokens formula with lookup's measured alpha (c = 0) against the measured best
+        v_of = [1.0] + [v[k] for k in range(2, 10)]  # v_of[gamma] = cost of gamma + 1 tokens, gamma = 0 .. 8
+        out["lookup_best_gamma_predicted"] = best_gamma(lk.acceptance_rate, 0.0, v_of)
+        measured = {gx: res["lookup" if gx == g else f"lookup_gamma{gx}"]["speedup"] for gx in {g, *extra}}
+        out["lookup_best_gamma_measured"] = max(measured, key=measured.get)
     print(f"# best method: {best}")
     for key, value in out.items():
         print(f"{key}: {value:.4g}")
