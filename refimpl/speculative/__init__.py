@@ -5,7 +5,8 @@
 ``refimpl.speculative.draft``          drafts: prompt lookup, self-speculative layer skipping
 ``refimpl.speculative.tree``           token trees: tree positions, tree attention mask, one-forward verify
 ``refimpl.speculative.decode``         the decoding loop with cache rollback; counters
-``refimpl.speculative.cost``           the expected speed-up and the roofline of draft + verify
+``refimpl.speculative.cost``           the expected speed-up, the roofline of draft + verify, a predicted cache
+``refimpl.speculative.measure``        CPU measurements: forward cost of k tokens, methods against plain decoding
 =====================================  ==================================================================
 
 Explained in ``chapters/speculative``.
