@@ -13,6 +13,7 @@ module                     technique                                      chapte
 ``refimpl.quant``          weight/activation quantization, outliers       ``chapters/quantization``
 ``refimpl.moe``            Mixture-of-Experts routing and dispatch        ``chapters/moe``
 ``refimpl.parallel``       data, ZeRO, tensor, pipeline parallelism       ``chapters/parallel``
+``refimpl.speculative``    speculative decoding, self-drafts, token trees ``chapters/speculative``
 ``refimpl.llm``            SmolLM2-135M in plain PyTorch                  ``chapters/smollm2``
 ``refimpl.serving``        paged KV cache, continuous batching            ``chapters/serving``
 =========================  =============================================  ==========================
@@ -52,6 +53,7 @@ _SUBMODULES = (
     "recording",
     "roofline",
     "serving",
+    "speculative",
 )
 
 __all__ = ["__version__", *_SUBMODULES]

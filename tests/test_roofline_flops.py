@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from refimpl.llm.cache import FullCache
 from refimpl.roofline import ModelConfig, Workload, analyze, get_model
 
 
@@ -54,10 +55,17 @@ def smollm2():
     return Llama.from_gguf_tensors(cfg, {name: torch.zeros(shape) for name, shape in shapes.items()})
 
 
+class _ExplicitAttentionCache(FullCache):
+    """Every token, attended with explicit products (the base class's attention), not FullCache's fused
+    kernel, whose FLOPs torch's counter takes from its own formula."""
+
+    needs_attention = True
+
+
 def test_smollm2_prefill_and_decode_flops_match_flop_counter(smollm2, one_thread):
     batch, prompt = 2, 5
     ids = torch.randint(0, smollm2.config.vocab_size, (batch, prompt + 1), generator=torch.Generator().manual_seed(0))
-    caches = smollm2.new_caches()
+    caches = smollm2.new_caches(_ExplicitAttentionCache)
     # prefill through the KV cache (attention as explicit matrix products), logits at every position
     prefill = counted(lambda: smollm2(ids[:, :prompt], caches))
     # one decode step at context prompt + 1

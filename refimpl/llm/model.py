@@ -231,11 +231,19 @@ class Llama(nn.Module):
         caches: Sequence[KVCache] | None = None,
         start_pos: int | Tensor = 0,
         attn_fn: AttnFn | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """Final normalized hidden states ``(B, T, d_model)`` of ``ids: (B, T)`` (see :meth:`forward`)."""
         start_pos = self._check_inputs(ids, caches, start_pos, attn_fn)
         t = ids.shape[1]
-        if isinstance(start_pos, Tensor):  # per row: a batch of sequences at different lengths
+        if positions is not None:  # explicit positions, e.g. a token tree: siblings share a position
+            check_tensor("positions", positions, ndim=1, dtypes=[torch.int64])
+            if positions.shape[0] != t or int(positions.min()) < 0 or int(positions.max()) >= self.config.max_seq_len:
+                raise ValueError(
+                    f"positions must hold {t} positions in [0, {self.config.max_seq_len}), got {positions.tolist()}"
+                )
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        elif isinstance(start_pos, Tensor):  # per row: a batch of sequences at different lengths
             positions = start_pos.to(ids.device, torch.long)[:, None] + torch.arange(t, device=ids.device)  # (B, T)
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, D)
         else:
@@ -257,6 +265,7 @@ class Llama(nn.Module):
         caches: Sequence[KVCache] | None = None,
         start_pos: int | Tensor = 0,
         attn_fn: AttnFn | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """Logits ``(B, T, vocab_size)`` of the tokens ``ids: (B, T)`` at positions ``start_pos .. +T-1``.
 
@@ -270,11 +279,13 @@ class Llama(nn.Module):
           sequences at different lengths, as a serving engine decodes them); the caches then receive
           ``positions: (B, T)``, which a cache must accept (the serving engine's paged cache does;
           :class:`~refimpl.llm.cache.FullCache` holds one position list for the whole batch and does not).
+        * ``positions: (T,)`` (optional) replaces ``start_pos .. +T-1`` as the tokens' positions for RoPE and
+          for the caches (e.g. a tree of candidate tokens, whose siblings share a position).
 
         Raises ``ValueError`` for empty ``ids``, ids outside ``[0, vocab_size)``, a context beyond
         ``max_seq_len``, a wrong number of caches, or ``attn_fn`` given together with caches.
         """
-        return self.logits(self.hidden(ids, caches, start_pos, attn_fn))
+        return self.logits(self.hidden(ids, caches, start_pos, attn_fn, positions))
 
     def __repr__(self) -> str:
         c = self.config
