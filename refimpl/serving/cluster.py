@@ -19,7 +19,8 @@ requests hold plus the demand of its head-of-line waiting request (queued reques
 instance that must queue looks full); *freeness* is ``(M - sum V) / B``, the free blocks per running request
 (``B`` its batch, at least 1). Every ``migrate_interval`` the global scheduler pairs the instances with the
 lowest freeness (below ``migrate_low``) with those with the highest (above ``migrate_high``) and moves one
-running request from each source: the one holding the fewest blocks (the cheapest to copy).
+running request from each source: the one holding the fewest blocks (the cheapest to copy). An instance takes
+part in one migration at a time (else two sources could fill one destination at once, and requests bounce).
 
 Migration (sec. 4.3, *live* migration): the KV blocks are copied over the link while the request keeps decoding
 on the source; the copy takes ``bytes / link_bandwidth``. Simplifications, stated: the copy is one stage (the
@@ -48,6 +49,7 @@ __all__ = [
     "SimRequest",
     "UnitCost",
     "poisson_workload",
+    "policy_sweep",
     "simulate",
 ]
 
@@ -104,9 +106,7 @@ def poisson_workload(
     scale = alpha - 1.0  # a Lomax(alpha) variable has mean 1 / (alpha - 1)
     prompts = np.clip(np.rint(rng.pareto(alpha, size=n) * scale * mean_prompt), 1, max_len)
     outputs = np.clip(np.rint(rng.pareto(alpha, size=n) * scale * mean_output), 1, max_len)
-    return [
-        SimRequest(i, float(a), int(p), int(o)) for i, (a, p, o) in enumerate(zip(arrivals, prompts, outputs))
-    ]
+    return [SimRequest(i, float(a), int(p), int(o)) for i, (a, p, o) in enumerate(zip(arrivals, prompts, outputs))]
 
 
 class UnitCost:
@@ -310,8 +310,8 @@ def simulate(
     block_size: int = 16,
     max_batch_size: int = 256,
     migrate_interval: float = 0.05,
-    migrate_low: float = 10.0,
-    migrate_high: float = 60.0,
+    migrate_low: float = 3.0,
+    migrate_high: float = 20.0,
 ) -> ClusterResult:
     """Serve ``requests`` (copied, not changed) on ``n_instances`` instances of ``num_blocks`` blocks each.
 
@@ -360,6 +360,11 @@ def simulate(
         inst.busy = True
         push(end, "step_end", inst)
 
+    def kick(inst: Instance, now: float) -> None:
+        if not inst.busy:
+            inst.busy = True
+            push(now, "kick", inst)
+
     done_map = {r.request_id: r for r in reqs}
     for r in sorted(reqs, key=lambda r: (r.arrival_time, r.request_id)):
         push(r.arrival_time, "arrival", r)
@@ -367,7 +372,7 @@ def simulate(
         push(migrate_interval, "schedule", None)
     rr = 0
     migrations = aborted = 0
-    migrating: set[int] = set()
+    migrating: set[int] = set()  # instances sending or receiving a request: one migration each at a time
     remaining = len(reqs)
     now = 0.0
     while events:
@@ -381,8 +386,9 @@ def simulate(
             else:
                 inst = max(instances, key=lambda i: (i.freeness(), -i.index))
             inst.waiting.append(payload)
-            if not inst.busy:
-                start_step(inst, now)
+            kick(inst, now)
+        elif kind == "kick":  # after every event of this instant (arrivals at equal times are batched)
+            start_step(payload, now)
         elif kind == "step_end":
             inst = payload
             inst.busy = False
@@ -390,14 +396,15 @@ def simulate(
             if inst.has_work():
                 start_step(inst, now)
         elif kind == "schedule":
-            for src, dst, r in _pick_migrations(instances, migrating, migrate_low, migrate_high):
-                migrating.add(r.request_id)
+            idle = [i for i in instances if i.index not in migrating]
+            for src, dst, r in _pick_migrations(idle, migrate_low, migrate_high):
+                migrating |= {src.index, dst.index}
                 push(now + cost.migration_seconds(r.context_len - 1), "migrated", (src, dst, r))
             if remaining > 0:
                 push(now + migrate_interval, "schedule", None)
         else:  # "migrated": the copy is done; hand the request over if it is still running and fits
             src, dst, r = payload
-            migrating.discard(r.request_id)
+            migrating -= {src.index, dst.index}
             need = dst.blocks_for(r.context_len - 1)
             fits = len(dst.running) < dst.max_batch_size and need + len(dst.running) + 1 <= dst.free_blocks
             if r in src.running and not r.finished and fits:
@@ -408,8 +415,7 @@ def simulate(
                 dst._note_peak()
                 r.migrations += 1
                 migrations += 1
-                if not dst.busy:
-                    start_step(dst, now)
+                kick(dst, now)
             else:
                 aborted += 1
     return ClusterResult(reqs, instances, migrations, aborted, now)
@@ -419,11 +425,9 @@ def _queued_demand(inst: Instance) -> int:
     return sum(inst.blocks_for(r.context_len) for r in inst.waiting)
 
 
-def _pick_migrations(
-    instances: list[Instance], migrating: set[int], low: float, high: float
-) -> list[tuple[Instance, Instance, SimRequest]]:
+def _pick_migrations(instances: list[Instance], low: float, high: float) -> list[tuple[Instance, Instance, SimRequest]]:
     """Pair the least free instances (freeness < ``low``) with the most free (> ``high``), one request each: the
-    running request of the source holding the fewest blocks and not already migrating."""
+    running request of the source holding the fewest blocks."""
     by_free = sorted(instances, key=lambda i: (i.freeness(), i.index))
     sources = [i for i in by_free if i.freeness() < low]
     dests = [i for i in reversed(by_free) if i.freeness() > high]
@@ -431,9 +435,30 @@ def _pick_migrations(
     for src, dst in zip(sources, dests):
         if src is dst:
             break
-        cands = [r for r in src.running if r.request_id not in migrating and not r.finished]
+        cands = [r for r in src.running if not r.finished]
         if cands:
             r = min(cands, key=lambda r: (src.held[r.request_id], r.request_id))
             out.append((src, dst, r))
     return out
 
+
+def policy_sweep(
+    seeds: Sequence[int],
+    n_requests: int,
+    rate: float,
+    n_instances: int,
+    num_blocks: int,
+    cost: RooflineCost | UnitCost | None = None,
+    **kwargs: float,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every policy on the same trace per seed: ``{policy: {metric: (len(seeds),) values}}`` with the metrics
+    of :meth:`ClusterResult.summary`; ``kwargs`` go to :func:`simulate`."""
+    cost = RooflineCost() if cost is None else cost
+    out: dict[str, dict[str, list[float]]] = {p: {} for p in POLICIES}
+    for seed in seeds:
+        trace = poisson_workload(n_requests, rate, seed)
+        for p in POLICIES:
+            summary = simulate(trace, n_instances, num_blocks, policy=p, cost=cost, **kwargs).summary()
+            for k, v in summary.items():
+                out[p].setdefault(k, []).append(v)
+    return {p: {k: np.array(v) for k, v in m.items()} for p, m in out.items()}
