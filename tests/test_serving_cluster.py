@@ -175,3 +175,10 @@ def test_bad_inputs():
         poisson_workload(10, 0.0, 0)
     with pytest.raises(ValueError, match="alpha"):
         poisson_workload(10, 1.0, 0, alpha=1.0)
+
+
+def test_benchmark_quick_prints_numbers(run_benchmark):
+    _, values = run_benchmark("bench_cluster", ["--quick"])
+    for key in ("migration_p99_vs_round_robin", "migration_ttft_p99_vs_least_loaded", "llumnix_throughput"):
+        assert float(values[key]) > 0, key
+    assert float(values["round_robin_migrations"]) == 0
