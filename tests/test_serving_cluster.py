@@ -14,8 +14,10 @@ from refimpl.serving import Engine
 from refimpl.serving.cluster import (
     POLICIES,
     Instance,
+    LinearCost,
     RooflineCost,
     SimRequest,
+    StepLog,
     UnitCost,
     poisson_workload,
     simulate,
@@ -182,3 +184,18 @@ def test_benchmark_quick_prints_numbers(run_benchmark):
     for key in ("migration_p99_vs_round_robin", "migration_ttft_p99_vs_least_loaded", "llumnix_throughput"):
         assert float(values[key]) > 0, key
     assert float(values["round_robin_migrations"]) == 0
+
+
+def test_linear_cost_fit_recovers_coefficients():
+    rng = np.random.default_rng(0)
+    steps = [
+        StepLog(prefill_tokens=int(p), n_decode=int(d), kv_tokens=int(k)) for p, d, k in rng.integers(0, 200, (30, 3))
+    ]
+    true = LinearCost(0.01, 0.002, 1e-5, 3e-4)
+    fitted = LinearCost.fit(steps, [true.step_time(s.prefill_tokens, s.n_decode, s.kv_tokens) for s in steps])
+    for name in ("t_weights", "t_seq", "t_kv", "t_prefill"):
+        assert getattr(fitted, name) == pytest.approx(getattr(true, name), rel=1e-6), name
+    with pytest.raises(ValueError, match="at least 4 steps"):
+        LinearCost.fit(steps[:3], [1.0] * 3)
+    with pytest.raises(ValueError, match="t_kv"):
+        LinearCost(0.0, 0.0, -1.0, 0.0)

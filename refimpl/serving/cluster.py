@@ -7,7 +7,8 @@ decode step lacks blocks), but on block *counts*; each step's duration comes fro
 latencies are **model arithmetic**, not measurements.
 
 - :func:`poisson_workload`: a seeded Poisson arrival process with heavy-tailed (Pareto) prompt and output lengths;
-- :class:`RooflineCost`: the step time of Llama-2-7B on an A100/H100, a linear fit to
+- :class:`LinearCost`: a step time linear in the step's work, fitted to measured steps (:meth:`LinearCost.fit`);
+  :class:`RooflineCost`: the step time of Llama-2-7B on an A100/H100, a linear fit to
   :func:`refimpl.roofline.analyze` (weights read once per step, plus KV reads per cached token, plus prefill
   compute per prompt token); :class:`UnitCost`: every step takes 1 (for checking against the real engine);
 - :func:`simulate`: an event heap (arrivals, step ends, migration ends) over the instances, with a dispatch
@@ -45,8 +46,10 @@ __all__ = [
     "POLICIES",
     "ClusterResult",
     "Instance",
+    "LinearCost",
     "RooflineCost",
     "SimRequest",
+    "StepLog",
     "UnitCost",
     "poisson_workload",
     "policy_sweep",
@@ -124,15 +127,57 @@ class UnitCost:
         return self.migration_time
 
 
-class RooflineCost:
-    """Step time of ``model`` on ``hardware`` (model arithmetic), a linear fit to :func:`refimpl.roofline.analyze`:
+class LinearCost:
+    """A step time linear in the step's work:
 
     ``t = t_weights + n_decode * t_seq + kv_tokens * t_kv + prefill_tokens * t_prefill``
 
-    with ``t_weights`` the batch-1 decode step at context 1 (all weights read once), ``t_kv`` the extra time
-    per cached token read by attention, ``t_seq`` the extra per decoded sequence, and ``t_prefill`` the time per
-    prompt token of a 1024-token prefill (compute-bound). A migration moves ``kv_tokens * kv_bytes_per_token``
-    bytes over ``link_bandwidth`` bytes/s (default: the hardware's host link, i.e. PCIe; NVLink would be faster).
+    (``t_weights`` a fixed cost per step, e.g. reading all weights once; ``t_seq`` per decoded sequence; ``t_kv``
+    per cached token read by attention; ``t_prefill`` per prefilled token). A migration moves
+    ``kv_tokens * kv_bytes_per_token`` bytes over ``link_bandwidth`` bytes/s. :meth:`fit` estimates the
+    coefficients from measured steps (least squares).
+    """
+
+    def __init__(
+        self,
+        t_weights: float,
+        t_seq: float,
+        t_kv: float,
+        t_prefill: float,
+        kv_bytes_per_token: float = 1.0,
+        link_bandwidth: float = 1.0,
+    ) -> None:
+        self.t_weights = check_float("t_weights", t_weights, min_value=0.0)
+        self.t_seq = check_float("t_seq", t_seq, min_value=0.0)
+        self.t_kv = check_float("t_kv", t_kv, min_value=0.0)
+        self.t_prefill = check_float("t_prefill", t_prefill, min_value=0.0)
+        self.kv_bytes_per_token = check_float("kv_bytes_per_token", kv_bytes_per_token, min_value=0.0)
+        self.link_bandwidth = check_float("link_bandwidth", link_bandwidth, min_value=0.0, min_inclusive=False)
+
+    @classmethod
+    def fit(cls, steps: Sequence[StepLog], seconds: Sequence[float]) -> LinearCost:
+        """Least-squares coefficients (clipped at 0) from steps (their ``prefill_tokens``, ``n_decode``,
+        ``kv_tokens``) and their measured durations."""
+        if len(steps) != len(seconds) or len(steps) < 4:
+            raise ValueError(f"fit needs at least 4 steps and one duration per step, got {len(steps)} steps and "
+                             f"{len(seconds)} durations")  # fmt: skip
+        x = np.array([[1.0, s.n_decode, s.kv_tokens, s.prefill_tokens] for s in steps])  # (S, 4)
+        coef = np.linalg.lstsq(x, np.asarray(seconds, dtype=float), rcond=None)[0]  # (4,)
+        return cls(*(max(float(c), 0.0) for c in coef))
+
+    def step_time(self, prefill_tokens: int, n_decode: int, kv_tokens: int) -> float:
+        return self.t_weights + n_decode * self.t_seq + kv_tokens * self.t_kv + prefill_tokens * self.t_prefill
+
+    def migration_seconds(self, kv_tokens: int) -> float:
+        return kv_tokens * self.kv_bytes_per_token / self.link_bandwidth
+
+
+class RooflineCost(LinearCost):
+    """The :class:`LinearCost` of ``model`` on ``hardware`` (model arithmetic), fitted to
+    :func:`refimpl.roofline.analyze`: ``t_weights`` the batch-1 decode step at context 1 (all weights read once),
+    ``t_kv`` the extra time per cached token read by attention, ``t_seq`` the extra per decoded sequence, and
+    ``t_prefill`` the time per prompt token of a 1024-token prefill (compute-bound). A migration goes over
+    ``link_bandwidth`` bytes/s (default: the hardware's host link, i.e. PCIe; NVLink would be faster).
     """
 
     def __init__(self, model: str = "llama-2-7b", hardware: str = "h100-sxm", link_bandwidth: float | None = None):
@@ -142,29 +187,28 @@ class RooflineCost:
             return analyze(model, hardware, Workload(stage=stage, batch=batch, seq=seq)).time
 
         self.model, self.hardware = model, hardware
-        self.t_weights = t("decode", 1, 1)
-        self.t_kv = (t("decode", 1, 4097) - self.t_weights) / 4096
-        self.t_seq = (t("decode", 16, 1) - self.t_weights) / 15
-        self.t_prefill = t("prefill", 1, 1024) / 1024
-        self.kv_bytes_per_token = kv_cache_bytes(get_model(model), Workload(stage="decode", batch=1, seq=1))
-        hw = load_hardware(hardware)
-        bw = hw.host_link_bandwidth if link_bandwidth is None else link_bandwidth
-        self.link_bandwidth = check_float("link_bandwidth", bw, min_value=0.0, min_inclusive=False)
-
-    def step_time(self, prefill_tokens: int, n_decode: int, kv_tokens: int) -> float:
-        return self.t_weights + n_decode * self.t_seq + kv_tokens * self.t_kv + prefill_tokens * self.t_prefill
-
-    def migration_seconds(self, kv_tokens: int) -> float:
-        return kv_tokens * self.kv_bytes_per_token / self.link_bandwidth
+        t_weights = t("decode", 1, 1)
+        bw = load_hardware(hardware).host_link_bandwidth if link_bandwidth is None else link_bandwidth
+        super().__init__(
+            t_weights=t_weights,
+            t_seq=(t("decode", 16, 1) - t_weights) / 15,
+            t_kv=(t("decode", 1, 4097) - t_weights) / 4096,
+            t_prefill=t("prefill", 1, 1024) / 1024,
+            kv_bytes_per_token=kv_cache_bytes(get_model(model), Workload(stage="decode", batch=1, seq=1)),
+            link_bandwidth=bw,
+        )
 
 
 @dataclass
 class StepLog:
-    """What one instance step decided (request ids, in order)."""
+    """What one instance step decided (request ids, in order) and its work (the cost model's inputs)."""
 
     admitted: list[int] = field(default_factory=list)
     preempted: list[int] = field(default_factory=list)
     finished: list[int] = field(default_factory=list)
+    prefill_tokens: int = 0
+    n_decode: int = 0
+    kv_tokens: int = 0
 
 
 class Instance:
@@ -207,9 +251,9 @@ class Instance:
         demand = self.blocks_for(self.waiting[0].context_len) if self.waiting else 0
         return (self.free_blocks - demand) / max(1, len(self.running))
 
-    def step(self) -> tuple[StepLog, int, int, int]:
-        """One iteration (admit, decode, retire) as :meth:`Engine.step`; returns its log, the prefill tokens,
-        the decoded sequences and the cached tokens they read (for the cost model)."""
+    def step(self) -> StepLog:
+        """One iteration (admit, decode, retire) as :meth:`~refimpl.serving.engine.Engine.step`; returns its
+        log, with the prefill tokens, the decoded sequences and the cached tokens they read (for the cost model)."""
         log = StepLog()
         prefill_tokens = 0
         # admit: first come first served while the batch has room and the blocks leave one per running sequence
@@ -251,8 +295,9 @@ class Instance:
             del self.held[r.request_id]
             log.finished.append(r.request_id)
         self.running = [r for r in self.running if not r.finished]
+        log.prefill_tokens, log.n_decode, log.kv_tokens = prefill_tokens, len(decoding), kv_tokens
         self.log.append(log)
-        return log, prefill_tokens, len(decoding), kv_tokens
+        return log
 
     def _grow_need(self, r: SimRequest) -> int:
         """Blocks ``r`` needs to cache one more token (its current last token)."""
@@ -306,7 +351,7 @@ def simulate(
     num_blocks: int,
     *,
     policy: str = "round_robin",
-    cost: RooflineCost | UnitCost | None = None,
+    cost: LinearCost | UnitCost | None = None,
     block_size: int = 16,
     max_batch_size: int = 256,
     migrate_interval: float = 0.05,
@@ -346,8 +391,8 @@ def simulate(
         seq += 1
 
     def start_step(inst: Instance, now: float) -> None:
-        log, prefill, n_dec, kv = inst.step()
-        end = now + cost.step_time(prefill, n_dec, kv)
+        log = inst.step()
+        end = now + cost.step_time(log.prefill_tokens, log.n_decode, log.kv_tokens)
         by_id = {r.request_id: r for r in inst.running}
         for rid in log.admitted:
             r = by_id.get(rid) or done_map[rid]
@@ -448,7 +493,7 @@ def policy_sweep(
     rate: float,
     n_instances: int,
     num_blocks: int,
-    cost: RooflineCost | UnitCost | None = None,
+    cost: LinearCost | UnitCost | None = None,
     **kwargs: float,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Every policy on the same trace per seed: ``{policy: {metric: (len(seeds),) values}}`` with the metrics
