@@ -36,7 +36,7 @@ from _common import report  # noqa: E402
 
 from refimpl.llm import corpus, generate_ids, load_model  # noqa: E402
 from refimpl.serving import Engine  # noqa: E402
-from refimpl.serving.cluster import ClusterResult, LinearCost, SimRequest, UnitCost, simulate  # noqa: E402
+from refimpl.serving.cluster import LinearCost, UnitCost, replay  # noqa: E402
 
 
 def workload(n: int, ids: Sequence[int], seed: int, short: int, long: int) -> list[tuple[list[int], int]]:
@@ -79,21 +79,13 @@ def serve(
     return wall, ttft, tpot, float(np.mean(paged)), float(np.mean(contiguous)), iteration
 
 
-def simulated_steps(reqs: list[tuple[list[int], int]], engine: Engine, cost: LinearCost | UnitCost) -> ClusterResult:
-    """``reqs`` served by one simulated instance with ``engine``'s pool and batch size (all queued at 0)."""
-    trace = [SimRequest(i, 0.0, len(prompt), n_new) for i, (prompt, n_new) in enumerate(reqs)]
-    pool = engine.pool
-    return simulate(trace, 1, pool.num_blocks, cost=cost, block_size=pool.block_size,
-                    max_batch_size=engine.max_batch_size)  # fmt: skip
-
-
 def simulator_latency_error(model, reqs, check_reqs, num_blocks: int, args: argparse.Namespace) -> float:
     """Fit the simulator's :class:`LinearCost` to the engine's measured iterations on ``reqs``, then predict
     each request's latency on ``check_reqs`` (another trace) and compare with the engine's measured latencies:
     the mean relative error over requests."""
     engine = Engine(model, num_blocks, args.block_size, args.batch)
     iteration = serve(engine, reqs)[5]
-    log = simulated_steps(reqs, engine, UnitCost()).instances[0].log
+    log = replay(engine, UnitCost()).instances[0].log
     assert len(log) == len(iteration), "the simulated instance must take the engine's steps"
     cost = LinearCost.fit(log, iteration)
     engine = Engine(model, num_blocks, args.block_size, args.batch)
@@ -101,7 +93,7 @@ def simulator_latency_error(model, reqs, check_reqs, num_blocks: int, args: argp
     measured = np.array(
         [engine.requests[i].finish_time - engine.requests[i].arrival_time for i in range(len(check_reqs))]
     )
-    predicted = simulated_steps(check_reqs, engine, cost).latency()
+    predicted = replay(engine, cost).latency()
     return float(np.mean(np.abs(predicted - measured) / measured))
 
 

@@ -20,6 +20,8 @@ from refimpl.serving.cluster import (
     StepLog,
     UnitCost,
     poisson_workload,
+    replay,
+    run_timed,
     simulate,
 )
 from tests.test_serving_engine import TINY, tiny  # noqa: F401  (the fixture)
@@ -199,3 +201,15 @@ def test_linear_cost_fit_recovers_coefficients():
         LinearCost.fit(steps[:3], [1.0] * 3)
     with pytest.raises(ValueError, match="t_kv"):
         LinearCost(0.0, 0.0, -1.0, 0.0)
+
+
+def test_run_timed_and_replay(tiny):  # noqa: F811
+    eng = Engine(tiny, num_blocks=7, block_size=4, max_batch_size=3)
+    for i, (p, n) in enumerate([(5, 12), (3, 14), (6, 4), (2, 16)]):
+        eng.add_request(f"r{i}", list(range(1, p + 1)), n)
+    seconds = run_timed(eng)
+    assert len(seconds) == eng.steps and all(s > 0 for s in seconds)
+    res = replay(eng, UnitCost())
+    assert res.makespan == eng.steps and res.preemptions == eng.preemptions > 0
+    fitted = LinearCost.fit(res.instances[0].log, seconds)
+    assert fitted.step_time(4, 2, 20) > 0

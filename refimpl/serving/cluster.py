@@ -34,13 +34,18 @@ handshake aborts in the same cases), and the instances do not slow down while co
 from __future__ import annotations
 
 import heapq
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from refimpl._checks import check_choice, check_float, check_int, check_positive_int
+
+if TYPE_CHECKING:
+    from refimpl.serving.engine import Engine
 
 __all__ = [
     "POLICIES",
@@ -53,6 +58,8 @@ __all__ = [
     "UnitCost",
     "poisson_workload",
     "policy_sweep",
+    "replay",
+    "run_timed",
     "simulate",
 ]
 
@@ -507,3 +514,22 @@ def policy_sweep(
             for k, v in summary.items():
                 out[p].setdefault(k, []).append(v)
     return {p: {k: np.array(v) for k, v in m.items()} for p, m in out.items()}
+
+
+def run_timed(engine: Engine) -> list[float]:
+    """Step ``engine`` until every request has finished; returns each iteration's wall seconds."""
+    seconds = []
+    while engine.has_unfinished():
+        t0 = time.perf_counter()
+        engine.step()
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+def replay(engine: Engine, cost: LinearCost | UnitCost) -> ClusterResult:
+    """``engine``'s requests (in the order they were added, all queued at time 0, request ids ``0, 1, ..``)
+    served by one simulated instance with its pool and batch size and the step cost ``cost``."""
+    trace = [SimRequest(i, 0.0, len(r.prompt), r.max_new_tokens) for i, r in enumerate(engine.requests.values())]
+    pool = engine.pool
+    return simulate(trace, 1, pool.num_blocks, cost=cost, block_size=pool.block_size,
+                    max_batch_size=engine.max_batch_size)  # fmt: skip
