@@ -213,3 +213,28 @@ def test_run_timed_and_replay(tiny):  # noqa: F811
     assert res.makespan == eng.steps and res.preemptions == eng.preemptions > 0
     fitted = LinearCost.fit(res.instances[0].log, seconds)
     assert fitted.step_time(4, 2, 20) > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    reqs=st.lists(
+        st.tuples(st.floats(0, 20, allow_nan=False), st.integers(1, 30), st.integers(1, 30)), min_size=1, max_size=12
+    ),
+    n_instances=st.integers(1, 3),
+    num_blocks=st.integers(16, 30),
+    batch=st.integers(1, 5),
+    policy=st.sampled_from(POLICIES),
+)
+def test_conservation_property(reqs, n_instances, num_blocks, batch, policy):
+    trace = [SimRequest(i, a, p, n) for i, (a, p, n) in enumerate(reqs)]
+    res = simulate(
+        trace, n_instances, num_blocks, policy=policy, cost=UnitCost(migration_time=1.5), block_size=4,
+        max_batch_size=batch, migrate_interval=1.0, migrate_low=4.0, migrate_high=6.0,
+    )  # fmt: skip
+    assert all(r.completions == 1 and r.generated == r.output_len for r in res.requests)
+    assert all(r.arrival_time < r.first_token_time <= r.finish_time for r in res.requests)
+    assert sum(r.migrations for r in res.requests) == res.migrations
+    for inst in res.instances:
+        assert inst.peak_blocks <= inst.num_blocks and not inst.held and not inst.running and not inst.waiting
+    finished = sorted(x for inst in res.instances for s in inst.log for x in s.finished)
+    assert finished == list(range(len(trace))), "every request finishes exactly once, on one instance"
