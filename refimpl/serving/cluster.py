@@ -12,18 +12,22 @@ latencies are **model arithmetic**, not measurements.
   :func:`refimpl.roofline.analyze` (weights read once per step, plus KV reads per cached token, plus prefill
   compute per prompt token); :class:`UnitCost`: every step takes 1 (for checking against the real engine);
 - :func:`simulate`: an event heap (arrivals, step ends, migration ends) over the instances, with a dispatch
-  policy: ``"round_robin"``, ``"least_loaded"`` (the instance with the most free blocks at arrival, INFaaS-like
-  load-aware placement, Romero et al. 2021) or ``"llumnix"`` (dispatch to the highest *freeness*, plus migration).
+  policy: ``"round_robin"``, ``"least_loaded"`` (at arrival, the instance with the most free blocks less its
+  queue's demand: INFaaS-like load-aware placement, Romero et al. 2021) or ``"llumnix"`` (dispatch to the
+  highest *freeness*, plus migration).
 
-Llumnix's load metric (Sun et al. 2024, sec. 4.4.2): an instance's *virtual usage* is the blocks its running
+Llumnix's load metric (Sun et al. 2024, sec. 4): an instance's *virtual usage* is the blocks its running
 requests hold plus the demand of its head-of-line waiting request (queued requests count as load, so an
 instance that must queue looks full); *freeness* is ``(M - sum V) / B``, the free blocks per running request
 (``B`` its batch, at least 1). Every ``migrate_interval`` the global scheduler pairs the instances with the
 lowest freeness (below ``migrate_low``) with those with the highest (above ``migrate_high``) and moves one
 running request from each source: the one holding the fewest blocks (the cheapest to copy). An instance takes
 part in one migration at a time (else two sources could fill one destination at once, and requests bounce).
+Defaults checked against the authors' released code (github.com/AlibabaPAI/llumnix, ``docs/Arguments.md``): a
+polling interval of 0.05 s, a migrate-out threshold of 3 (there on its own load metric, here on freeness) and the
+"SR" request-migration policy (the shortest request); ``migrate_high`` (20) is ours.
 
-Migration (sec. 4.3, *live* migration): the KV blocks are copied over the link while the request keeps decoding
+Migration (sec. 4, *live* migration): the KV blocks are copied over the link while the request keeps decoding
 on the source; the copy takes ``bytes / link_bandwidth``. Simplifications, stated: the copy is one stage (the
 paper copies in rounds until a short stop-and-copy of the last blocks; we charge the whole request's blocks as
 of the end of the copy and no downtime), the destination reserves nothing during the copy and the migration is
