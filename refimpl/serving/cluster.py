@@ -404,13 +404,12 @@ def simulate(
     def start_step(inst: Instance, now: float) -> None:
         log = inst.step()
         end = now + cost.step_time(log.prefill_tokens, log.n_decode, log.kv_tokens)
-        by_id = {r.request_id: r for r in inst.running}
         for rid in log.admitted:
-            r = by_id.get(rid) or done_map[rid]
+            r = by_id[rid]
             if r.first_token_time is None:
                 r.first_token_time = end
         for rid in log.finished:
-            r = done_map[rid]
+            r = by_id[rid]
             r.finish_time = end
             r.completions += 1
         inst.busy = True
@@ -421,7 +420,7 @@ def simulate(
             inst.busy = True
             push(now, "kick", inst)
 
-    done_map = {r.request_id: r for r in reqs}
+    by_id = {r.request_id: r for r in reqs}
     for r in sorted(reqs, key=lambda r: (r.arrival_time, r.request_id)):
         push(r.arrival_time, "arrival", r)
     if policy == "llumnix":
