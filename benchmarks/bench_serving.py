@@ -11,7 +11,10 @@ Prints ``name: value`` lines: throughput of each policy and their ratio ``contin
 time to first token and time per output token (p50/p99) of each; ``outputs_identical`` (1 if both policies
 and every request decoded alone give the same tokens); ``paged_memory_waste`` (allocated but unused KV slots
 over allocated slots, averaged over the continuous run's steps) and ``contiguous_memory_waste`` (the same
-fraction had each running request reserved ``prompt + max_new_tokens`` contiguous slots up front).
+fraction had each running request reserved ``prompt + max_new_tokens`` contiguous slots up front);
+``simulator_latency_error``: the cluster simulator (:mod:`refimpl.serving.cluster`, one instance) with a step
+cost fitted to the engine's measured iterations on this workload predicts each request's latency on another
+workload (seed + 1) that the engine then serves; the mean relative error of those predictions.
 
 Usage: ``python benchmarks/bench_serving.py [--quick] [--requests N] [--batch N] [--block-size N] [--seed N]``.
 """
@@ -33,6 +36,7 @@ from _common import report  # noqa: E402
 
 from refimpl.llm import corpus, generate_ids, load_model  # noqa: E402
 from refimpl.serving import Engine  # noqa: E402
+from refimpl.serving.cluster import LinearCost, UnitCost, replay  # noqa: E402
 
 
 def workload(n: int, ids: Sequence[int], seed: int, short: int, long: int) -> list[tuple[list[int], int]]:
@@ -48,14 +52,16 @@ def workload(n: int, ids: Sequence[int], seed: int, short: int, long: int) -> li
     return out
 
 
-def serve(engine: Engine, reqs: list[tuple[list[int], int]]) -> tuple[float, list[float], list[float], float, float]:
-    """Serve ``reqs`` (all queued at once); returns wall seconds, TTFTs, TPOTs, and the step-averaged wasted
-    fraction of KV slots for paging and for contiguous per-request reservation."""
+def serve(
+    engine: Engine, reqs: list[tuple[list[int], int]]
+) -> tuple[float, list[float], list[float], float, float, list[float]]:
+    """Serve ``reqs`` (all queued at once); returns wall seconds, TTFTs, TPOTs, the step-averaged wasted
+    fraction of KV slots for paging and for contiguous per-request reservation, and each iteration's seconds."""
     for i, (prompt, n_new) in enumerate(reqs):
         engine.add_request(i, prompt, n_new)
     pool = engine.pool
-    paged, contiguous = [], []
-    t0 = time.perf_counter()
+    paged, contiguous, iteration = [], [], []
+    t0 = t_prev = time.perf_counter()
     while engine.has_unfinished():
         engine.step()
         stored = pool.tokens_stored()
@@ -63,11 +69,32 @@ def serve(engine: Engine, reqs: list[tuple[list[int], int]]) -> tuple[float, lis
             reserved = sum(len(r.prompt) + r.max_new_tokens for r in engine.running)
             paged.append(1 - stored / pool.slots_allocated())
             contiguous.append(1 - stored / reserved)
+        t_now = time.perf_counter()
+        iteration.append(t_now - t_prev)
+        t_prev = t_now
     wall = time.perf_counter() - t0
     done = list(engine.requests.values())
     ttft = [r.first_token_time - r.arrival_time for r in done]
     tpot = [(r.finish_time - r.first_token_time) / (len(r.output) - 1) for r in done if len(r.output) > 1]
-    return wall, ttft, tpot, float(np.mean(paged)), float(np.mean(contiguous))
+    return wall, ttft, tpot, float(np.mean(paged)), float(np.mean(contiguous)), iteration
+
+
+def simulator_latency_error(model, reqs, check_reqs, num_blocks: int, args: argparse.Namespace) -> float:
+    """Fit the simulator's :class:`LinearCost` to the engine's measured iterations on ``reqs``, then predict
+    each request's latency on ``check_reqs`` (another trace) and compare with the engine's measured latencies:
+    the mean relative error over requests."""
+    engine = Engine(model, num_blocks, args.block_size, args.batch)
+    iteration = serve(engine, reqs)[5]
+    log = replay(engine, UnitCost()).instances[0].log
+    assert len(log) == len(iteration), "the simulated instance must take the engine's steps"
+    cost = LinearCost.fit(log, iteration)
+    engine = Engine(model, num_blocks, args.block_size, args.batch)
+    serve(engine, check_reqs)
+    measured = np.array(
+        [engine.requests[i].finish_time - engine.requests[i].arrival_time for i in range(len(check_reqs))]
+    )
+    predicted = replay(engine, cost).latency()
+    return float(np.mean(np.abs(predicted - measured) / measured))
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
@@ -84,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         args.requests, args.batch, args.short, args.long = 6, 3, 3, 8
 
     model, tok = load_model()
-    reqs = workload(args.requests, corpus.eval_ids(2048, tok).tolist(), args.seed, args.short, args.long)
+    ids = corpus.eval_ids(2048, tok).tolist()
+    reqs = workload(args.requests, ids, args.seed, args.short, args.long)
     # a pool that holds a full batch of the longest requests: no preemption, so both policies do equal work
     per_request = -(-(32 + args.long) // args.block_size)
     num_blocks = args.batch * per_request
@@ -100,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
     tokens = sum(n for _, n in reqs)
     values: dict[str, float] = {"requests": len(reqs), "generated_tokens": tokens, "batch": args.batch}
-    for policy, (wall, ttft, tpot, _, _) in results.items():
+    for policy, (wall, ttft, tpot, *_) in results.items():
         values[f"{policy}_tokens_per_s"] = tokens / wall
         values[f"{policy}_ttft_p50_s"] = float(np.percentile(ttft, 50))
         values[f"{policy}_ttft_p99_s"] = float(np.percentile(ttft, 99))
@@ -110,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     values["outputs_identical"] = int(identical)
     values["paged_memory_waste"] = results["continuous"][3]
     values["contiguous_memory_waste"] = results["continuous"][4]
+    check_reqs = workload(args.requests, ids, args.seed + 1, args.short, args.long)
+    values["simulator_latency_error"] = simulator_latency_error(model, reqs, check_reqs, num_blocks, args)
     return report(values)
 
 

@@ -238,3 +238,4 @@ def test_benchmark_quick_prints_numbers(run_benchmark):
     for key in ("continuous_vs_static_throughput", "static_tokens_per_s", "continuous_ttft_p99_s"):
         assert float(values[key]) > 0, key
     assert 0 <= float(values["paged_memory_waste"]) < 1
+    assert 0 <= float(values["simulator_latency_error"]) < 1
