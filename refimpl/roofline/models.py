@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from importlib import resources
 
-from refimpl._checks import check_choice, check_positive_int
+from refimpl._checks import check_choice, check_positive_int, resolve_named
 
 __all__ = ["ModelConfig", "get_model", "list_models", "resolve_model"]
 
@@ -110,51 +111,23 @@ class ModelConfig:
         return self.n_params() - inactive
 
 
-# Published config.json values (Hugging Face model cards).
-_BUILTIN: dict[str, ModelConfig] = {
-    "llama-2-7b": ModelConfig(
-        name="llama-2-7b",
-        n_layers=32,
-        d_model=4096,
-        n_heads=32,
-        n_kv_heads=32,
-        head_dim=128,
-        ffn_dim=11008,
-        vocab_size=32000,
-        source="meta-llama/Llama-2-7b-hf config.json (Touvron et al. 2023)",
-    ),
-    "llama-3-8b": ModelConfig(
-        name="llama-3-8b",
-        n_layers=32,
-        d_model=4096,
-        n_heads=32,
-        n_kv_heads=8,
-        head_dim=128,
-        ffn_dim=14336,
-        vocab_size=128256,
-        source="meta-llama/Meta-Llama-3-8B config.json",
-    ),
-    "mixtral-8x7b": ModelConfig(
-        name="mixtral-8x7b",
-        n_layers=32,
-        d_model=4096,
-        n_heads=32,
-        n_kv_heads=8,
-        head_dim=128,
-        ffn_dim=14336,
-        vocab_size=32000,
-        n_experts=8,
-        experts_per_token=2,
-        source="mistralai/Mixtral-8x7B-v0.1 config.json (Jiang et al. 2024)",
-    ),
-}
+MODELS_YAML = resources.files("refimpl") / "data" / "models.yaml"  # published config.json values
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin() -> dict[str, ModelConfig]:
+    import yaml
+
+    table = yaml.safe_load(MODELS_YAML.read_text(encoding="utf-8"))
+    return {name: ModelConfig(name=name, **entry) for name, entry in table.items()}
+
 
 _GGUF_MODELS = ("smollm2-135m",)
 
 
 def list_models() -> list[str]:
     """Names accepted by :func:`get_model`."""
-    return [*_BUILTIN, *_GGUF_MODELS]
+    return [*_builtin(), *_GGUF_MODELS]
 
 
 @functools.lru_cache(maxsize=1)
@@ -187,13 +160,9 @@ def get_model(name: str) -> ModelConfig:
     check_choice("model", name, list_models())
     if name == "smollm2-135m":
         return _smollm2_from_gguf()
-    return _BUILTIN[name]
+    return _builtin()[name]
 
 
 def resolve_model(model: ModelConfig | str) -> ModelConfig:
     """Accept a :class:`ModelConfig` or a name for :func:`get_model`; return the config."""
-    if isinstance(model, ModelConfig):
-        return model
-    if not isinstance(model, str):
-        raise TypeError(f"model must be a ModelConfig or a name, got {type(model).__name__}")
-    return get_model(model)
+    return resolve_named("model", model, ModelConfig, get_model)
