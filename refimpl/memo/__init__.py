@@ -26,7 +26,8 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "strategies": "FullOffload FullRecompute KeepAll MemoTokenwise StepResult Strategy forward_stack train_step",
         "swap": "",  # machinery of the strategies: reached as the submodule, nothing re-exported
         "overlap": (
-            "LayerTimes MemoPrediction choose_alpha gpt_layer_operators host_link_bandwidth layer_times predict_memo"
+            "LayerShape LayerTimes MemoPrediction choose_alpha gpt_layer_operators host_link_bandwidth layer_times "
+            "predict_memo"
         ),
         "planning": (
             "Layout LifetimeTracer TensorLife best_fit_layout check_layout conflicts first_fit_in_order "
