@@ -8,7 +8,8 @@ shared by ``n_heads`` query heads, and a SwiGLU MLP (Shazeer 2020) with three ma
 router.
 
 Sources: Llama-2-7B and Llama-3-8B and Mixtral-8x7B from their published ``config.json`` files (Hugging Face
-model cards); SmolLM2-135M from the metadata of the GGUF file that the book's LLM chapter loads.
+model cards), held in ``refimpl/data/models.yaml``; SmolLM2-135M from the metadata of the GGUF file that the
+book's LLM chapter loads.
 """
 
 from __future__ import annotations
