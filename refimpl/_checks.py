@@ -7,7 +7,7 @@ their public entry points and trust the types inside.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from numbers import Integral, Real
 from typing import Any
 
@@ -60,6 +60,15 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
         shown = ", ".join(repr(c) for c in options)
         raise ValueError(f"{name} must be one of {shown}; got {value!r}")
     return value
+
+
+def resolve_named(name: str, value: Any, cls: type, load: Callable[[str], Any]) -> Any:
+    """``value`` if it is a ``cls``, else ``load(value)`` of a name; another type: ``TypeError`` naming ``name``."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a {cls.__name__} or a name, got {type(value).__name__}")
+    return load(value)
 
 
 def check_tensor(

@@ -17,6 +17,7 @@ from refimpl.memo.ledger import (
     korthikanti_activation_bytes,
 )
 from refimpl.memo.strategies import KeepAll, forward_stack
+from tests.strategies import block_shapes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,17 +35,13 @@ def _ledger_of_one_block(s, b, h, a, *, dtype, dropout, tile, ffn=None):  # noqa
 
 @settings(max_examples=25, deadline=None)
 @given(
-    s=st.integers(1, 24),
-    b=st.integers(1, 3),
-    a=st.integers(1, 3),
-    d=st.integers(1, 4),
-    tile=st.integers(1, 9),
+    shape=block_shapes(),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     dropout=st.sampled_from([0.0, 0.1]),
     ffn=st.sampled_from([None, 5]),
 )
-def test_ledger_equals_exact_formula_by_tensor(s, b, a, d, tile, dtype, dropout, ffn):
-    h = a * d
+def test_ledger_equals_exact_formula_by_tensor(shape, dtype, dropout, ffn):
+    s, b, a, h, tile = shape.s, shape.b, shape.a, shape.h, shape.tile
     ledger, out = _ledger_of_one_block(s, b, h, a, dtype=dtype, dropout=dropout, tile=tile, ffn=ffn)
     e = torch.finfo(dtype).bits // 8
     want = block_activation_bytes(s, b, h, a, ffn_hidden=ffn, dropout=dropout > 0, act_bytes=e)

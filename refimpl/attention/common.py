@@ -17,9 +17,11 @@ Conventions (the same as the FlashAttention-2 kernels, ``flash_attn >= 2.1``):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from refimpl._checks import check_float, check_same_device, check_tensor
 from refimpl._dtypes import accumulation_dtype
@@ -29,6 +31,7 @@ __all__ = [
     "accumulation_dtype",
     "causal_visible",
     "check_attention_inputs",
+    "recomputing_function",
 ]
 
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -71,3 +74,37 @@ def causal_visible(q_pos: Tensor, k_pos: Tensor, offset: int) -> Tensor:
     Bottom-right aligned causal rule ``j <= i + offset`` with ``offset = N_k - N_q`` (see the module docstring).
     """
     return k_pos.unsqueeze(0) <= q_pos.unsqueeze(1) + offset
+
+
+def recomputing_function(
+    name: str,
+    forward: Callable[..., tuple[Tensor, Tensor]],
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]],
+    doc: str,
+) -> type[torch.autograd.Function]:
+    """An autograd Function for FlashAttention's recomputation: its forward runs ``forward(q, k, v, *config)``
+    ``-> (O, L)`` and saves only ``Q, K, V, O, L`` (no ``N x N`` tensor); its backward runs
+    ``backward(q, k, v, o, lse, do, *config) -> (dQ, dK, dV)``. ``config``: the non-tensor arguments. The class
+    is called ``name``, documented by ``doc`` and belongs to the module of ``forward``."""
+
+    class RecomputingFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(
+            ctx: torch.autograd.function.FunctionCtx, q: Tensor, k: Tensor, v: Tensor, *config: object
+        ) -> Tensor:
+            o, lse = forward(q, k, v, *config)
+            ctx.save_for_backward(q, k, v, o, lse)
+            ctx.config = config
+            return o
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx: torch.autograd.function.FunctionCtx, do: Tensor) -> tuple[Tensor | None, ...]:
+            q, k, v, o, lse = ctx.saved_tensors
+            dq, dk, dv = backward(q, k, v, o, lse, do, *ctx.config)
+            return (dq, dk, dv) + (None,) * len(ctx.config)
+
+    RecomputingFunction.__name__ = RecomputingFunction.__qualname__ = name
+    RecomputingFunction.__doc__ = doc
+    RecomputingFunction.__module__ = forward.__module__
+    return RecomputingFunction

@@ -152,6 +152,20 @@ def query_rows_per_key_block(n_q: int, n_k: int, block_q: int, block_k: int, cau
     return out
 
 
+def _key_outer_counts(
+    batch: int, heads_q: int, heads_kv: int, n_q: int, n_k: int, d: int, block_q: int, block_k: int, causal: bool
+) -> tuple[int, int, int]:
+    """Checked sizes of a key-outer loop (FA1 forward, FA2 backward): ``(per_row, rows, kv_elems)``, the query
+    rows it moves over all key blocks and heads, the query rows ``B H N_q`` and the elements of K (or V)."""
+    _check_sizes(batch, heads_q, heads_kv, n_q, n_k, d)
+    block_q, block_k = check_positive_int("block_q", block_q), check_positive_int("block_k", block_k)
+    if causal:
+        q_rows = sum(query_rows_per_key_block(n_q, n_k, block_q, block_k, causal))
+    else:
+        q_rows = _ceil_div(n_k, block_k) * n_q  # T_c passes over all query rows
+    return batch * heads_q * q_rows, batch * heads_q * n_q, batch * heads_kv * n_k * d
+
+
 def flash2_forward_io(
     batch: int,
     heads_q: int,
@@ -200,15 +214,7 @@ def flash1_forward_io(
     writes ``O_i, l_i, m_i`` back. Plus the initialisation ``O = 0, l = 0, m = -inf`` (line 2) and a last pass
     reading ``m, l`` and writing ``L = m + log l``. Without masking the pairs number ``T_c T_r``.
     """
-    _check_sizes(batch, heads_q, heads_kv, n_q, n_k, d)
-    block_q, block_k = check_positive_int("block_q", block_q), check_positive_int("block_k", block_k)
-    if causal:
-        q_rows = sum(query_rows_per_key_block(n_q, n_k, block_q, block_k, causal))
-    else:
-        q_rows = _ceil_div(n_k, block_k) * n_q  # T_c passes over all of Q, O, l, m
-    per_row = batch * heads_q * q_rows  # query rows moved, all heads
-    rows = batch * heads_q * n_q
-    kv_elems = batch * heads_kv * n_k * d
+    per_row, rows, kv_elems = _key_outer_counts(batch, heads_q, heads_kv, n_q, n_k, d, block_q, block_k, causal)
     return IOCount(
         reads={
             "K": kv_elems,
@@ -239,15 +245,7 @@ def flash2_backward_io(
     and writes ``dK_j, dV_j`` once; for each visited (key block, query block) pair it reads
     ``Q_i, dO_i, L_i, D_i`` and reads and writes the float32 accumulator ``dQ_i`` (FA2's atomic add).
     """
-    _check_sizes(batch, heads_q, heads_kv, n_q, n_k, d)
-    block_q, block_k = check_positive_int("block_q", block_q), check_positive_int("block_k", block_k)
-    if causal:
-        q_rows = sum(query_rows_per_key_block(n_q, n_k, block_q, block_k, causal))
-    else:
-        q_rows = _ceil_div(n_k, block_k) * n_q
-    per_row = batch * heads_q * q_rows
-    rows = batch * heads_q * n_q
-    kv_elems = batch * heads_kv * n_k * d
+    per_row, rows, kv_elems = _key_outer_counts(batch, heads_q, heads_kv, n_q, n_k, d, block_q, block_k, causal)
     return IOCount(
         reads={
             "dO": rows * d + per_row * d,

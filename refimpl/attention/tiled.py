@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from refimpl._checks import check_choice, check_positive_int, check_same_device, check_tensor
-from refimpl.attention.common import accumulation_dtype, causal_visible, check_attention_inputs
+from refimpl.attention.common import accumulation_dtype, causal_visible, check_attention_inputs, recomputing_function
 from refimpl.attention.io_count import IOCounter
 
 __all__ = [
@@ -343,33 +342,13 @@ def flash_attention_backward(
         )
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: the forward saves only ``Q, K, V, O, L`` (no ``N x N`` tensor), the backward
-    recomputes. Use through :func:`flash_attention`, which validates the inputs."""
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        causal: bool,
-        scale: float,
-        block_q: int,
-        block_k: int,
-    ) -> Tensor:
-        o, lse = _fa2_forward(q, k, v, causal, scale, block_q, block_k, IOCounter())
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.config = (causal, scale, block_q, block_k)
-        return o
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, do: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, o, lse = ctx.saved_tensors
-        causal, scale, block_q, block_k = ctx.config
-        dq, dk, dv = _fa2_backward(q, k, v, o, lse, do, causal, scale, block_q, block_k, IOCounter())
-        return dq, dk, dv, None, None, None, None
+FlashAttentionFunction = recomputing_function(
+    "FlashAttentionFunction",
+    lambda *args: _fa2_forward(*args, IOCounter()),  # args: q, k, v, causal, scale, block_q, block_k
+    lambda *args: _fa2_backward(*args, IOCounter()),  # args: q, k, v, o, lse, do, causal, scale, block_q, block_k
+    doc="""Autograd wrapper: the forward saves only ``Q, K, V, O, L`` (no ``N x N`` tensor), the backward
+    recomputes. Use through :func:`flash_attention`, which validates the inputs.""",
+)
 
 
 def flash_attention(

@@ -25,10 +25,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from refimpl._checks import check_positive_int
-from refimpl.attention.common import check_attention_inputs
+from refimpl.attention.common import check_attention_inputs, recomputing_function
 
 __all__ = [
     "TritonFlashAttentionFunction",
@@ -537,23 +536,12 @@ def _backward(
     return dq, dk, dv
 
 
-class TritonFlashAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernels: saves ``Q, K, V, O, L``; use :func:`triton_flash_attention`."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale, group, block_m, block_n):  # noqa: ANN001, ANN205
-        o, lse = _forward(q, k, v, causal, scale, group, block_m, block_n)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.config = (causal, scale, group, block_m, block_n)
-        return o
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, do):  # noqa: ANN001, ANN205
-        q, k, v, o, lse = ctx.saved_tensors
-        causal, scale, group, block_m, block_n = ctx.config
-        dq, dk, dv = _backward(q, k, v, o, lse, do, causal, scale, group, block_m, block_n)
-        return dq, dk, dv, None, None, None, None, None
+TritonFlashAttentionFunction = recomputing_function(
+    "TritonFlashAttentionFunction",
+    _forward,
+    _backward,
+    doc="Autograd wrapper of the Triton kernels: saves ``Q, K, V, O, L``; use :func:`triton_flash_attention`.",
+)
 
 
 def triton_flash_attention_forward(

@@ -13,43 +13,25 @@ Submodules load on first use (``import refimpl.memo`` itself imports neither tor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from refimpl._lazy import lazy_exports
 
-_EXPORTS = {  # submodule -> the names it exports (its __all__), as one string each
-    "block": (
-        "ACTIVATION_NAMES MaskedScale Tape TapeEntry TransformerBlock dropout_keep_mask make_stack splitmix64 tile_seed"
-    ).split(),
-    "ledger": "KORTHIKANTI_TERMS Ledger OutOfMemoryError block_activation_bytes korthikanti_activation_bytes".split(),
-    "strategies": (
-        "FullOffload FullRecompute KeepAll MemoTokenwise StepResult Strategy forward_stack train_step"
-    ).split(),
-    "swap": (),  # machinery of the strategies: reached as the submodule, nothing re-exported
-    "overlap": (
-        "LayerTimes MemoPrediction choose_alpha gpt_layer_operators host_link_bandwidth layer_times predict_memo"
-    ).split(),
-    "planning": (
-        "Layout LifetimeTracer TensorLife best_fit_layout check_layout conflicts first_fit_in_order "
-        "max_live_bytes milp_layout plot_layout round_up trace_lifetimes"
-    ).split(),
-}
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBMODULES = tuple(_EXPORTS)
-
-__all__ = sorted(_WHERE) + list(_SUBMODULES)
-
-
-def __getattr__(name: str) -> Any:
-    """Load a submodule, or the submodule defining ``name``, on first access (PEP 562)."""
-    if name in _SUBMODULES:
-        module = importlib.import_module(f"refimpl.memo.{name}")
-    elif name in _WHERE:
-        module = getattr(importlib.import_module(f"refimpl.memo.{_WHERE[name]}"), name)
-    else:
-        raise AttributeError(f"module 'refimpl.memo' has no attribute {name!r}")
-    globals()[name] = module
-    return module
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {  # submodule -> the names it exports (its __all__), as one string each
+        "block": (
+            "ACTIVATION_NAMES MaskedScale Tape TapeEntry TransformerBlock dropout_keep_mask make_stack splitmix64 "
+            "tile_seed"
+        ),
+        "ledger": "KORTHIKANTI_TERMS Ledger OutOfMemoryError block_activation_bytes korthikanti_activation_bytes",
+        "strategies": "FullOffload FullRecompute KeepAll MemoTokenwise StepResult Strategy forward_stack train_step",
+        "swap": "",  # machinery of the strategies: reached as the submodule, nothing re-exported
+        "overlap": (
+            "LayerShape LayerTimes MemoPrediction choose_alpha gpt_layer_operators host_link_bandwidth layer_times "
+            "predict_memo"
+        ),
+        "planning": (
+            "Layout LifetimeTracer TensorLife best_fit_layout check_layout conflicts first_fit_in_order "
+            "max_live_bytes milp_layout plot_layout round_up trace_lifetimes"
+        ),
+    },
+)

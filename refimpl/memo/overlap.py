@@ -35,6 +35,7 @@ from refimpl._checks import check_float, check_int, check_positive_int
 from refimpl.memo.ledger import korthikanti_activation_bytes
 
 __all__ = [
+    "LayerShape",
     "LayerTimes",
     "MemoPrediction",
     "choose_alpha",
@@ -56,36 +57,65 @@ def host_link_bandwidth(hardware: Any) -> float:
     return float(link) if link is not None else hardware.memory_bandwidth / 2
 
 
-def gpt_layer_operators(
-    s: int,
-    b: int,
-    h: int,
-    a: int,
-    *,
-    ffn_hidden: int | None = None,
-    dtype: str = "bf16",
-    sequence_parallel: int = 1,
-) -> list[Any]:
+@dataclass(frozen=True)
+class LayerShape:
+    """One GPT layer as the overlap model sees it: ``s`` tokens (``s / p`` per device under ``sequence_parallel = p``
+    ways of sequence parallelism), ``b`` sequences, width ``h``, ``a`` heads of ``d = h / a``, MLP width
+    ``ffn_hidden`` (``None``: ``4h``) and activations of ``dtype``. Raises ``ValueError`` unless ``p`` divides
+    ``s`` and ``a`` divides ``h``."""
+
+    s: int
+    b: int
+    h: int
+    a: int
+    ffn_hidden: int | None = None
+    dtype: str = "bf16"
+    sequence_parallel: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("s", "b", "h", "a", "sequence_parallel"):
+            check_positive_int(name, getattr(self, name))
+        if self.ffn_hidden is not None:
+            check_positive_int("ffn_hidden", self.ffn_hidden)
+        if self.s % self.sequence_parallel:
+            raise ValueError(
+                f"sequence_parallel must divide s, got s={self.s}, sequence_parallel={self.sequence_parallel}"
+            )
+        if self.h % self.a:
+            raise ValueError(f"heads must divide hidden, got h={self.h}, a={self.a}")
+
+    @property
+    def f(self) -> int:
+        """MLP width: ``ffn_hidden``, default ``4h``."""
+        return 4 * self.h if self.ffn_hidden is None else self.ffn_hidden
+
+    @property
+    def local_tokens(self) -> int:
+        """``s / p``: the tokens of each sequence on one device."""
+        return self.s // self.sequence_parallel
+
+    @property
+    def bytes_per_value(self) -> float:
+        """Bytes of one activation value of ``dtype``."""
+        from refimpl.roofline.hardware import dtype_bits
+
+        return dtype_bits(self.dtype) / 8
+
+
+def gpt_layer_operators(shape: LayerShape) -> list[Any]:
     """Forward operators of one GPT layer (the book's block with FlashAttention, causal) as roofline
     :class:`~refimpl.roofline.ops.Operator` s, per device under ``sequence_parallel`` ways of sequence parallelism.
 
-    Shapes: ``s`` tokens (``s / p`` per device), ``b`` sequences, width ``h``, ``a`` heads of ``d = h / a``, MLP width
-    ``f`` (default ``4h``). Attention: ``s (s + 1) / 2`` causal pairs in all, ``1 / p`` of them per device, each
-    costing ``4 d`` FLOPs (``QK^T`` and ``PV``) plus the softmax; it reads Q and writes O of the local tokens and
-    reads K and V of all ``s`` tokens.
+    Shapes (:class:`LayerShape`): ``s`` tokens (``s / p`` per device), ``b`` sequences, width ``h``, ``a`` heads of
+    ``d = h / a``, MLP width ``f``. Attention: ``s (s + 1) / 2`` causal pairs in all, ``1 / p`` of them per device,
+    each costing ``4 d`` FLOPs (``QK^T`` and ``PV``) plus the softmax; it reads Q and writes O of the local tokens
+    and reads K and V of all ``s`` tokens.
     """
-    from refimpl.roofline.hardware import dtype_bits
     from refimpl.roofline.ops import Operator, elementwise, matmul
 
-    s, b, h, a = (check_positive_int(n, v) for n, v in (("s", s), ("b", b), ("h", h), ("a", a)))
-    p = check_positive_int("sequence_parallel", sequence_parallel)
-    if s % p:
-        raise ValueError(f"sequence_parallel must divide s, got s={s}, sequence_parallel={p}")
-    if h % a:
-        raise ValueError(f"heads must divide hidden, got h={h}, a={a}")
-    f = check_positive_int("ffn_hidden", 4 * h if ffn_hidden is None else ffn_hidden)
-    e = dtype_bits(dtype) / 8
-    m = s // p * b  # tokens on this device
+    s, b, h, a, f, p = shape.s, shape.b, shape.h, shape.a, shape.f, shape.sequence_parallel
+    e = shape.bytes_per_value
+    m = shape.local_tokens * b  # tokens on this device
     d = h // a
     pairs = b * a * (s * (s + 1) // 2) / p
     return [
@@ -131,26 +161,15 @@ class LayerTimes:
         return (1.0 - alpha) * self.other + (1.0 - alpha * alpha) * self.attention
 
 
-def layer_times(
-    s: int,
-    b: int,
-    h: int,
-    a: int,
-    hardware: Any,
-    *,
-    ffn_hidden: int | None = None,
-    dtype: str = "bf16",
-    sequence_parallel: int = 1,
-) -> LayerTimes:
+def layer_times(shape: LayerShape, hardware: Any) -> LayerTimes:
     """Roofline times (``max(FLOPs / peak, bytes / bandwidth)`` per operator) of :func:`gpt_layer_operators` on
     ``hardware`` (a :class:`~refimpl.roofline.Hardware` or a name for ``refimpl.roofline.load_hardware``)."""
     from refimpl.roofline.hardware import resolve_hardware
     from refimpl.roofline.ops import operator_cost
 
     hw = resolve_hardware(hardware)
-    peak = hw.peak(dtype)
-    ops = gpt_layer_operators(s, b, h, a, ffn_hidden=ffn_hidden, dtype=dtype, sequence_parallel=sequence_parallel)
-    times = {op.name: operator_cost(op, peak, hw.memory_bandwidth).time for op in ops}
+    peak = hw.peak(shape.dtype)
+    times = {op.name: operator_cost(op, peak, hw.memory_bandwidth).time for op in gpt_layer_operators(shape)}
     attention = times.pop("attention")
     return LayerTimes(attention=attention, other=sum(times.values()))
 
@@ -176,32 +195,18 @@ class MemoPrediction:
     host_bytes: float
 
 
-def predict_memo(
-    alpha: float,
-    s: int,
-    b: int,
-    h: int,
-    a: int,
-    hardware: Any,
-    *,
-    n_layers: int,
-    ffn_hidden: int | None = None,
-    dtype: str = "bf16",
-    sequence_parallel: int = 1,
-) -> MemoPrediction:
+def predict_memo(alpha: float, shape: LayerShape, hardware: Any, *, n_layers: int) -> MemoPrediction:
     """Step time, peak device memory and host memory of MEMO with swap fraction ``alpha`` (see module doc)."""
-    from refimpl.roofline.hardware import dtype_bits, resolve_hardware
+    from refimpl.roofline.hardware import resolve_hardware
 
     alpha = check_float("alpha", alpha, min_value=0.0, max_value=1.0)
     n_layers = check_positive_int("n_layers", n_layers)
     hw = resolve_hardware(hardware)
-    kw = {"ffn_hidden": ffn_hidden, "dtype": dtype, "sequence_parallel": sequence_parallel}
-    times = layer_times(s, b, h, a, hw, **kw)
-    p = sequence_parallel
-    e = dtype_bits(dtype) / 8
+    times = layer_times(shape, hw)
+    e, s_local = shape.bytes_per_value, shape.local_tokens
     # Korthikanti's 34 sbh is for 16-bit activations; scale by e / 2 for other dtypes.
-    act = int(korthikanti_activation_bytes(s // p, b, h, a, flash_attention=True) * e / 2)
-    x_bytes = int(e * (s // p) * b * h)
+    act = int(korthikanti_activation_bytes(s_local, shape.b, shape.h, shape.a, flash_attention=True) * e / 2)
+    x_bytes = int(e * s_local * shape.b * shape.h)
     swap = alpha * act / host_link_bandwidth(hw)
     fwd = max(times.forward, swap)
     bwd = max(times.backward + times.recompute(alpha), swap)
@@ -220,19 +225,7 @@ def predict_memo(
     )
 
 
-def choose_alpha(
-    s: int,
-    b: int,
-    h: int,
-    a: int,
-    hardware: Any,
-    *,
-    n_layers: int,
-    host_capacity: float | None,
-    ffn_hidden: int | None = None,
-    dtype: str = "bf16",
-    sequence_parallel: int = 1,
-) -> float:
+def choose_alpha(shape: LayerShape, hardware: Any, *, n_layers: int, host_capacity: float | None) -> float:
     """The largest ``alpha`` whose swap hides behind the forward pass and fits the host:
     ``min(1, T_f B / A, host_capacity / (A L))`` (``host_capacity`` in bytes per device; ``None``: unlimited)."""
     from refimpl.roofline.hardware import resolve_hardware
@@ -241,9 +234,7 @@ def choose_alpha(
     if host_capacity is not None:
         host_capacity = check_float("host_capacity", host_capacity, min_value=0.0)
     n_layers = check_int("n_layers", n_layers, min_value=1)
-    pred = predict_memo(
-        1.0, s, b, h, a, hw, n_layers=n_layers, ffn_hidden=ffn_hidden, dtype=dtype, sequence_parallel=sequence_parallel
-    )
+    pred = predict_memo(1.0, shape, hw, n_layers=n_layers)
     alpha = min(1.0, pred.times.forward * host_link_bandwidth(hw) / pred.activation_bytes)
     if host_capacity is not None:
         alpha = min(alpha, host_capacity / (pred.activation_bytes * n_layers))

@@ -19,60 +19,28 @@ Submodules load on first use (``import refimpl.parallel`` imports no torch).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from refimpl._lazy import lazy_exports
 
-_EXPORTS = {
-    "launch": ("free_port", "run_processes", "run_tasks"),
-    "model": ("GPTBlock", "TinyGPT", "check_stream", "tiny_config"),
-    "data": ("DataParallel", "make_buckets"),
-    "zero": ("ZeroOptimizer", "partition_parameters", "state_bytes"),
-    "tensor": (
-        "TensorParallelBlock",
-        "check_tensor_parallel",
-        "copy_to_tp",
-        "reduce_from_tp",
-        "shard_block",
-        "tensor_parallel_step",
-    ),
-    "ladder": ("block_branches", "ladder_step", "residual_forward"),
-    "pipeline": (
-        "Action",
-        "Timeline",
-        "bubble_fraction",
-        "check_schedule",
-        "gpipe_schedule",
-        "make_schedule",
-        "measured_bubble",
-        "one_f_one_b_schedule",
-        "pipeline_step",
-        "simulate",
-        "stage_layers",
-    ),
-    "mfu": ("GPT3_175B", "ParallelLayout", "StepTime", "network_bandwidths", "step_time", "training_flops_per_token"),
-    "checkpoint": ("Snapshot", "async_snapshot", "host_copy", "save_durably"),
-    "recovery": ("RecoveryResult", "average_neighbours", "markov_batches", "recovery_experiment"),
-    "experiments": ("run_all",),
-    "zero3": ("FullyShardedUnit",),
-    "train": ("check_tokens", "data_parallel_steps", "train_data_parallel", "train_single", "zero3_steps"),
-}
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBMODULES = tuple(_EXPORTS)
-
-__all__ = sorted(_WHERE) + list(_SUBMODULES)
-
-
-def __getattr__(name: str) -> Any:
-    """Load a submodule, or the submodule defining ``name``, on first access (PEP 562)."""
-    if name in _SUBMODULES:
-        module = importlib.import_module(f"refimpl.parallel.{name}")
-    elif name in _WHERE:
-        module = getattr(importlib.import_module(f"refimpl.parallel.{_WHERE[name]}"), name)
-    else:
-        raise AttributeError(f"module 'refimpl.parallel' has no attribute {name!r}")
-    globals()[name] = module
-    return module
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {  # submodule -> the names it exports (its __all__), as one string each
+        "launch": "free_port run_processes run_tasks",
+        "model": "GPTBlock TinyGPT check_stream tiny_config",
+        "data": "DataParallel make_buckets",
+        "zero": "ZeroOptimizer partition_parameters state_bytes",
+        "tensor": (
+            "TensorParallelBlock check_tensor_parallel copy_to_tp reduce_from_tp shard_block tensor_parallel_step "
+        ),
+        "ladder": "block_branches ladder_step residual_forward",
+        "pipeline": (
+            "Action Timeline bubble_fraction check_schedule gpipe_schedule make_schedule measured_bubble "
+            "one_f_one_b_schedule pipeline_step simulate stage_layers"
+        ),
+        "mfu": "GPT3_175B ParallelLayout StepTime network_bandwidths step_time training_flops_per_token",
+        "checkpoint": "Snapshot async_snapshot host_copy save_durably",
+        "recovery": "RecoveryResult average_neighbours markov_batches recovery_experiment",
+        "experiments": "run_all",
+        "zero3": "FullyShardedUnit",
+        "train": "check_tokens data_parallel_steps train_data_parallel train_single zero3_steps",
+    },
+)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from refimpl._checks import check_choice, check_float
+from refimpl._checks import check_choice, check_float, resolve_named
 from refimpl.roofline.dtypes import DTYPE_BITS, dtype_bits, normalize_dtype
 
 __all__ = [
@@ -233,8 +233,4 @@ def load_hardware(name: str) -> Hardware:
 
 def resolve_hardware(hardware: Hardware | str) -> Hardware:
     """Accept a :class:`Hardware` or a name for :func:`load_hardware`; return the :class:`Hardware`."""
-    if isinstance(hardware, Hardware):
-        return hardware
-    if not isinstance(hardware, str):
-        raise TypeError(f"hardware must be a Hardware or a name, got {type(hardware).__name__}")
-    return load_hardware(hardware)
+    return resolve_named("hardware", hardware, Hardware, load_hardware)
