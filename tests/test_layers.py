@@ -18,7 +18,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "refimpl"
 
 LAYERS: list[set[str]] = [
-    {"refimpl._checks", "refimpl._dtypes", "refimpl.display", "refimpl.interact", "refimpl.recording"}
+    {"refimpl._checks", "refimpl._dtypes", "refimpl._lazy", "refimpl.display", "refimpl.interact", "refimpl.recording"}
     | {"refimpl.model_config"},
     {"refimpl.roofline", "refimpl.llm"},
     {"refimpl.attention", "refimpl.memo", "refimpl.kivi", "refimpl.eviction", "refimpl.moe", "refimpl.quant"}
@@ -28,6 +28,7 @@ LAYERS: list[set[str]] = [
 #: Units of one layer that may import each other (the helpers at the bottom and the registries on top may, in
 #: any order): none of the base layers; a technique may reuse another technique's pieces (eviction stores
 #: tokens with KIVI's quantizer, which is built from the integer grids of ``quant``).
+LAZY, LAZY_EXPORTS = "refimpl._lazy", "lazy_exports"  # the lazy-table mechanism and its function
 SIDEWAYS_OK = {("refimpl.eviction", "refimpl.kivi"), ("refimpl.kivi", "refimpl.quant")}
 
 
@@ -65,6 +66,12 @@ def imports_of(module: str, source: str, known: set[str], is_package: bool) -> s
             for a in node.names:
                 full = f"{base}.{a.name}"
                 out.add(full if full in known else _resolve(base, known))
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == LAZY_EXPORTS:
+            # a package's lazy table (refimpl._lazy): it imports its own submodules, on first use
+            depth = module.count(".") + 1
+            out.update(m for m in known if m.startswith(module + ".") and m.count(".") == depth)
+        elif module == LAZY and isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module":
+            continue  # the mechanism imports what its caller's table names; those imports count as the caller's
         elif (
             isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
         ):
