@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from refimpl.llm.cache import FullCache
 from refimpl.roofline import ModelConfig, Workload, analyze, get_model
+from tests.models import gguf_shapes
 
 
 def matmul_flops(analysis) -> float:
@@ -36,22 +37,7 @@ def smollm2():
     from refimpl.llm.model import Llama
 
     cfg = read_config()
-    d, f, q, kv = cfg.d_model, cfg.ffn_dim, cfg.q_dim, cfg.kv_dim
-    # GGUF's tensor names and (out, in) shapes; from_gguf_tensors lays them out as the model stores them.
-    shapes = {"token_embd.weight": (cfg.vocab_size, d), "output_norm.weight": (d,)}
-    for i in range(cfg.n_layers):
-        p = f"blk.{i}."
-        shapes |= {
-            p + "attn_norm.weight": (d,),
-            p + "attn_q.weight": (q, d),
-            p + "attn_k.weight": (kv, d),
-            p + "attn_v.weight": (kv, d),
-            p + "attn_output.weight": (d, q),
-            p + "ffn_norm.weight": (d,),
-            p + "ffn_gate.weight": (f, d),
-            p + "ffn_up.weight": (f, d),
-            p + "ffn_down.weight": (d, f),
-        }
+    shapes = gguf_shapes(cfg)  # GGUF's names and (out, in) shapes; from_gguf_tensors lays them out
     return Llama.from_gguf_tensors(cfg, {name: torch.zeros(shape) for name, shape in shapes.items()})
 
 

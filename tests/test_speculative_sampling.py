@@ -12,6 +12,7 @@ from refimpl.llm.config import LlamaConfig
 from refimpl.llm.model import Llama
 from refimpl.speculative.decode import speculative_decode
 from refimpl.speculative.draft import LayerSkipDraft, PromptLookupDraft
+from tests.models import gguf_shapes
 
 V = 6
 
@@ -23,21 +24,7 @@ def tiny_llama(seed: int = 0) -> Llama:
         norm_eps=1e-5, max_seq_len=64,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
-    d, f, q, kv = cfg.d_model, cfg.ffn_dim, cfg.q_dim, cfg.kv_dim
-    shapes = {"token_embd.weight": (V, d), "output_norm.weight": (d,)}
-    for i in range(cfg.n_layers):
-        p = f"blk.{i}."
-        shapes |= {
-            p + "attn_norm.weight": (d,),
-            p + "attn_q.weight": (q, d),
-            p + "attn_k.weight": (kv, d),
-            p + "attn_v.weight": (kv, d),
-            p + "attn_output.weight": (d, q),
-            p + "ffn_norm.weight": (d,),
-            p + "ffn_gate.weight": (f, d),
-            p + "ffn_up.weight": (f, d),
-            p + "ffn_down.weight": (d, f),
-        }
+    shapes = gguf_shapes(cfg)
     tensors = {n: torch.randn(s, generator=gen) * (1.0 if len(s) == 1 else 0.6) for n, s in shapes.items()}
     return Llama.from_gguf_tensors(cfg, tensors, unpermute=False).eval()
 

@@ -1,0 +1,25 @@
+"""Models that several test modules build: the GGUF tensor names and shapes of a Llama configuration."""
+
+from __future__ import annotations
+
+from refimpl.llm.config import LlamaConfig
+
+
+def gguf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """GGUF's tensor names and ``(out, in)`` shapes for ``cfg`` (what ``Llama.from_gguf_tensors`` reads)."""
+    d, f, q, kv = cfg.d_model, cfg.ffn_dim, cfg.q_dim, cfg.kv_dim
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (cfg.vocab_size, d), "output_norm.weight": (d,)}
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        shapes |= {
+            p + "attn_norm.weight": (d,),
+            p + "attn_q.weight": (q, d),
+            p + "attn_k.weight": (kv, d),
+            p + "attn_v.weight": (kv, d),
+            p + "attn_output.weight": (d, q),
+            p + "ffn_norm.weight": (d,),
+            p + "ffn_gate.weight": (f, d),
+            p + "ffn_up.weight": (f, d),
+            p + "ffn_down.weight": (d, f),
+        }
+    return shapes
