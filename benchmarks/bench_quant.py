@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from refimpl.llm import load_model  # noqa: E402
+from refimpl.llm import load_model, paired_increase  # noqa: E402
 from refimpl.llm.corpus import eval_ids  # noqa: E402
 from refimpl.quant import experiment as qx  # noqa: E402
 from refimpl.quant.model import quantize_activations, rotate  # noqa: E402
@@ -63,7 +63,7 @@ def main() -> None:
     }
     with torch.inference_mode():
         for name, build in configs.items():
-            inc = qx.paired_increase(qx.slice_nll(build(), rows), base)
+            inc = paired_increase(qx.slice_nll(build(), rows), base)
             print(f"{name}_ppl_increase: {inc.mean:.4f}")
             print(f"{name}_ppl_increase_se: {inc.se:.4f}")
     print(f"w4_bits_per_weight: {w4_bits:.4f}")

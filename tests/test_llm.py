@@ -449,6 +449,10 @@ def test_corpus_slices_are_fixed(llm):
         corpus.eval_ids(5, tok, "test")
     with pytest.raises(ValueError, match="n_tokens must be <= 47419"):
         corpus.eval_ids(50_000, tok, "heldout")
+    rows = corpus.slice_rows(3, 7, tok, "heldout")  # disjoint consecutive windows
+    assert rows.shape == (3, 7) and rows.reshape(-1).tolist() == corpus.eval_ids(21, tok, "heldout").tolist()
+    with pytest.raises(ValueError, match="n_slices"):
+        corpus.slice_rows(0, 7, tok)
 
 
 @needs_model

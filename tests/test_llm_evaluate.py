@@ -170,5 +170,10 @@ def test_several_texts_are_rows_too(model_and_ids):
         assert got.peak_cache_bytes == sum(a.peak_cache_bytes for a in alone)  # both texts grow in step
         decoded = torch.cat([a.nll_per_token[8:] for a in alone])
         assert got.decode_perplexity() == pytest.approx(math.exp(float(decoded.mean())), rel=1e-4)
+        per_slice = torch.stack([a.nll_per_token[8:].mean() for a in alone])  # (S,) decoded NLL of each text
+        torch.testing.assert_close(got.slice_nll(), per_slice, rtol=1e-4, atol=1e-4)
+        assert alone[0].slice_nll(0).shape == (1,)
+        with pytest.raises(ValueError, match=r"start must be in \[0, 19\)"):
+            got.slice_nll(19)
     # different texts: the same cache gives different losses
     assert not torch.allclose(together["full"].nll_per_token[0], together["full"].nll_per_token[1])

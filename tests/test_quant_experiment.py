@@ -8,12 +8,11 @@ import math
 import pytest
 import torch
 
-from refimpl.llm import evaluate_one_shot
+from refimpl.llm import evaluate_one_shot, paired_increase
 from refimpl.quant.experiment import (
     activation_outlier_ratio,
     fp8_weights,
     int_activations,
-    paired_increase,
     quantize_weights,
     quantize_weights_gptq,
     rtn,
@@ -43,6 +42,8 @@ def test_paired_increase() -> None:
     inc = paired_increase(base + torch.log(torch.tensor([1.1, 1.2, 1.3], dtype=torch.float64)), base)
     assert math.isclose(inc.mean, 0.2, rel_tol=1e-9) and math.isclose(inc.se, 0.1 / math.sqrt(3), rel_tol=1e-9)
     assert "+20.00%" in str(inc)
+    assert inc.beyond(2.0) and not inc.beyond(3.5)  # 0.2 is 3.46 standard errors from zero
+    assert not paired_increase(base[:1] + 1, base[:1]).beyond(0.0)  # one slice: no standard error, no ranking
     with pytest.raises(ValueError, match="same slices"):
         paired_increase(base[:2], base)
 

@@ -25,12 +25,21 @@ from refimpl.llm.config import LlamaConfig
 from refimpl.llm.generate import generate, generate_ids
 from refimpl.llm.gguf_file import find_gguf, read_config
 from refimpl.llm.model import Llama, load_model
-from refimpl.llm.perplexity import PerplexityResult, RowCaches, evaluate, evaluate_many, evaluate_one_shot
+from refimpl.llm.perplexity import (
+    Increase,
+    PerplexityResult,
+    RowCaches,
+    evaluate,
+    evaluate_many,
+    evaluate_one_shot,
+    paired_increase,
+)
 from refimpl.llm.tokenizer import Tokenizer
 
 __all__ = [
     "CacheFactory",
     "FullCache",
+    "Increase",
     "KVCache",
     "Llama",
     "LlamaConfig",
@@ -46,5 +55,6 @@ __all__ = [
     "grouped_attention",
     "load_model",
     "make_caches",
+    "paired_increase",
     "read_config",
 ]

@@ -25,7 +25,16 @@ if TYPE_CHECKING:
 
     from refimpl.llm.tokenizer import Tokenizer
 
-__all__ = ["CORPUS_PATH", "CORPUS_SHA256", "SLICES", "eval_ids", "extract_pydoc_topics", "load_text", "n_tokens"]
+__all__ = [
+    "CORPUS_PATH",
+    "CORPUS_SHA256",
+    "SLICES",
+    "eval_ids",
+    "extract_pydoc_topics",
+    "load_text",
+    "n_tokens",
+    "slice_rows",
+]
 
 #: The corpus file, shipped inside the package (a :class:`~importlib.resources.abc.Traversable`).
 CORPUS_PATH = resources.files("refimpl") / "data" / "corpus" / "pydoc_topics.txt"
@@ -94,3 +103,12 @@ def eval_ids(n_tokens: int, tokenizer: Tokenizer, slice: str = "eval") -> Tensor
     if start + n_tokens > len(ids):
         raise ValueError(f"n_tokens must be <= {len(ids) - start} for slice {slice!r}, got {n_tokens}")
     return torch.tensor(ids[start : start + n_tokens], dtype=torch.long)
+
+
+def slice_rows(n_slices: int, n_tokens: int, tokenizer: Tokenizer, slice: str = "eval") -> Tensor:
+    """``n_slices`` disjoint, consecutive windows of ``n_tokens`` ids from the start of ``slice``, as the rows
+    of ``(n_slices, n_tokens)``: the texts of a batched evaluation whose spread gives a standard error. Errors
+    as :func:`eval_ids` for the whole ``n_slices * n_tokens`` span."""
+    n_slices = check_positive_int("n_slices", n_slices)
+    n_tokens = check_positive_int("n_tokens", n_tokens)
+    return eval_ids(n_slices * n_tokens, tokenizer, slice).view(n_slices, n_tokens)

@@ -32,7 +32,17 @@ from refimpl._checks import check_int, check_positive_int, check_tensor
 from refimpl.llm.cache import CacheFactory, FullCache, KVCache, make_caches
 from refimpl.llm.model import AttnFn, Llama
 
-__all__ = ["PerplexityResult", "RowCaches", "evaluate", "evaluate_many", "evaluate_one_shot", "token_ids", "token_nll"]
+__all__ = [
+    "Increase",
+    "PerplexityResult",
+    "RowCaches",
+    "evaluate",
+    "evaluate_many",
+    "evaluate_one_shot",
+    "paired_increase",
+    "token_ids",
+    "token_nll",
+]
 
 _HEAD_CHUNK = 256  # output-head rows at a time: bounds the (chunk, V) logits buffer
 
@@ -77,6 +87,47 @@ class PerplexityResult:
         if not 0 <= start < n:
             raise ValueError(f"start must be in [0, {n}) (a predicted token), got {start}")
         return math.exp(float(self.nll_per_token[..., start:].mean()))
+
+    def slice_nll(self, start: int | None = None) -> Tensor:
+        """Mean NLL per text of the tokens predicted from position ``start`` on (default ``prefill``): ``(S,)``
+        float64 for ``S`` texts evaluated together, ``(1,)`` for one. Feed two configurations' values to
+        :func:`paired_increase`. Raises ``ValueError`` as :meth:`decode_perplexity`."""
+        start = self.prefill if start is None else start
+        n = self.nll_per_token.shape[-1]
+        if not 0 <= start < n:
+            raise ValueError(f"start must be in [0, {n}) (a predicted token), got {start}")
+        return self.nll_per_token.reshape(-1, n)[:, start:].mean(1)
+
+
+@dataclass(frozen=True)
+class Increase:
+    """Relative perplexity increase over a baseline, per slice: mean and its standard error."""
+
+    mean: float
+    se: float
+    per_slice: tuple[float, ...]
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:+.2f}% +- {100 * self.se:.2f}%"
+
+    def beyond(self, k: float = 2.0) -> bool:
+        """Whether the mean is more than ``k`` standard errors from zero: a ranking of the two configurations
+        that is a finding rather than noise (``False`` for one slice, where the standard error is unknown)."""
+        return not math.isnan(self.se) and abs(self.mean) > k * self.se
+
+
+def paired_increase(nll: Tensor, base: Tensor) -> Increase:
+    """``PPL / PPL_base - 1 = exp(nll - nll_base) - 1`` per slice (``nll, base: (S,)``, same slices), with
+    the mean and the standard error ``std / sqrt(S)`` over the ``S`` slices (``se = nan`` for one slice).
+    Pairing by slice removes the slices' own difficulty from the comparison."""
+    check_tensor("nll", nll, ndim=1, floating=True)
+    check_tensor("base", base, ndim=1, floating=True)
+    if nll.shape != base.shape:
+        raise ValueError(f"nll and base must score the same slices, got {tuple(nll.shape)} and {tuple(base.shape)}")
+    check_positive_int("number of slices", nll.shape[0])
+    inc = torch.expm1((nll - base).double())
+    se = float(inc.std() / math.sqrt(inc.shape[0])) if inc.shape[0] > 1 else float("nan")
+    return Increase(float(inc.mean()), se, tuple(inc.tolist()))
 
 
 def token_nll(model: Llama, h: Tensor, targets: Tensor) -> Tensor:

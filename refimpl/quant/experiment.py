@@ -3,20 +3,18 @@
 A *recipe* turns the float model into a quantized one (a new model; the original is untouched) and reports
 the true storage cost: bits per weight of the block linears, scales and zero points included.
 :func:`slice_nll` scores several disjoint corpus slices in one batched forward pass, so a configuration's
-perplexity comes with a standard error over slices (:func:`paired_increase`).
+perplexity comes with a standard error over slices (:func:`~refimpl.llm.perplexity.paired_increase`).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from refimpl._checks import check_positive_int, check_tensor
+from refimpl._checks import check_tensor
 from refimpl.llm.model import Llama
 from refimpl.llm.perplexity import token_nll
 from refimpl.quant.fp8 import quantize_fp8
@@ -25,12 +23,10 @@ from refimpl.quant.integer import IntQuantized, dequantize_int, fake_quantize_in
 from refimpl.quant.model import LINEARS, ActQuant, collect_inputs, linear_weight, map_weights
 
 __all__ = [
-    "Increase",
     "fp8_weights",
     "rtn",
     "activation_outlier_ratio",
     "int_activations",
-    "paired_increase",
     "quantize_weights",
     "quantize_weights_gptq",
     "slice_nll",
@@ -123,31 +119,6 @@ def slice_nll(model: Llama, rows: Tensor) -> Tensor:
     h = model.hidden(rows[:, :-1])  # (S, T, d)
     nll = token_nll(model, h.reshape(-1, h.shape[-1]), rows[:, 1:].reshape(-1))
     return nll.view(s, t1 - 1).mean(1)
-
-
-@dataclass(frozen=True)
-class Increase:
-    """Relative perplexity increase over a baseline, per slice: mean and its standard error."""
-
-    mean: float
-    se: float
-    per_slice: tuple[float, ...]
-
-    def __str__(self) -> str:
-        return f"{100 * self.mean:+.2f}% +- {100 * self.se:.2f}%"
-
-
-def paired_increase(nll: Tensor, base: Tensor) -> Increase:
-    """``PPL / PPL_base - 1 = exp(nll - nll_base) - 1`` per slice (``nll, base: (S,)``, same slices), with
-    the mean and the standard error ``std / sqrt(S)`` over the ``S`` slices (``se = nan`` for one slice)."""
-    check_tensor("nll", nll, ndim=1, floating=True)
-    check_tensor("base", base, ndim=1, floating=True)
-    if nll.shape != base.shape:
-        raise ValueError(f"nll and base must score the same slices, got {tuple(nll.shape)} and {tuple(base.shape)}")
-    check_positive_int("number of slices", nll.shape[0])
-    inc = torch.expm1((nll - base).double())
-    se = float(inc.std() / math.sqrt(inc.shape[0])) if inc.shape[0] > 1 else float("nan")
-    return Increase(float(inc.mean()), se, tuple(inc.tolist()))
 
 
 def activation_outlier_ratio(x: Tensor) -> float:
