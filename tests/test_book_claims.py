@@ -22,6 +22,7 @@ NUMBERS_CLEAN = [
     "chapters/flash_attention.ipynb",
     "chapters/smollm2.ipynb",
     "chapters/memo.ipynb",
+    "chapters/parallel.ipynb",
 ]
 TECHNIQUE_CHAPTERS = ["roofline", "flash_attention", "memo", "kivi", "scissorhands", "moe"]
 
