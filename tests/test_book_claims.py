@@ -23,6 +23,7 @@ NUMBERS_CLEAN = [
     "chapters/smollm2.ipynb",
     "chapters/memo.ipynb",
     "chapters/parallel.ipynb",
+    "chapters/roofline.ipynb",
     "chapters/speculative.ipynb",
 ]
 TECHNIQUE_CHAPTERS = ["roofline", "flash_attention", "memo", "kivi", "scissorhands", "moe"]
