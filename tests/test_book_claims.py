@@ -22,6 +22,7 @@ NUMBERS_CLEAN = [
     "chapters/flash_attention.ipynb",
     "chapters/smollm2.ipynb",
     "chapters/memo.ipynb",
+    "chapters/moe.ipynb",
     "chapters/parallel.ipynb",
     "chapters/roofline.ipynb",
     "chapters/speculative.ipynb",
