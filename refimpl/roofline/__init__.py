@@ -18,9 +18,7 @@ Command line: ``python -m refimpl.roofline --model llama-2-7b --hardware a100-40
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from refimpl._lazy import lazy_exports
 from refimpl.roofline.analyzer import (
     Analysis,
     MemoryFootprint,
@@ -86,13 +84,5 @@ __all__ = [
 ]
 
 
-_LAZY_SUBMODULES = ("measure", "plot")  # measure imports torch and plot matplotlib; load them only when used
-
-
-def __getattr__(name: str) -> Any:
-    """Import ``measure`` or ``plot`` on first attribute access (PEP 562)."""
-    if name in _LAZY_SUBMODULES:
-        module = importlib.import_module(f"refimpl.roofline.{name}")
-        globals()[name] = module
-        return module
-    raise AttributeError(f"module 'refimpl.roofline' has no attribute {name!r}")
+# measure imports torch and plot matplotlib: load them on first attribute access only (PEP 562)
+_, __getattr__, _ = lazy_exports(__name__, {"measure": "", "plot": ""})
