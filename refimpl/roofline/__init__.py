@@ -7,7 +7,8 @@ does, with tested formulas:
 * :mod:`~refimpl.roofline.hardware` - ceilings from datasheets (``refimpl/data/hardware.yaml``) or measured (``"cpu"``);
 * :mod:`~refimpl.roofline.ops` - operators as (FLOPs, bytes read, bytes written), intensity, bound, time;
 * :mod:`~refimpl.roofline.dtypes` - dtype names and storage bits;
-* :mod:`~refimpl.roofline.models` - Llama-2-7B, Llama-3-8B, SmolLM2-135M, Mixtral-8x7B as datasheet entries;
+* :mod:`~refimpl.roofline.models` - Llama-2-7B, Llama-3-8B, Mixtral-8x7B, SmolLM2-135M, TinyLlama-1.1B, GPT-3
+  175B as datasheet entries;
 * :mod:`~refimpl.roofline.analyzer` - a :class:`Workload` (stage, batch, length, precisions) analyzed per
   operator, its memory footprint, the max batch;
 * :mod:`~refimpl.roofline.measure` - streaming read and matmul micro-benchmarks (imports torch; loaded lazily);
