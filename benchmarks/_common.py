@@ -1,4 +1,5 @@
-"""What every benchmark shares: its output format, the CUDA check of the GPU benchmarks, progress on a terminal.
+"""What every benchmark shares: its command line, its output format, the CUDA check of the GPU benchmarks, progress
+on a terminal.
 
 A benchmark prints ``# comment`` lines and ``name: value`` lines to stdout, one number format for all of them
 (:func:`report`). Progress bars (:func:`progress`, tqdm) go to stderr and only when stderr is a terminal, so the
@@ -8,12 +9,25 @@ output a test or a notebook parses stays exactly those lines. The benchmarks imp
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from numbers import Integral, Real
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+def argument_parser(
+    doc: str, quick: str = "tiny sizes (for tests)", *, threads: bool = False
+) -> argparse.ArgumentParser:
+    """The command line every benchmark starts from: its module docstring ``doc`` as the help text and ``--quick``
+    (``quick`` says what it shrinks); with ``threads``, also ``--threads`` (torch intra-op threads, default 1)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    if threads:
+        parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    return parser
 
 
 def format_value(value: Any) -> str:

@@ -22,11 +22,10 @@ the parallel speed-up, so one thread is the fair setting there. Every line after
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
-from _common import report
+from _common import argument_parser, report
 
 from refimpl.attention import flash_attention, naive_attention, peak_memory
 from refimpl.roofline.measure import time_interleaved
@@ -56,10 +55,8 @@ def _fresh_peak(fn: Callable[[], None], *leaves: torch.Tensor) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
+    parser = argument_parser(__doc__, threads=True)
     parser.add_argument("--block", type=int, default=256, help="tile size B_r = B_c of the tiled loop")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both paths")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per path (min is reported)")
     args = parser.parse_args(argv)
     n_time, n_mem, d, repeats = (256, 512, 16, 2) if args.quick else (4096, 8192, 64, 3)

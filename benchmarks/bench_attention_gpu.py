@@ -13,12 +13,11 @@ when no CUDA device exists: the numbers cannot be produced on a CPU.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
-from _common import progress, report, require_cuda
+from _common import argument_parser, progress, report, require_cuda
 
 from refimpl.recording import provenance, write_recording
 
@@ -55,8 +54,7 @@ def _implementations():
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one small size, no recording unless --out")
+    parser = argument_parser(__doc__, "one small size, no recording unless --out")
     parser.add_argument("--out", type=Path, default=None, help=f"recording path (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     require_cuda("bench_attention_gpu", "GPU kernels", "benchmarks/bench_attention.py")

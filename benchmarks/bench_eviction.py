@@ -14,18 +14,14 @@ Scissorhands runs with its defaults (w = 400, r = 10, m = 0.4 B). Every line aft
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from _common import report
+from _common import argument_parser, report
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
+    parser = argument_parser(__doc__, threads=True)
     parser.add_argument("--tokens", type=int, default=None, help="evaluated context (default 1024; quick 80)")
     parser.add_argument("--prefill", type=int, default=None, help="tokens in the prefill (default tokens / 2)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args(argv)
 
     from refimpl.eviction import ScissorhandsCache, SlidingWindowCache

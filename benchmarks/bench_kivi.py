@@ -16,14 +16,13 @@ Usage: ``python benchmarks/bench_kivi.py [--quick] [--decode N] [--prefill N]``.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-from _common import progress, report
+from _common import argument_parser, progress, report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -68,8 +67,7 @@ def ppl_increase(prefill: int, decode: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    parser = argument_parser(__doc__, "tiny sizes (a smoke test)")
     parser.add_argument("--context", type=int, default=None, help="context for the bytes ratio (default 4096)")
     parser.add_argument("--prefill", type=int, default=None, help="prefilled tokens (default 512; quick 40)")
     parser.add_argument("--decode", type=int, default=None, help="decoded tokens (default 512; quick 4)")

@@ -20,12 +20,11 @@ everything measured in the same run.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
 import torch
-from _common import progress, report
+from _common import argument_parser, progress, report
 
 from refimpl.memo import (
     FullOffload,
@@ -51,8 +50,7 @@ def _copy_bandwidth(nbytes: int, repeats: int = 5) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes")
+    parser = argument_parser(__doc__, "tiny sizes", threads=True)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
@@ -61,7 +59,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--tile", type=int, default=64)
     parser.add_argument("--host-fraction", type=float, default=0.5, help="host budget / keep-all activation bytes")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.quick:
         args.layers, args.seq, args.hidden, args.heads, args.tile, args.repeats = 2, 32, 16, 2, 8, 2

@@ -26,13 +26,12 @@ Writes a recording (JSON: device, date, library versions, command, configuration
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from _common import progress, report, require_cuda
+from _common import argument_parser, progress, report, require_cuda
 
 from refimpl.recording import provenance, write_recording
 
@@ -82,8 +81,7 @@ def _step(layers, x0, grad, strategy, device):  # noqa: ANN001, ANN202
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes, no recording unless --out")
+    parser = argument_parser(__doc__, "small sizes, no recording unless --out")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=16)

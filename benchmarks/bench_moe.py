@@ -19,10 +19,8 @@ Every line after the header is ``name: number``. Times are the minimum over ``--
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from _common import report
+from _common import argument_parser, report
 
 from refimpl.moe import (
     apply_capacity,
@@ -39,8 +37,7 @@ from refimpl.roofline.measure import time_interleaved
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
+    parser = argument_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per path (min is reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)

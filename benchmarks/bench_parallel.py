@@ -17,7 +17,7 @@ Every technique is first checked equal to one process (the run stops if it is no
 
 from __future__ import annotations
 
-import argparse
+from _common import argument_parser
 
 from refimpl.parallel.experiments import run_all
 from refimpl.parallel.mfu import GPT3_175B, ParallelLayout, step_time
@@ -27,8 +27,7 @@ MEGASCALE_MFU_REPORTED = 0.552  # Jiang et al. 2024, abstract: 175B model on 12,
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes")
+    parser = argument_parser(__doc__, "tiny sizes")
     args = parser.parse_args(argv)
     d = 32 if args.quick else 128
     config = tiny_config(n_layers=4, d_model=d, n_heads=4, ffn_dim=2 * d, vocab_size=64, max_seq_len=64)

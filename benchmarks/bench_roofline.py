@@ -12,14 +12,13 @@ prediction for ``--hardware``.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from _common import report
+from _common import argument_parser, report
 
 from refimpl.recording import provenance, write_recording
 from refimpl.roofline import Workload, analyze, list_hardware, list_models, measure, measure_hardware
@@ -96,8 +95,7 @@ def decode_sweep(model: str, hardware: str, context: int, max_batch: int, quick:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes")
+    parser = argument_parser(__doc__, "tiny sizes")
     parser.add_argument("--decode-sweep", action="store_true", help="time a decode layer over batch sizes")
     parser.add_argument("--model", default="llama-2-7b", choices=list_models())
     parser.add_argument("--hardware", default="h100-sxm", choices=list_hardware(), help="for the prediction")

@@ -18,20 +18,18 @@ forward costs. Every line after the header is ``name: number``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
+from _common import argument_parser
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
+    parser = argument_parser(__doc__, threads=True)
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens decoded per prompt (default 256)")
     parser.add_argument("--prompts", type=int, default=None, help="number of prompts (default 2)")
     parser.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt (default 128)")
     parser.add_argument("--gamma", type=int, default=4, help="draft length (default 4)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--record", default=None, help="also write the lines as JSON with provenance to this path")
     args = parser.parse_args(argv)
 

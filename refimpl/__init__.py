@@ -31,8 +31,7 @@ them). Imports point down: helpers, then ``roofline`` and ``llm``, then the tech
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from refimpl._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -58,14 +57,7 @@ _SUBMODULES = (
 
 __all__ = ["__version__", *_SUBMODULES]
 
-
-def __getattr__(name: str) -> Any:
-    """Import a submodule on first attribute access (PEP 562), keeping ``import refimpl`` light."""
-    if name in _SUBMODULES:
-        module = importlib.import_module(f"refimpl.{name}")
-        globals()[name] = module
-        return module
-    raise AttributeError(f"module 'refimpl' has no attribute {name!r}")
+_, __getattr__, _ = lazy_exports(__name__, dict.fromkeys(_SUBMODULES, ""))  # imports a submodule on first use
 
 
 def __dir__() -> list[str]:

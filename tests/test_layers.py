@@ -67,9 +67,11 @@ def imports_of(module: str, source: str, known: set[str], is_package: bool) -> s
                 full = f"{base}.{a.name}"
                 out.add(full if full in known else _resolve(base, known))
         elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == LAZY_EXPORTS:
-            # a package's lazy table (refimpl._lazy): it imports its own submodules, on first use
+            # a package's lazy table (refimpl._lazy): it imports its own submodules (never an entry point), on first use
             depth = module.count(".") + 1
-            out.update(m for m in known if m.startswith(module + ".") and m.count(".") == depth)
+            out.update(
+                m for m in known if m.startswith(module + ".") and m.count(".") == depth and not m.endswith(".__main__")
+            )
         elif module == LAZY and isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module":
             continue  # the mechanism imports what its caller's table names; those imports count as the caller's
         elif (

@@ -37,22 +37,31 @@ def naive_attention(q, k, v, q_pos, k_pos, scale):
     return out, w_all
 
 
-@settings(max_examples=30, deadline=None)
-@given(
-    b=st.integers(1, 2),
-    h_kv=st.integers(1, 3),
-    g=st.integers(1, 3),
-    t_q=st.integers(1, 4),
-    t_k=st.integers(1, 6),
-    d=st.sampled_from([1, 4, 8]),
-    per_head=st.booleans(),
-    seed=st.integers(0, 1000),
-)
-def test_grouped_attention_matches_naive(b, h_kv, g, t_q, t_k, d, per_head, seed):
+# Grouped-query attention shapes: batch b, h_kv KV heads of g query heads each, t_q queries, t_k keys, head size d.
+GQA_SHAPES = {
+    "b": st.integers(1, 2),
+    "h_kv": st.integers(1, 3),
+    "g": st.integers(1, 3),
+    "t_q": st.integers(1, 4),
+    "t_k": st.integers(1, 6),
+    "d": st.sampled_from([1, 4, 8]),
+    "seed": st.integers(0, 1000),
+}
+
+
+def random_qkv(b, h_kv, g, t_q, t_k, d, seed):
+    """``q: (b, h_kv g, t_q, d)``, ``k, v: (b, h_kv, t_k, d)`` from a seeded generator, and that generator."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h_kv * g, t_q, d, generator=gen)
     k = torch.randn(b, h_kv, t_k, d, generator=gen)
     v = torch.randn(b, h_kv, t_k, d, generator=gen)
+    return q, k, v, gen
+
+
+@settings(max_examples=30, deadline=None)
+@given(**GQA_SHAPES, per_head=st.booleans())
+def test_grouped_attention_matches_naive(b, h_kv, g, t_q, t_k, d, per_head, seed):
+    q, k, v, gen = random_qkv(b, h_kv, g, t_q, t_k, d, seed)
     # cached tokens at arbitrary (e.g. evicted, unsorted) positions; queries at the latest positions
     if per_head:
         k_pos = torch.randint(0, 10, (b, h_kv, t_k), generator=gen)
@@ -136,21 +145,10 @@ def test_full_cache_attend_equals_causal_attention():
 
 
 @settings(max_examples=30, deadline=None)
-@given(
-    b=st.integers(1, 2),
-    h_kv=st.integers(1, 3),
-    g=st.integers(1, 3),
-    t_q=st.integers(1, 4),
-    t_k=st.integers(1, 6),
-    d=st.sampled_from([1, 4, 8]),
-    seed=st.integers(0, 1000),
-)
+@given(**GQA_SHAPES)
 def test_full_cache_attend_matches_naive(b, h_kv, g, t_q, t_k, d, seed):
     """The fused attention of FullCache against the float64 loop, queries at any positions (some see no key)."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h_kv * g, t_q, d, generator=gen)
-    k = torch.randn(b, h_kv, t_k, d, generator=gen)
-    v = torch.randn(b, h_kv, t_k, d, generator=gen)
+    q, k, v, gen = random_qkv(b, h_kv, g, t_q, t_k, d, seed)
     k_pos = torch.arange(3, 3 + t_k)
     q_pos = torch.randint(0, 3 + t_k + 2, (t_q,), generator=gen)  # below 3: the query sees no key
     cache = FullCache(capacity=2)

@@ -3,11 +3,7 @@ and the benchmark's lines."""
 
 from __future__ import annotations
 
-import importlib.util
-import re
 import socket
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +11,6 @@ import torch.distributed as dist
 from torch.multiprocessing import ProcessRaisedException
 
 from refimpl.parallel import free_port, run_processes, run_tasks, tensor_parallel_step, tiny_config
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _rank_zero_waits_alone() -> None:
@@ -53,13 +47,8 @@ def test_a_lonely_collective_errors_instead_of_hanging() -> None:
 
 
 @pytest.mark.distributed
-def test_bench_parallel_quick_prints_its_lines(capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("bench_parallel", ROOT / "benchmarks" / "bench_parallel.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_parallel"] = module
-    spec.loader.exec_module(module)
-    result = module.main(["--quick"])
-    lines = dict(re.findall(r"^(\w+): (\S+)$", capsys.readouterr().out, flags=re.M))
+def test_bench_parallel_quick_prints_its_lines(run_benchmark) -> None:
+    result, lines = run_benchmark("bench_parallel", ["--quick"])
     expected = {
         "dp_overlap_fraction",
         "pipeline_bubble_measured",

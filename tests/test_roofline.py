@@ -205,7 +205,7 @@ def test_smollm2_datasheet_entry_matches_gguf_metadata():
 
 
 def test_unknown_model_and_bad_config():
-    assert set(DATASHEET_MODELS) | {"smollm2-135m"} == set(list_models())
+    assert set(DATASHEET_MODELS) | {"smollm2-135m", "tinyllama-1.1b", "gpt3-175b"} == set(list_models())
     with pytest.raises(ValueError, match="model must be one of .*llama-2-7b"):
         get_model("gpt-5")
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):

@@ -12,14 +12,7 @@ from refimpl.speculative.draft import LayerSkipDraft, PromptLookupDraft, prompt_
 from refimpl.speculative.tree import TokenTree, verify_tree_greedy
 
 needs_model = pytest.mark.model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,7 @@ def target_joint(model: Llama, prompt: list[int], n: int, temperature: float) ->
     return out
 
 
-def test_sampled_speculative_decoding_matches_target_sampling():
-    torch.set_num_threads(1)
+def test_sampled_speculative_decoding_matches_target_sampling(one_thread):
     model = tiny_llama()
     prompt, n, temperature, runs = [1, 2, 1, 2, 1], 2, 1.0, 1500
     want = target_joint(model, prompt, n, temperature)

@@ -430,6 +430,28 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreting()
 
 
+def _strides(q: Tensor, k: Tensor) -> tuple[int, ...]:
+    """Batch, head and row strides of ``q`` (and ``O, dO, dQ``) and of ``k`` (and ``V, dK, dV``): contiguous."""
+    return (*q.stride()[:3], *k.stride()[:3])
+
+
+def _meta(
+    d: int, bm: int, bn: int, bd: int, causal: bool, dtype: torch.dtype, warps: int, stages: int
+) -> dict[str, object]:
+    """What the forward and both backward kernels are compiled and launched with (see :func:`_config`)."""
+    return {
+        "HEAD_DIM": d,
+        "BLOCK_M": bm,
+        "BLOCK_N": bn,
+        "BLOCK_D": bd,
+        "CAUSAL": causal,
+        "PRECISION": _precision(dtype),
+        "UPCAST": _upcast(dtype),
+        "num_warps": warps,
+        "num_stages": stages,
+    }
+
+
 def _forward(
     q: Tensor,
     k: Tensor,
@@ -449,33 +471,8 @@ def _forward(
     if o.numel() == 0:
         return o, lse.fill_(float("inf"))
     grid = (triton.cdiv(n_q, bm), b * h_q)
-    _attn_fwd[grid](
-        q,
-        k,
-        v,
-        o,
-        lse,
-        scale,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        h_q,
-        group,
-        n_q,
-        n_k,
-        HEAD_DIM=d,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_D=bd,
-        CAUSAL=causal,
-        PRECISION=_precision(q.dtype),
-        UPCAST=_upcast(q.dtype),
-        num_warps=warps,
-        num_stages=stages,
-    )
+    meta = _meta(d, bm, bn, bd, causal, q.dtype, warps, stages)
+    _attn_fwd[grid](q, k, v, o, lse, scale, *_strides(q, k), h_q, group, n_q, n_k, **meta)
     return o, lse
 
 
@@ -502,37 +499,13 @@ def _backward(
     if not interpreting():  # the backward keeps more tiles alive: smaller tiles than the forward
         bm, bn = min(bm, 64), min(bn, 64)
     delta = torch.empty(b, h_q, n_q, dtype=torch.float32, device=q.device)
-    _attn_bwd_preprocess[(triton.cdiv(n_q, bm), b * h_q)](
-        o,
-        do,
-        delta,
-        o.stride(0),
-        o.stride(1),
-        o.stride(2),
-        h_q,
-        n_q,
-        HEAD_DIM=d,
-        BLOCK_M=bm,
-        BLOCK_D=bd,
-    )
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    common = dict(
-        HEAD_DIM=d,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_D=bd,
-        CAUSAL=causal,
-        PRECISION=_precision(q.dtype),
-        UPCAST=_upcast(q.dtype),
-        num_warps=warps,
-        num_stages=stages,
-    )
+    grid_q = (triton.cdiv(n_q, bm), b * h_q)
+    _attn_bwd_preprocess[grid_q](o, do, delta, *o.stride()[:3], h_q, n_q, HEAD_DIM=d, BLOCK_M=bm, BLOCK_D=bd)
+    strides, meta = _strides(q, k), _meta(d, bm, bn, bd, causal, q.dtype, warps, stages)
     _attn_bwd_dkdv[(triton.cdiv(n_k, bn), b * h_kv)](
-        q, k, v, do, lse, delta, dk, dv, scale, *strides, h_q, h_kv, group, n_q, n_k, **common
+        q, k, v, do, lse, delta, dk, dv, scale, *strides, h_q, h_kv, group, n_q, n_k, **meta
     )
-    _attn_bwd_dq[(triton.cdiv(n_q, bm), b * h_q)](
-        q, k, v, do, lse, delta, dq, scale, *strides, h_q, group, n_q, n_k, **common
-    )
+    _attn_bwd_dq[grid_q](q, k, v, do, lse, delta, dq, scale, *strides, h_q, group, n_q, n_k, **meta)
     return dq, dk, dv
 
 

@@ -10,20 +10,15 @@
 Perplexity under these caches: :func:`refimpl.llm.perplexity.evaluate_many` with their factories.
 """
 
-from refimpl.eviction.policies import (
-    EvictionCache,
-    H2OCache,
-    ScissorhandsCache,
-    SlidingWindowCache,
-    StreamingLLMCache,
-    kv_head_attention,
-)
+from __future__ import annotations
 
-__all__ = [
-    "EvictionCache",
-    "H2OCache",
-    "ScissorhandsCache",
-    "SlidingWindowCache",
-    "StreamingLLMCache",
-    "kv_head_attention",
-]
+from refimpl._lazy import lazy_exports
+
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {  # submodule -> the names it exports, as one string each
+        "policies": "EvictionCache H2OCache ScissorhandsCache SlidingWindowCache StreamingLLMCache kv_head_attention",
+        "analysis": "",  # reached as the submodules, nothing re-exported
+        "experiments": "",
+    },
+)

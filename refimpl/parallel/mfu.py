@@ -29,7 +29,7 @@ import yaml
 
 from refimpl._checks import check_float, check_positive_int
 from refimpl.roofline.hardware import HARDWARE_YAML, load_hardware
-from refimpl.roofline.models import ModelConfig, resolve_model
+from refimpl.roofline.models import ModelConfig, get_model, resolve_model
 
 __all__ = [
     "GPT3_175B",
@@ -40,20 +40,9 @@ __all__ = [
     "training_flops_per_token",
 ]
 
-# GPT-3 175B (Brown et al. 2020, Table 2.1: 96 layers, d = 12288, 96 heads of 128, context 2048); its 4d GeLU MLP
-# written as a SwiGLU of width 8d/3, which has the same parameter count and FLOPs.
-GPT3_175B = ModelConfig(
-    name="gpt3-175b",
-    n_layers=96,
-    d_model=12288,
-    n_heads=96,
-    n_kv_heads=96,
-    head_dim=128,
-    ffn_dim=32768,
-    vocab_size=50257,
-    tie_embeddings=True,
-    source="Brown et al. 2020, Table 2.1 (MLP as SwiGLU of width 8d/3: same parameters)",
-)
+#: GPT-3 175B (Brown et al. 2020, Table 2.1), its GeLU MLP written as a SwiGLU with the same parameters: the
+#: ``gpt3-175b`` entry of :func:`refimpl.roofline.get_model`.
+GPT3_175B = get_model("gpt3-175b")
 
 
 def training_flops_per_token(model: ModelConfig | str, seq_len: int) -> float:

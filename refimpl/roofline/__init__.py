@@ -7,7 +7,8 @@ does, with tested formulas:
 * :mod:`~refimpl.roofline.hardware` - ceilings from datasheets (``refimpl/data/hardware.yaml``) or measured (``"cpu"``);
 * :mod:`~refimpl.roofline.ops` - operators as (FLOPs, bytes read, bytes written), intensity, bound, time;
 * :mod:`~refimpl.roofline.dtypes` - dtype names and storage bits;
-* :mod:`~refimpl.roofline.models` - Llama-2-7B, Llama-3-8B, SmolLM2-135M, Mixtral-8x7B as datasheet entries;
+* :mod:`~refimpl.roofline.models` - Llama-2-7B, Llama-3-8B, Mixtral-8x7B, SmolLM2-135M, TinyLlama-1.1B, GPT-3
+  175B as datasheet entries;
 * :mod:`~refimpl.roofline.analyzer` - a :class:`Workload` (stage, batch, length, precisions) analyzed per
   operator, its memory footprint, the max batch;
 * :mod:`~refimpl.roofline.measure` - streaming read and matmul micro-benchmarks (imports torch; loaded lazily);
@@ -18,9 +19,7 @@ Command line: ``python -m refimpl.roofline --model llama-2-7b --hardware a100-40
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from refimpl._lazy import lazy_exports
 from refimpl.roofline.analyzer import (
     Analysis,
     MemoryFootprint,
@@ -86,13 +85,5 @@ __all__ = [
 ]
 
 
-_LAZY_SUBMODULES = ("measure", "plot")  # measure imports torch and plot matplotlib; load them only when used
-
-
-def __getattr__(name: str) -> Any:
-    """Import ``measure`` or ``plot`` on first attribute access (PEP 562)."""
-    if name in _LAZY_SUBMODULES:
-        module = importlib.import_module(f"refimpl.roofline.{name}")
-        globals()[name] = module
-        return module
-    raise AttributeError(f"module 'refimpl.roofline' has no attribute {name!r}")
+# measure imports torch and plot matplotlib: load them on first attribute access only (PEP 562)
+_, __getattr__, _ = lazy_exports(__name__, {"measure": "", "plot": ""})

@@ -1,11 +1,11 @@
 """Transformer configurations the analyzer knows: the shapes that decide FLOPs and bytes.
 
 Each is a :class:`~refimpl.model_config.ModelConfig` (the shape definition shared with the book's LLM), a
-datasheet entry with its source, held in ``refimpl/data/models.yaml``: Llama-2-7B, Llama-3-8B and Mixtral-8x7B
-from their published ``config.json`` files (Hugging Face model cards); SmolLM2-135M from the metadata of the GGUF
-file that the book's LLM chapter loads (a test checks the entry against :func:`refimpl.llm.read_config`). The
-cost model reads no model file: to analyze another model, build its :class:`ModelConfig`
-(``refimpl.llm.read_config`` returns one for a GGUF).
+datasheet entry with its source, held in ``refimpl/data/models.yaml``: Llama-2-7B, Llama-3-8B, Mixtral-8x7B and
+TinyLlama-1.1B from their published ``config.json`` files (Hugging Face model cards); SmolLM2-135M from the metadata
+of the GGUF file that the book's LLM chapter loads (a test checks the entry against :func:`refimpl.llm.read_config`);
+GPT-3 175B from its paper's table, its MLP written as a SwiGLU of the same size. The cost model reads no model
+file: to analyze another model, build its :class:`ModelConfig` (``refimpl.llm.read_config`` returns one for a GGUF).
 """
 
 from __future__ import annotations

@@ -21,18 +21,9 @@ from refimpl.speculative.verify import expected_tokens_per_step
 
 __all__ = ["TINYLLAMA_1B", "best_gamma", "expected_speedup", "predicted_cache_ttft", "roofline_speedup", "verify_time"]
 
-#: A 1B-class draft for Llama-2-7B with the same tokenizer (TinyLlama-1.1B, Zhang et al. 2024).
-TINYLLAMA_1B = ModelConfig(
-    name="tinyllama-1.1b",
-    n_layers=22,
-    d_model=2048,
-    n_heads=32,
-    n_kv_heads=4,
-    head_dim=64,
-    ffn_dim=5632,
-    vocab_size=32000,
-    source="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T config.json (Zhang et al. 2024)",
-)
+#: A 1B-class draft for Llama-2-7B with the same tokenizer (TinyLlama-1.1B, Zhang et al. 2024): the
+#: ``tinyllama-1.1b`` entry of :func:`refimpl.roofline.get_model`.
+TINYLLAMA_1B = get_model("tinyllama-1.1b")
 
 
 def expected_speedup(alpha: float, gamma: int, c: float, v: float = 1.0) -> float:
