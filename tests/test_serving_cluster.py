@@ -40,8 +40,8 @@ class LoggingEngine(Engine):
         self.log.append((self._admitted, sorted(preempted), [r.request_id for r in done]))
         return done
 
-    def _admit(self):
-        admitted = super()._admit()
+    def _admit(self, budget):
+        admitted = super()._admit(budget)
         self._admitted = [r.request_id for r in admitted]
         return admitted
 
