@@ -60,6 +60,7 @@ __all__ = [
     "SimRequest",
     "StepLog",
     "UnitCost",
+    "load_sweep",
     "poisson_workload",
     "policy_sweep",
     "replay",
@@ -323,13 +324,22 @@ class Instance:
 
 @dataclass
 class ClusterResult:
-    """Requests with their timelines, the instances, and the migration count of one :func:`simulate` run."""
+    """Requests with their timelines, the instances, the migration count and the fragmentation of one
+    :func:`simulate` run.
+
+    ``fragmentation``: memory fragmented *across* instances (Sun et al. 2024, sec. 2.3, where free memory is
+    spread over instances while requests queue): the fraction of the cluster's free KV blocks that sit on
+    instances with an empty queue while some other instance queues requests (0 when no queue or every
+    queue is non-empty), averaged over the arrivals; Poisson arrivals see time averages (Wolff 1982), so it is
+    also a time average. Our metric, not the paper's.
+    """
 
     requests: list[SimRequest]
     instances: list[Instance]
     migrations: int
     aborted_migrations: int
     makespan: float
+    fragmentation: float = 0.0
 
     def ttft(self) -> np.ndarray:
         return np.array([r.first_token_time - r.arrival_time for r in self.requests])
@@ -337,21 +347,28 @@ class ClusterResult:
     def latency(self) -> np.ndarray:
         return np.array([r.finish_time - r.arrival_time for r in self.requests])
 
+    def tpot(self) -> np.ndarray:
+        """Time per output token after the first, ``(finish - first token) / (output_len - 1)``, of the
+        requests with more than one output token."""
+        return np.array(
+            [(r.finish_time - r.first_token_time) / (r.output_len - 1) for r in self.requests if r.output_len > 1]
+        )
+
     @property
     def preemptions(self) -> int:
         return sum(i.preemptions for i in self.instances)
 
     def summary(self) -> dict[str, float]:
-        """P50/P99 time to first token and end-to-end latency, preemptions, migrations, throughput (tokens/s)."""
-        ttft, lat = self.ttft(), self.latency()
+        """P50/P99 time to first token, time per output token and end-to-end latency, preemptions, migrations,
+        fragmentation and throughput (tokens/s)."""
+        out = {}
+        for name, x in (("ttft", self.ttft()), ("tpot", self.tpot()), ("latency", self.latency())):
+            out[f"{name}_p50"], out[f"{name}_p99"] = (float(v) for v in np.percentile(x, [50, 99]))
         tokens = sum(r.output_len for r in self.requests)
-        return {
-            "ttft_p50": float(np.percentile(ttft, 50)),
-            "ttft_p99": float(np.percentile(ttft, 99)),
-            "latency_p50": float(np.percentile(lat, 50)),
-            "latency_p99": float(np.percentile(lat, 99)),
+        return out | {
             "preemptions": float(self.preemptions),
             "migrations": float(self.migrations),
+            "fragmentation": self.fragmentation,
             "throughput": tokens / self.makespan,
         }
 
@@ -430,9 +447,12 @@ def simulate(
     migrating: set[int] = set()  # instances sending or receiving a request: one migration each at a time
     remaining = len(reqs)
     now = 0.0
+    arrivals = fragmented = 0
     while events:
         now, _, kind, payload = heapq.heappop(events)
         if kind == "arrival":
+            arrivals += 1
+            fragmented += _stranded(instances)
             if policy == "round_robin":
                 inst = instances[rr % n_instances]
                 rr += 1
@@ -473,7 +493,16 @@ def simulate(
                 kick(dst, now)
             else:
                 aborted += 1
-    return ClusterResult(reqs, instances, migrations, aborted, now)
+    return ClusterResult(reqs, instances, migrations, aborted, now, fragmented / arrivals)
+
+
+def _stranded(instances: list[Instance]) -> float:
+    """The fraction of the cluster's free blocks that sit on instances with an empty queue while another
+    instance's queue is not: memory the queued requests cannot reach without migration (0 if no queue)."""
+    free = sum(i.free_blocks for i in instances)
+    if free == 0 or all(not i.waiting for i in instances) or all(i.waiting for i in instances):
+        return 0.0
+    return sum(i.free_blocks for i in instances if not i.waiting) / free
 
 
 def _queued_demand(inst: Instance) -> int:
@@ -517,6 +546,23 @@ def policy_sweep(
             for k, v in summary.items():
                 out[p].setdefault(k, []).append(v)
     return {p: {k: np.array(v) for k, v in m.items()} for p, m in out.items()}
+
+
+def load_sweep(
+    rates: Sequence[float],
+    seeds: Sequence[int],
+    n_requests: int,
+    n_instances: int,
+    num_blocks: int,
+    cost: LinearCost | UnitCost | None = None,
+    **kwargs: float,
+) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`policy_sweep` at each arrival rate: ``{policy: {metric: (len(rates), len(seeds)) values}}``."""
+    if not rates:
+        raise ValueError("rates must hold at least one arrival rate")
+    cost = RooflineCost() if cost is None else cost
+    per_rate = [policy_sweep(seeds, n_requests, r, n_instances, num_blocks, cost, **kwargs) for r in rates]
+    return {p: {k: np.stack([s[p][k] for s in per_rate]) for k in per_rate[0][p]} for p in POLICIES}
 
 
 def run_timed(engine: Engine) -> list[float]:

@@ -3,13 +3,20 @@
 Requests arrive with a prompt and a token limit (:meth:`Engine.add_request`). Each :meth:`Engine.step` is one
 iteration of the scheduler:
 
-1. **admit**: waiting requests, first come first served, are prefilled (one forward over the prompt each)
-   while the batch has room and the pool has blocks for the prompt plus one block per running sequence (a
-   watermark, so admitting does not immediately force a preemption); prefill emits the first token;
-2. **decode**: every running sequence that was not just prefilled advances by one token, all of them in *one*
-   batched forward with per-sequence positions (``start_pos`` a ``(B,)`` tensor) over the paged cache;
+1. **admit**: waiting requests, first come first served, join the batch while it has room and the pool has
+   blocks for the prompt plus one block per running sequence (a watermark, so admitting does not immediately
+   force a preemption); their blocks are reserved at once;
+2. **one forward**: every running sequence advances in *one* forward over *packed* tokens: one token for
+   each decoding sequence and the whole prompt of each one just admitted (batched prefill), at per-token
+   positions over the paged cache; only the rows that sample a token go through the output head, and a
+   completed prompt emits its first token;
 3. **retire**: sequences that reached their token limit or a stop token free their blocks at once, so a
    waiting request can take their place in the next iteration (continuous batching).
+
+``max_batched_tokens`` (chunked prefill, Sarathi: Agrawal et al. 2024, sec. 4): a budget of tokens per
+forward. Every decode gets its token first ("decode-maximal" batching), and the rest of the budget goes to
+prompt *chunks*, oldest first, so a long prompt is prefilled over several iterations while the others keep
+decoding; ``None`` (the default) prefills whole prompts.
 
 When a decode step needs a block and none is free, the most recently admitted running sequence is
 *preempted by recompute* (Kwon et al. 2023, sec. 4.5): its blocks are freed and it goes back to the front of
@@ -173,8 +180,9 @@ class Engine:
                 work[r] = int(min(self._pending(r), budget))
                 budget -= work[r]
         for r in self._admit(budget):
-            work[r] = int(min(self._pending(r), budget))
-            budget -= work[r]
+            if budget > 0:  # static batching admits a whole batch, whose prompts may take several steps
+                work[r] = int(min(self._pending(r), budget))
+                budget -= work[r]
         decoding = self._reserve_decode_blocks([r for r in self.running if r not in work and self._pending(r) == 1])
         work = {r: n for r, n in work.items() if r in self.running}  # a preempted one computes nothing
         for r in decoding:
@@ -212,10 +220,13 @@ class Engine:
 
     def _admit(self, budget: float) -> list[Request]:
         """Admit waiting requests (first come first served) while the batch has room, the token budget is not
-        spent and the pool has blocks for the whole prompt plus one per running sequence (a watermark, so
-        admitting does not immediately force a preemption); reserves their blocks; returns them."""
-        if self.policy == "static" and self.running:
-            return []
+        spent (continuous batching; static batching fills the whole batch) and the pool has blocks for the whole
+        prompt plus one per running sequence (a watermark, so admitting does not immediately force a
+        preemption); reserves their blocks; returns them."""
+        if self.policy == "static":
+            if self.running:
+                return []
+            budget = float("inf")
         admitted = []
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             req = self.waiting[0]
