@@ -19,7 +19,10 @@ from refimpl.serving.cluster import (
     SimRequest,
     StepLog,
     UnitCost,
+    load_sweep,
+    paired_change,
     poisson_workload,
+    policy_sweep,
     replay,
     run_timed,
     simulate,
@@ -238,3 +241,35 @@ def test_conservation_property(reqs, n_instances, num_blocks, batch, policy):
         assert inst.peak_blocks <= inst.num_blocks and not inst.held and not inst.running and not inst.waiting
     finished = sorted(x for inst in res.instances for s in inst.log for x in s.finished)
     assert finished == list(range(len(trace))), "every request finishes exactly once, on one instance"
+
+
+def test_tpot_and_fragmentation_on_hand_made_cases():
+    # one request alone on one instance with unit steps: first token after step 1, one token per step after
+    res = simulate([SimRequest(0, 0.0, 4, 5)], 1, 8, cost=UnitCost(), block_size=4)
+    assert res.tpot().tolist() == [1.0] and res.ttft().tolist() == [1.0] and res.fragmentation == 0.0
+    # round-robin puts a second long request (8 blocks + 1 per running) behind a half-full instance (8 of 16
+    # blocks free) while the other holds 1 block: the fourth arrival finds 15 of the 23 free blocks stranded
+    reqs = [SimRequest(0, 0.0, 30, 20), SimRequest(1, 0.1, 4, 2), SimRequest(2, 0.2, 30, 2), SimRequest(3, 0.3, 4, 1)]
+    rr = simulate(reqs, 2, 16, policy="round_robin", cost=UnitCost(), block_size=4)
+    ll = simulate(reqs, 2, 16, policy="least_loaded", cost=UnitCost(), block_size=4)
+    assert rr.fragmentation == (15 / 23) / 4 and ll.fragmentation == 0.0, (rr.fragmentation, ll.fragmentation)
+    assert set(rr.summary()) >= {"tpot_p50", "tpot_p99", "fragmentation", "ttft_p99", "preemptions"}
+
+
+def test_load_sweep_stacks_policy_sweeps_and_paired_change():
+    cost = RooflineCost()
+    sweep = load_sweep([20.0, 40.0], [0, 1], 40, 2, 300, cost)
+    for p in POLICIES:
+        assert sweep[p]["ttft_p99"].shape == (2, 2)
+    one = policy_sweep([0, 1], 40, 40.0, 2, 300, cost)
+    for p in POLICIES:
+        np.testing.assert_array_equal(sweep[p]["fragmentation"][1], one[p]["fragmentation"])
+    inc = paired_change(np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 2.0]))
+    assert inc.mean == 0.0 and inc.per_slice == (-0.5, 0.0, 0.5) and abs(inc.se - 0.5 / np.sqrt(3)) < 1e-12
+    assert not inc.beyond() and paired_change(np.array([1.0, 1.1]), np.array([2.0, 2.0])).beyond()
+    with pytest.raises(ValueError, match="base must be positive"):
+        paired_change(np.array([1.0]), np.array([0.0]))
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_change(np.array([1.0, 2.0]), np.array([1.0]))
+    with pytest.raises(ValueError, match="rates"):
+        load_sweep([], [0], 10, 1, 100, cost)

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from refimpl._checks import check_choice, check_float, check_int, check_positive_int
+from refimpl.llm.perplexity import Increase
 
 if TYPE_CHECKING:
     from refimpl.serving.engine import Engine
@@ -61,6 +62,7 @@ __all__ = [
     "StepLog",
     "UnitCost",
     "load_sweep",
+    "paired_change",
     "poisson_workload",
     "policy_sweep",
     "replay",
@@ -328,10 +330,10 @@ class ClusterResult:
     :func:`simulate` run.
 
     ``fragmentation``: memory fragmented *across* instances (Sun et al. 2024, sec. 2.3, where free memory is
-    spread over instances while requests queue): the fraction of the cluster's free KV blocks that sit on
-    instances with an empty queue while some other instance queues requests (0 when no queue or every
-    queue is non-empty), averaged over the arrivals; Poisson arrivals see time averages (Wolff 1982), so it is
-    also a time average. Our metric, not the paper's.
+    spread over instances while requests queue for it): the fraction of the cluster's free KV blocks that sit
+    on other instances while some instance's head-of-line request waits for blocks (0 when none waits),
+    averaged over the arrivals; Poisson arrivals see time averages (Wolff 1982), so it is also a time average.
+    Our metric, not the paper's.
     """
 
     requests: list[SimRequest]
@@ -497,12 +499,15 @@ def simulate(
 
 
 def _stranded(instances: list[Instance]) -> float:
-    """The fraction of the cluster's free blocks that sit on instances with an empty queue while another
-    instance's queue is not: memory the queued requests cannot reach without migration (0 if no queue)."""
+    """The fraction of the cluster's free blocks that sit on instances whose queue is not blocked while another
+    instance's queue is: its head lacks blocks there (as the engine admits: the prompt plus one block per
+    running request). Memory a waiting request cannot reach without migration; 0 if no queue is blocked."""
     free = sum(i.free_blocks for i in instances)
-    if free == 0 or all(not i.waiting for i in instances) or all(i.waiting for i in instances):
+    blocked = [bool(i.waiting) and i.blocks_for(i.waiting[0].context_len) + len(i.running) > i.free_blocks
+               for i in instances]  # fmt: skip
+    if free == 0 or not any(blocked):
         return 0.0
-    return sum(i.free_blocks for i in instances if not i.waiting) / free
+    return sum(i.free_blocks for i, b in zip(instances, blocked, strict=True) if not b) / free
 
 
 def _queued_demand(inst: Instance) -> int:
@@ -563,6 +568,20 @@ def load_sweep(
     cost = RooflineCost() if cost is None else cost
     per_rate = [policy_sweep(seeds, n_requests, r, n_instances, num_blocks, cost, **kwargs) for r in rates]
     return {p: {k: np.stack([s[p][k] for s in per_rate]) for k in per_rate[0][p]} for p in POLICIES}
+
+
+def paired_change(x: np.ndarray, base: np.ndarray) -> Increase:
+    """``x / base - 1`` per seed (``x, base: (S,)``, the same traces), its mean and standard error over the seeds
+    (:class:`refimpl.llm.Increase`; ``beyond(k)``: a ranking beyond ``k`` standard errors). Pairing by seed removes
+    the traces' own difficulty from the comparison."""
+    x, base = np.asarray(x, dtype=float), np.asarray(base, dtype=float)
+    if x.ndim != 1 or x.shape != base.shape or len(x) == 0:
+        raise ValueError(f"x and base must be (S,) values of the same seeds, got {x.shape} and {base.shape}")
+    if np.any(base <= 0):
+        raise ValueError(f"base must be positive, got {base.tolist()}")
+    change = x / base - 1
+    se = float(change.std(ddof=1) / np.sqrt(len(change))) if len(change) > 1 else float("nan")
+    return Increase(float(change.mean()), se, tuple(change.tolist()))
 
 
 def run_timed(engine: Engine) -> list[float]:
