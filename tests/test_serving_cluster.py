@@ -189,6 +189,12 @@ def test_benchmark_quick_prints_numbers(run_benchmark):
     for key in ("migration_p99_vs_round_robin", "migration_ttft_p99_vs_least_loaded", "llumnix_throughput"):
         assert float(values[key]) > 0, key
     assert float(values["round_robin_migrations"]) == 0
+    for key in (
+        "sweep_25_llumnix_fragmentation",
+        "sweep_75_round_robin_tpot_p99",
+        "sweep_75_migration_ttft_p99_vs_round_robin_se",
+    ):
+        assert 0 <= float(values[key]) < 1, key
 
 
 def test_linear_cost_fit_recovers_coefficients():
