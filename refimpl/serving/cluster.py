@@ -141,7 +141,6 @@ class UnitCost:
         return self.migration_time
 
 
-@dataclass
 class LinearCost:
     """A step time linear in the step's work:
 
@@ -150,20 +149,24 @@ class LinearCost:
     (``t_weights`` a fixed cost per step, e.g. reading all weights once; ``t_seq`` per decoded sequence; ``t_kv``
     per cached token read by attention; ``t_prefill`` per prefilled token). A migration moves
     ``kv_tokens * kv_bytes_per_token`` bytes over ``link_bandwidth`` bytes/s. :meth:`fit` estimates the
-    coefficients from measured steps (least squares). Every value must be non-negative (the bandwidth positive).
+    coefficients from measured steps (least squares).
     """
 
-    t_weights: float
-    t_seq: float
-    t_kv: float
-    t_prefill: float
-    kv_bytes_per_token: float = 1.0
-    link_bandwidth: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("t_weights", "t_seq", "t_kv", "t_prefill", "kv_bytes_per_token"):
-            setattr(self, name, check_float(name, getattr(self, name), min_value=0.0))
-        self.link_bandwidth = check_float("link_bandwidth", self.link_bandwidth, min_value=0.0, min_inclusive=False)
+    def __init__(
+        self,
+        t_weights: float,
+        t_seq: float,
+        t_kv: float,
+        t_prefill: float,
+        kv_bytes_per_token: float = 1.0,
+        link_bandwidth: float = 1.0,
+    ) -> None:
+        self.t_weights = check_float("t_weights", t_weights, min_value=0.0)
+        self.t_seq = check_float("t_seq", t_seq, min_value=0.0)
+        self.t_kv = check_float("t_kv", t_kv, min_value=0.0)
+        self.t_prefill = check_float("t_prefill", t_prefill, min_value=0.0)
+        self.kv_bytes_per_token = check_float("kv_bytes_per_token", kv_bytes_per_token, min_value=0.0)
+        self.link_bandwidth = check_float("link_bandwidth", link_bandwidth, min_value=0.0, min_inclusive=False)
 
     @classmethod
     def fit(cls, steps: Sequence[StepLog], seconds: Sequence[float]) -> LinearCost:
