@@ -49,8 +49,10 @@ class LoggingEngine(Engine):
         return admitted
 
 
-def engine_log(model, trace, num_blocks, block_size, batch):
-    eng = LoggingEngine(model, num_blocks=num_blocks, block_size=block_size, max_batch_size=batch)
+def engine_log(model, trace, num_blocks, block_size, batch, budget=None):
+    eng = LoggingEngine(
+        model, num_blocks=num_blocks, block_size=block_size, max_batch_size=batch, max_batched_tokens=budget
+    )
     eng.log = []
     for i, (p, n) in enumerate(trace):
         eng.add_request(i, [(7 * i + j) % TINY.vocab_size for j in range(p)], n)
@@ -59,32 +61,51 @@ def engine_log(model, trace, num_blocks, block_size, batch):
     return eng.log
 
 
-def sim_log(trace, num_blocks, block_size, batch):
+def sim_log(trace, num_blocks, block_size, batch, budget=None):
     reqs = [SimRequest(i, 0.0, p, n) for i, (p, n) in enumerate(trace)]
-    res = simulate(reqs, 1, num_blocks, cost=UnitCost(), block_size=block_size, max_batch_size=batch)
+    res = simulate(
+        reqs, 1, num_blocks, cost=UnitCost(), block_size=block_size, max_batch_size=batch, max_batched_tokens=budget
+    )
     return [(s.admitted, sorted(s.preempted), s.finished) for s in res.instances[0].log], res
 
 
-def test_simulator_matches_engine_with_preemption(tiny):  # noqa: F811
+@pytest.mark.parametrize("budget", [None, 3])
+def test_simulator_matches_engine_with_preemption(tiny, budget):  # noqa: F811
     trace = [(5, 12), (3, 14), (6, 4), (2, 16), (4, 3)]
-    log = engine_log(tiny, trace, num_blocks=7, block_size=4, batch=3)
-    slog, res = sim_log(trace, 7, 4, 3)
+    log = engine_log(tiny, trace, num_blocks=7, block_size=4, batch=3, budget=budget)
+    slog, res = sim_log(trace, 7, 4, 3, budget)
     assert slog == log
     assert sum(len(p) for _, p, _ in log) > 0, "the trace must exercise preemption"
     assert res.makespan == len(log)  # unit steps
 
 
-@settings(max_examples=15, deadline=None)
+def test_chunked_prefill_delays_the_first_token_and_keeps_decodes_going():
+    # a 10-token prompt under a budget of 4, beside a request that decodes one token per step (1 of the 4):
+    # chunks of 3, 3, 3, then its last prompt token goes like a decode token, and its first token comes then
+    reqs = [SimRequest(0, 0.0, 2, 8), SimRequest(1, 0.5, 10, 2)]
+    res = simulate(reqs, 1, 16, cost=UnitCost(), block_size=4, max_batched_tokens=4)
+    log = res.instances[0].log
+    assert [s.prefill_tokens for s in log[:5]] == [2, 3, 3, 3, 0]
+    assert [s.n_decode for s in log[:5]] == [0, 1, 1, 1, 2]
+    assert res.requests[1].first_token_time == 5.0
+    whole = simulate(reqs, 1, 16, cost=UnitCost(), block_size=4)
+    assert whole.requests[1].first_token_time == 2.0
+
+
+@settings(max_examples=30, deadline=None)
 @given(
     trace=st.lists(st.tuples(st.integers(1, 8), st.integers(1, 12)), min_size=1, max_size=6),
     num_blocks=st.integers(6, 12),
     batch=st.integers(1, 4),
+    budget=st.one_of(st.none(), st.integers(1, 10)),
 )
-def test_simulator_matches_engine_property(tiny, trace, num_blocks, batch):  # noqa: F811
+def test_simulator_matches_engine_property(tiny, trace, num_blocks, batch, budget):  # noqa: F811
+    """Whole prompts or chunked prefill under a token budget: the same admissions, preemptions and
+    completions at the same steps."""
     trace = [(p, n) for p, n in trace if -(-(p + n - 1) // 4) <= num_blocks]
     if not trace:
         return
-    assert sim_log(trace, num_blocks, 4, batch)[0] == engine_log(tiny, trace, num_blocks, 4, batch)
+    assert sim_log(trace, num_blocks, 4, batch, budget)[0] == engine_log(tiny, trace, num_blocks, 4, batch, budget)
 
 
 def test_workload_deterministic_and_heavy_tailed():

@@ -218,6 +218,7 @@ class StepLog:
     """What one instance step decided (request ids, in order) and its work (the cost model's inputs)."""
 
     admitted: list[int] = field(default_factory=list)
+    emitted: list[int] = field(default_factory=list)  # got a token: decoded, or its prompt completed
     preempted: list[int] = field(default_factory=list)
     finished: list[int] = field(default_factory=list)
     prefill_tokens: int = 0
@@ -228,18 +229,25 @@ class StepLog:
 class Instance:
     """One serving instance on block counts: the scheduling of :class:`~refimpl.serving.engine.Engine`.
 
-    A running request caches ``context_len - 1`` tokens (its last emitted token is not fed back yet), so it
-    holds ``ceil((context_len - 1) / block_size)`` blocks.
+    A running request holds the blocks of its whole prompt from admission (the engine reserves them) and caches
+    ``cached[id]`` tokens: ``context_len - 1`` once it decodes (its last emitted token is not fed back yet).
+    ``max_batched_tokens``: the engine's chunked-prefill budget (``None``: whole prompts).
     """
 
-    def __init__(self, index: int, num_blocks: int, block_size: int, max_batch_size: int) -> None:
+    def __init__(
+        self, index: int, num_blocks: int, block_size: int, max_batch_size: int, max_batched_tokens: int | None = None
+    ) -> None:
         self.index = index
         self.num_blocks = check_positive_int("num_blocks", num_blocks)
         self.block_size = check_positive_int("block_size", block_size)
         self.max_batch_size = check_positive_int("max_batch_size", max_batch_size)
+        self.max_batched_tokens = (
+            None if max_batched_tokens is None else check_positive_int("max_batched_tokens", max_batched_tokens)
+        )
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
         self.held: dict[int, int] = {}  # request id -> blocks held
+        self.cached: dict[int, int] = {}  # request id -> tokens in its cache
         self.busy = False
         self.preemptions = 0
         self.peak_blocks = 0
@@ -265,34 +273,45 @@ class Instance:
         demand = self.blocks_for(self.waiting[0].context_len) if self.waiting else 0
         return (self.free_blocks - demand) / max(1, len(self.running))
 
+    def pending(self, r: SimRequest) -> int:
+        """Tokens of running ``r`` not cached yet: 1 when it decodes, more while its prompt is prefilled."""
+        return r.context_len - self.cached[r.request_id]
+
     def step(self) -> StepLog:
-        """One iteration (admit, decode, retire) as :meth:`~refimpl.serving.engine.Engine.step`; returns its
-        log, with the prefill tokens, the decoded sequences and the cached tokens they read (for the cost model)."""
+        """One iteration as :meth:`~refimpl.serving.engine.Engine.step` (admit, one forward of decodes and
+        prompt chunks, retire); returns its log, with the prefilled tokens, the decoded sequences and the cached
+        tokens they read (for the cost model)."""
         log = StepLog()
-        prefill_tokens = 0
-        # admit: first come first served while the batch has room and the blocks leave one per running sequence
-        prefilled: list[SimRequest] = []
-        while self.waiting and len(self.running) < self.max_batch_size:
+        budget = self.max_batched_tokens if self.max_batched_tokens is not None else float("inf")
+        budget -= sum(1 for r in self.running if self.pending(r) == 1)  # every decode first
+        work: dict[int, int] = {}  # request id -> prompt tokens it prefills this step
+        for r in self.running:  # part-prefilled prompts go on, oldest first
+            if self.pending(r) > 1 and budget > 0:
+                work[r.request_id] = int(min(self.pending(r), budget))
+                budget -= work[r.request_id]
+        # admit: first come first served while the batch has room, the budget lasts and the blocks of the whole
+        # prompt leave one per running sequence
+        while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             req = self.waiting[0]
             need = self.blocks_for(req.context_len)
             if need + len(self.running) > self.free_blocks:
                 break
             self.waiting.popleft()
-            self.held[req.request_id] = need
-            prefill_tokens += req.context_len  # recompute: prompt and the tokens generated before preemption
+            self.held[req.request_id], self.cached[req.request_id] = need, 0
             self.running.append(req)
-            prefilled.append(req)
             log.admitted.append(req.request_id)
-            req.generated += 1  # prefill emits a token
+            work[req.request_id] = int(min(req.context_len, budget))  # recompute: prompt and earlier output
+            budget -= work[req.request_id]
         self._note_peak()
         # reserve a slot per decoding sequence, preempting the most recently admitted ones
-        decoding = [r for r in self.running if r not in prefilled and not r.finished]
+        decoding = [r for r in self.running if r.request_id not in work and self.pending(r) == 1]
         while decoding:
             need = sum(self._grow_need(r) for r in decoding)
             if need <= self.free_blocks:
                 break
             victim = next(r for r in reversed(self.running) if not r.finished)
-            del self.held[victim.request_id]
+            del self.held[victim.request_id], self.cached[victim.request_id]
+            work.pop(victim.request_id, None)
             self.running.remove(victim)
             victim.preemptions += 1
             self.preemptions += 1
@@ -302,14 +321,23 @@ class Instance:
         kv_tokens = sum(r.context_len - 1 for r in decoding)
         for r in decoding:
             self.held[r.request_id] += self._grow_need(r)
+            self.cached[r.request_id] += 1
             r.generated += 1
+            log.emitted.append(r.request_id)
+        for r in self.running:
+            n = work.get(r.request_id, 0)
+            if n:
+                self.cached[r.request_id] += n
+                if self.cached[r.request_id] == r.context_len:  # the prompt is complete: it emits a token
+                    r.generated += 1
+                    log.emitted.append(r.request_id)
         self._note_peak()
         # retire
         for r in [r for r in self.running if r.finished]:
-            del self.held[r.request_id]
+            del self.held[r.request_id], self.cached[r.request_id]
             log.finished.append(r.request_id)
         self.running = [r for r in self.running if not r.finished]
-        log.prefill_tokens, log.n_decode, log.kv_tokens = prefill_tokens, len(decoding), kv_tokens
+        log.prefill_tokens, log.n_decode, log.kv_tokens = sum(work.values()), len(decoding), kv_tokens
         self.log.append(log)
         return log
 
@@ -387,8 +415,10 @@ def simulate(
     migrate_interval: float = 0.05,
     migrate_low: float = 3.0,
     migrate_high: float = 20.0,
+    max_batched_tokens: int | None = None,
 ) -> ClusterResult:
-    """Serve ``requests`` (copied, not changed) on ``n_instances`` instances of ``num_blocks`` blocks each.
+    """Serve ``requests`` (copied, not changed) on ``n_instances`` instances of ``num_blocks`` blocks each
+    (``max_batched_tokens``: the instances' chunked-prefill budget, as the engine's).
 
     ``policy`` chooses the dispatch (see the module docstring); ``"llumnix"`` also migrates every
     ``migrate_interval`` seconds from instances with freeness below ``migrate_low`` to those above
@@ -399,7 +429,7 @@ def simulate(
     policy = check_choice("policy", policy, POLICIES)
     migrate_interval = check_float("migrate_interval", migrate_interval, min_value=0.0, min_inclusive=False)
     cost = RooflineCost() if cost is None else cost
-    instances = [Instance(i, num_blocks, block_size, max_batch_size) for i in range(n_instances)]
+    instances = [Instance(i, num_blocks, block_size, max_batch_size, max_batched_tokens) for i in range(n_instances)]
     reqs = [SimRequest(r.request_id, r.arrival_time, r.prompt_len, r.output_len) for r in requests]
     if len({r.request_id for r in reqs}) != len(reqs):
         raise ValueError("requests must have distinct request_id values")
@@ -423,7 +453,7 @@ def simulate(
     def start_step(inst: Instance, now: float) -> None:
         log = inst.step()
         end = now + cost.step_time(log.prefill_tokens, log.n_decode, log.kv_tokens)
-        for rid in log.admitted:
+        for rid in log.emitted:
             r = by_id[rid]
             if r.first_token_time is None:
                 r.first_token_time = end
@@ -484,11 +514,12 @@ def simulate(
             migrating -= {src.index, dst.index}
             need = dst.blocks_for(r.context_len - 1)
             fits = len(dst.running) < dst.max_batch_size and need + len(dst.running) + 1 <= dst.free_blocks
-            if r in src.running and not r.finished and fits:
+            if r in src.running and not r.finished and src.pending(r) == 1 and fits:
                 src.running.remove(r)
                 del src.held[r.request_id]
                 dst.running.append(r)
                 dst.held[r.request_id] = need
+                dst.cached[r.request_id] = src.cached.pop(r.request_id)
                 dst._note_peak()
                 r.migrations += 1
                 migrations += 1
@@ -524,7 +555,7 @@ def _pick_migrations(instances: list[Instance], low: float, high: float) -> list
     for src, dst in zip(sources, dests):
         if src is dst:
             break
-        cands = [r for r in src.running if not r.finished]
+        cands = [r for r in src.running if not r.finished and src.pending(r) == 1]  # decoding, not prefilling
         if cands:
             r = min(cands, key=lambda r: (src.held[r.request_id], r.request_id))
             out.append((src, dst, r))
@@ -600,4 +631,4 @@ def replay(engine: Engine, cost: LinearCost | UnitCost) -> ClusterResult:
     trace = [SimRequest(i, 0.0, len(r.prompt), r.max_new_tokens) for i, r in enumerate(engine.requests.values())]
     pool = engine.pool
     return simulate(trace, 1, pool.num_blocks, cost=cost, block_size=pool.block_size,
-                    max_batch_size=engine.max_batch_size)  # fmt: skip
+                    max_batch_size=engine.max_batch_size, max_batched_tokens=engine.max_batched_tokens)  # fmt: skip
