@@ -12,7 +12,8 @@ of ``--budget`` tokens per forward. The three runs are repeated ``--repeats`` ti
 fastest repeat (the least disturbed by the other users of a shared machine); torch runs ``--threads`` threads.
 
 Prints ``name: value`` lines: throughput of each run and the ratio ``continuous_vs_static_throughput``
-(``chunked_vs_continuous_throughput`` and ``chunked_vs_continuous_tpot_p99`` for chunking);
+(``chunked_vs_continuous_throughput``, ``chunked_vs_continuous_tpot_p99`` and ``chunked_vs_continuous_tbt_p99``,
+the P99 time between two tokens of a request, the stall Sarathi bounds, for chunking);
 time to first token and time per output token (p50/p99) of each; ``outputs_identical`` (1 if both policies
 and every request decoded alone give the same tokens); ``paged_memory_waste`` (allocated but unused KV slots
 over allocated slots, averaged over the continuous run's steps) and ``contiguous_memory_waste`` (the same
@@ -61,9 +62,10 @@ def workload(n: int, ids: Sequence[int], seed: int, short: int, long: int) -> li
 
 def serve(
     engine: Engine, reqs: list[tuple[list[int], int]]
-) -> tuple[float, list[float], list[float], float, float, list[float]]:
+) -> tuple[float, list[float], list[float], float, float, list[float], list[float]]:
     """Serve ``reqs`` (all queued at once); returns wall seconds, TTFTs, TPOTs, the step-averaged wasted
-    fraction of KV slots for paging and for contiguous per-request reservation, and each iteration's seconds."""
+    fraction of KV slots for paging and for contiguous per-request reservation, each iteration's seconds, and
+    every time between two tokens of a request (TBT)."""
     for i, (prompt, n_new) in enumerate(reqs):
         engine.add_request(i, prompt, n_new)
     pool = engine.pool
@@ -83,7 +85,8 @@ def serve(
     done = list(engine.requests.values())
     ttft = [r.first_token_time - r.arrival_time for r in done]
     tpot = [(r.finish_time - r.first_token_time) / (len(r.output) - 1) for r in done if len(r.output) > 1]
-    return wall, ttft, tpot, float(np.mean(paged)), float(np.mean(contiguous)), iteration
+    tbt = [float(g) for r in done for g in np.diff(r.token_times)]
+    return wall, ttft, tpot, float(np.mean(paged)), float(np.mean(contiguous)), iteration, tbt
 
 
 def simulator_latency_error(model, reqs, check_reqs, num_blocks: int, args: argparse.Namespace) -> float:
@@ -145,15 +148,17 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
     tokens = sum(n for _, n in reqs)
     values: dict[str, float] = {"requests": len(reqs), "generated_tokens": tokens, "batch": args.batch}
-    for policy, (wall, ttft, tpot, *_) in results.items():
+    for policy, (wall, ttft, tpot, *_, tbt) in results.items():
         values[f"{policy}_tokens_per_s"] = tokens / wall
         values[f"{policy}_ttft_p50_s"] = float(np.percentile(ttft, 50))
         values[f"{policy}_ttft_p99_s"] = float(np.percentile(ttft, 99))
         values[f"{policy}_tpot_p50_s"] = float(np.percentile(tpot, 50))
         values[f"{policy}_tpot_p99_s"] = float(np.percentile(tpot, 99))
+        values[f"{policy}_tbt_p99_s"] = float(np.percentile(tbt, 99))
     values["continuous_vs_static_throughput"] = results["static"][0] / results["continuous"][0]
     values["chunked_vs_continuous_throughput"] = results["continuous"][0] / results["chunked"][0]
     values["chunked_vs_continuous_tpot_p99"] = values["chunked_tpot_p99_s"] / values["continuous_tpot_p99_s"]
+    values["chunked_vs_continuous_tbt_p99"] = values["chunked_tbt_p99_s"] / values["continuous_tbt_p99_s"]
     values["outputs_identical"] = int(identical)
     values["paged_memory_waste"] = results["continuous"][3]
     values["contiguous_memory_waste"] = results["continuous"][4]

@@ -129,6 +129,9 @@ def test_preemption_by_recompute_keeps_outputs(tiny):
     out = engine.run()
     assert engine.preemptions > 0, "the pool was sized to force preemptions"
     assert any(engine.requests[i].preemptions for i in range(3))
+    for r in engine.requests.values():  # one emission time per token, in order, the first one the TTFT's
+        assert len(r.token_times) == len(r.output) and r.token_times == sorted(r.token_times)
+        assert r.token_times[0] == r.first_token_time and r.token_times[-1] <= r.finish_time
     for i, p in enumerate(prompts):
         assert out[i] == alone(tiny, p, 16)
     assert engine.pool.num_free_blocks == 6

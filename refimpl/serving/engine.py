@@ -52,7 +52,8 @@ __all__ = ["Engine", "Request"]
 class Request:
     """One request: its prompt, token limit, the tokens generated so far and its timeline.
 
-    Times are ``time.perf_counter()`` seconds; ``first_token_time - arrival_time`` is the time to first token.
+    Times are ``time.perf_counter()`` seconds; ``first_token_time - arrival_time`` is the time to first token,
+    and the gaps between ``token_times`` are the times between tokens (Sarathi's TBT).
     """
 
     request_id: Hashable
@@ -64,6 +65,7 @@ class Request:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
+    token_times: list[float] = field(default_factory=list)  # when each output token was emitted
 
     @property
     def context_len(self) -> int:
@@ -284,8 +286,10 @@ class Engine:
         return decoding
 
     def _emit(self, req: Request, token: int) -> None:
+        now = time.perf_counter()
         if req.first_token_time is None:
-            req.first_token_time = time.perf_counter()
+            req.first_token_time = now
+        req.token_times.append(now)
         req.output.append(token)
         if token in self.stop_ids or len(req.output) == req.max_new_tokens:
             req.finished = True
