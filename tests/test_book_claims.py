@@ -26,6 +26,7 @@ NUMBERS_CLEAN = [
     "chapters/parallel.ipynb",
     "chapters/roofline.ipynb",
     "chapters/speculative.ipynb",
+    "chapters/serving.ipynb",
 ]
 TECHNIQUE_CHAPTERS = ["roofline", "flash_attention", "memo", "kivi", "scissorhands", "moe"]
 

@@ -19,7 +19,10 @@ from refimpl.serving.cluster import (
     SimRequest,
     StepLog,
     UnitCost,
+    load_sweep,
+    paired_change,
     poisson_workload,
+    policy_sweep,
     replay,
     run_timed,
     simulate,
@@ -40,14 +43,16 @@ class LoggingEngine(Engine):
         self.log.append((self._admitted, sorted(preempted), [r.request_id for r in done]))
         return done
 
-    def _admit(self):
-        admitted = super()._admit()
+    def _admit(self, budget):
+        admitted = super()._admit(budget)
         self._admitted = [r.request_id for r in admitted]
         return admitted
 
 
-def engine_log(model, trace, num_blocks, block_size, batch):
-    eng = LoggingEngine(model, num_blocks=num_blocks, block_size=block_size, max_batch_size=batch)
+def engine_log(model, trace, num_blocks, block_size, batch, budget=None):
+    eng = LoggingEngine(
+        model, num_blocks=num_blocks, block_size=block_size, max_batch_size=batch, max_batched_tokens=budget
+    )
     eng.log = []
     for i, (p, n) in enumerate(trace):
         eng.add_request(i, [(7 * i + j) % TINY.vocab_size for j in range(p)], n)
@@ -56,32 +61,51 @@ def engine_log(model, trace, num_blocks, block_size, batch):
     return eng.log
 
 
-def sim_log(trace, num_blocks, block_size, batch):
+def sim_log(trace, num_blocks, block_size, batch, budget=None):
     reqs = [SimRequest(i, 0.0, p, n) for i, (p, n) in enumerate(trace)]
-    res = simulate(reqs, 1, num_blocks, cost=UnitCost(), block_size=block_size, max_batch_size=batch)
+    res = simulate(
+        reqs, 1, num_blocks, cost=UnitCost(), block_size=block_size, max_batch_size=batch, max_batched_tokens=budget
+    )
     return [(s.admitted, sorted(s.preempted), s.finished) for s in res.instances[0].log], res
 
 
-def test_simulator_matches_engine_with_preemption(tiny):  # noqa: F811
+@pytest.mark.parametrize("budget", [None, 3])
+def test_simulator_matches_engine_with_preemption(tiny, budget):  # noqa: F811
     trace = [(5, 12), (3, 14), (6, 4), (2, 16), (4, 3)]
-    log = engine_log(tiny, trace, num_blocks=7, block_size=4, batch=3)
-    slog, res = sim_log(trace, 7, 4, 3)
+    log = engine_log(tiny, trace, num_blocks=7, block_size=4, batch=3, budget=budget)
+    slog, res = sim_log(trace, 7, 4, 3, budget)
     assert slog == log
     assert sum(len(p) for _, p, _ in log) > 0, "the trace must exercise preemption"
     assert res.makespan == len(log)  # unit steps
 
 
-@settings(max_examples=15, deadline=None)
+def test_chunked_prefill_delays_the_first_token_and_keeps_decodes_going():
+    # a 10-token prompt under a budget of 4, beside a request that decodes one token per step (1 of the 4):
+    # chunks of 3, 3, 3, then its last prompt token goes like a decode token, and its first token comes then
+    reqs = [SimRequest(0, 0.0, 2, 8), SimRequest(1, 0.5, 10, 2)]
+    res = simulate(reqs, 1, 16, cost=UnitCost(), block_size=4, max_batched_tokens=4)
+    log = res.instances[0].log
+    assert [s.prefill_tokens for s in log[:5]] == [2, 3, 3, 3, 0]
+    assert [s.n_decode for s in log[:5]] == [0, 1, 1, 1, 2]
+    assert res.requests[1].first_token_time == 5.0
+    whole = simulate(reqs, 1, 16, cost=UnitCost(), block_size=4)
+    assert whole.requests[1].first_token_time == 2.0
+
+
+@settings(max_examples=30, deadline=None)
 @given(
     trace=st.lists(st.tuples(st.integers(1, 8), st.integers(1, 12)), min_size=1, max_size=6),
     num_blocks=st.integers(6, 12),
     batch=st.integers(1, 4),
+    budget=st.one_of(st.none(), st.integers(1, 10)),
 )
-def test_simulator_matches_engine_property(tiny, trace, num_blocks, batch):  # noqa: F811
+def test_simulator_matches_engine_property(tiny, trace, num_blocks, batch, budget):  # noqa: F811
+    """Whole prompts or chunked prefill under a token budget: the same admissions, preemptions and
+    completions at the same steps."""
     trace = [(p, n) for p, n in trace if -(-(p + n - 1) // 4) <= num_blocks]
     if not trace:
         return
-    assert sim_log(trace, num_blocks, 4, batch)[0] == engine_log(tiny, trace, num_blocks, 4, batch)
+    assert sim_log(trace, num_blocks, 4, batch, budget)[0] == engine_log(tiny, trace, num_blocks, 4, batch, budget)
 
 
 def test_workload_deterministic_and_heavy_tailed():
@@ -186,6 +210,12 @@ def test_benchmark_quick_prints_numbers(run_benchmark):
     for key in ("migration_p99_vs_round_robin", "migration_ttft_p99_vs_least_loaded", "llumnix_throughput"):
         assert float(values[key]) > 0, key
     assert float(values["round_robin_migrations"]) == 0
+    for key in (
+        "sweep_25_llumnix_fragmentation",
+        "sweep_75_round_robin_tpot_p99",
+        "sweep_75_migration_ttft_p99_vs_round_robin_se",
+    ):
+        assert 0 <= float(values[key]) < 1, key
 
 
 def test_linear_cost_fit_recovers_coefficients():
@@ -238,3 +268,35 @@ def test_conservation_property(reqs, n_instances, num_blocks, batch, policy):
         assert inst.peak_blocks <= inst.num_blocks and not inst.held and not inst.running and not inst.waiting
     finished = sorted(x for inst in res.instances for s in inst.log for x in s.finished)
     assert finished == list(range(len(trace))), "every request finishes exactly once, on one instance"
+
+
+def test_tpot_and_fragmentation_on_hand_made_cases():
+    # one request alone on one instance with unit steps: first token after step 1, one token per step after
+    res = simulate([SimRequest(0, 0.0, 4, 5)], 1, 8, cost=UnitCost(), block_size=4)
+    assert res.tpot().tolist() == [1.0] and res.ttft().tolist() == [1.0] and res.fragmentation == 0.0
+    # round-robin puts a second long request (8 blocks + 1 per running) behind a half-full instance (8 of 16
+    # blocks free) while the other holds 1 block: the fourth arrival finds 15 of the 23 free blocks stranded
+    reqs = [SimRequest(0, 0.0, 30, 20), SimRequest(1, 0.1, 4, 2), SimRequest(2, 0.2, 30, 2), SimRequest(3, 0.3, 4, 1)]
+    rr = simulate(reqs, 2, 16, policy="round_robin", cost=UnitCost(), block_size=4)
+    ll = simulate(reqs, 2, 16, policy="least_loaded", cost=UnitCost(), block_size=4)
+    assert rr.fragmentation == (15 / 23) / 4 and ll.fragmentation == 0.0, (rr.fragmentation, ll.fragmentation)
+    assert set(rr.summary()) >= {"tpot_p50", "tpot_p99", "fragmentation", "ttft_p99", "preemptions"}
+
+
+def test_load_sweep_stacks_policy_sweeps_and_paired_change():
+    cost = RooflineCost()
+    sweep = load_sweep([20.0, 40.0], [0, 1], 40, 2, 300, cost)
+    for p in POLICIES:
+        assert sweep[p]["ttft_p99"].shape == (2, 2)
+    one = policy_sweep([0, 1], 40, 40.0, 2, 300, cost)
+    for p in POLICIES:
+        np.testing.assert_array_equal(sweep[p]["fragmentation"][1], one[p]["fragmentation"])
+    inc = paired_change(np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 2.0]))
+    assert inc.mean == 0.0 and inc.per_slice == (-0.5, 0.0, 0.5) and abs(inc.se - 0.5 / np.sqrt(3)) < 1e-12
+    assert not inc.beyond() and paired_change(np.array([1.0, 1.1]), np.array([2.0, 2.0])).beyond()
+    with pytest.raises(ValueError, match="base must be positive"):
+        paired_change(np.array([1.0]), np.array([0.0]))
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_change(np.array([1.0, 2.0]), np.array([1.0]))
+    with pytest.raises(ValueError, match="rates"):
+        load_sweep([], [0], 10, 1, 100, cost)

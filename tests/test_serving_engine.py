@@ -86,7 +86,7 @@ request = st.tuples(
 )
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     reqs=st.lists(request, min_size=1, max_size=6),
     block_size=st.integers(1, 5),
@@ -96,19 +96,22 @@ request = st.tuples(
     stop=st.booleans(),
     prefix=st.lists(st.integers(0, TINY.vocab_size - 1), max_size=8),
     share=st.booleans(),
+    budget=st.one_of(st.none(), st.integers(1, 12)),
 )
 def test_outputs_equal_each_request_decoded_alone(
-    tiny, reqs, block_size, spare_blocks, max_batch, policy, stop, prefix, share
+    tiny, reqs, block_size, spare_blocks, max_batch, policy, stop, prefix, share, budget
 ):
     """Any arrival pattern, batch size and pool size (down to the largest single request, which forces
-    preemptions), prompts with a common prefix, shared or not: each output equals the request decoded alone,
-    and all blocks are free at the end."""
+    preemptions), prompts with a common prefix, shared or not, whole prompts batched into one forward or
+    chunked under a token budget (mixed with decodes in one forward): each output equals the request decoded
+    alone, and all blocks are free at the end."""
     stop_ids = (7,) if stop else ()
     reqs = [(t, prefix + p, n) for t, p, n in reqs]
     largest = max(-(-(len(p) + n - 1) // block_size) for _, p, n in reqs)
     engine = Engine(
-        tiny, largest + spare_blocks, block_size, max_batch, stop_ids=stop_ids, policy=policy, share_prefixes=share
-    )
+        tiny, largest + spare_blocks, block_size, max_batch, stop_ids=stop_ids, policy=policy, share_prefixes=share,
+        max_batched_tokens=budget,
+    )  # fmt: skip
     arrivals = [(t, f"r{i}", p, n) for i, (t, p, n) in enumerate(reqs)]
     got = serve(engine, arrivals)
     for _, rid, prompt, max_new in arrivals:
@@ -126,22 +129,24 @@ def test_preemption_by_recompute_keeps_outputs(tiny):
     out = engine.run()
     assert engine.preemptions > 0, "the pool was sized to force preemptions"
     assert any(engine.requests[i].preemptions for i in range(3))
+    for r in engine.requests.values():  # one emission time per token, in order, the first one the TTFT's
+        assert len(r.token_times) == len(r.output) and r.token_times == sorted(r.token_times)
+        assert r.token_times[0] == r.first_token_time and r.token_times[-1] <= r.finish_time
     for i, p in enumerate(prompts):
         assert out[i] == alone(tiny, p, 16)
     assert engine.pool.num_free_blocks == 6
 
 
 def test_shared_prefixes_save_blocks_and_keep_outputs(tiny):
-    """Four requests with a common 16-token system prompt: with sharing, later requests fork the first one's
-    blocks, the pool's peak use drops, and every output is unchanged."""
+    """Four requests with a common 16-token system prompt, the first a step ahead of the others: with sharing,
+    later requests fork the first one's cached blocks, the pool's peak use drops, and every output is
+    unchanged."""
     system = [(7 * i) % 64 for i in range(16)]
     prompts = [system + [40 + i, 41 + i] for i in range(4)]
     peaks, outs = {}, {}
     for share in (False, True):
         engine = Engine(tiny, num_blocks=40, block_size=4, max_batch_size=4, share_prefixes=share)
-        for i, p in enumerate(prompts):
-            engine.add_request(i, p, 6)
-        outs[share] = engine.run()
+        outs[share] = serve(engine, [(min(i, 1), i, p, 6) for i, p in enumerate(prompts)])
         peaks[share] = engine.peak_blocks
         assert engine.pool.num_free_blocks == 40
         assert (engine.prefix_tokens_shared > 0) == share
@@ -161,6 +166,39 @@ def test_continuous_batching_runs_fewer_steps_than_static(tiny):
         results[policy] = (engine.run(), engine.steps)
     assert results["continuous"][0] == results["static"][0]
     assert results["continuous"][1] < results["static"][1], results
+
+
+def test_one_forward_per_step_and_chunks_within_the_budget(tiny):
+    """Batched prefill: the prompts admitted in a step and the running decodes share one forward; under a token
+    budget (Sarathi's chunked prefill) no forward holds more tokens than the budget, decodes are never
+    starved, and a long prompt is spread over several steps."""
+    calls = []
+    hidden = tiny.hidden
+
+    def counting(ids, *args, **kwargs):
+        calls.append(ids.shape[1])
+        return hidden(ids, *args, **kwargs)
+
+    prompts = [[1 + i, 2, 3, 4, 5, 6, 7, 8, 9, 10][: 3 + 2 * i] for i in range(4)]
+    outs = {}
+    for budget in (None, 4):
+        calls.clear()
+        engine = Engine(tiny, num_blocks=32, block_size=4, max_batch_size=4, max_batched_tokens=budget)
+        tiny.hidden = counting
+        try:
+            for i, p in enumerate(prompts):
+                engine.add_request(i, p, 5)
+            outs[budget] = engine.run()
+        finally:
+            del tiny.hidden
+        assert len(calls) == engine.steps, "one forward per iteration"
+        if budget is None:
+            assert calls[0] == sum(map(len, prompts)), "all four prompts prefilled in the first forward"
+        else:
+            assert max(calls) <= budget and engine.steps > 5 + 1, calls
+    assert outs[None] == outs[4] == {i: alone(tiny, p, 5) for i, p in enumerate(prompts)}
+    with pytest.raises(ValueError, match="max_batched_tokens"):
+        Engine(tiny, 4, max_batched_tokens=0)
 
 
 def test_bad_requests_are_rejected_and_the_batch_is_unaffected(tiny):

@@ -85,6 +85,72 @@ def test_paged_attention_equals_full_cache(lengths, block_size, chunk, seed):
     assert all(pool.allocator.ref_count(b) == 0 for b in range(pool.num_blocks))
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    steps=st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=4), min_size=1, max_size=4),
+    block_size=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_packed_steps_of_unequal_counts_equal_full_cache(steps, block_size, seed):
+    """Steps that add a different number of tokens to each sequence (a prefill chunk beside single decode tokens,
+    0: the sequence sits the step out), packed as one ``(1, N)`` row: every layer's output, per sequence, equals
+    a FullCache of that sequence alone."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    n_seq = max(len(c) for c in steps)
+    total = [sum(c[s] for c in steps if s < len(c)) for s in range(n_seq)]
+    pool = pool_for(sum(-(-n // block_size) for n in total) + 1, block_size)
+    full = {s: [FullCache() for _ in range(LAYERS)] for s in range(n_seq)}
+    for s in full:
+        pool.add_sequence(s)
+    for counts in steps:
+        seqs = [s for s, c in enumerate(counts) if c]
+        if not seqs:
+            continue
+        n = [counts[s] for s in seqs]
+        pool.prepare(seqs, n)
+        starts = [pool.lengths[s] - c for s, c in zip(seqs, n)]
+        pos = torch.cat([torch.arange(a, a + c) for a, c in zip(starts, n)])  # (N,), packed
+        for layer, cache in enumerate(pool.caches()):
+            k, v, q = rnd(1, H_KV, len(pos), D), rnd(1, H_KV, len(pos), D), rnd(1, H_KV * G, len(pos), D)
+            cache.update(k, v, pos)
+            got = cache.attend(q, pos, SCALE)  # (1, H_q, N, D)
+            at = 0
+            for s, a, c in zip(seqs, starts, n):
+                ref = full[s][layer]
+                ref.update(k[..., at : at + c, :], v[..., at : at + c, :], torch.arange(a, a + c))
+                want = ref.attend(q[..., at : at + c, :], torch.arange(a, a + c), SCALE)
+                torch.testing.assert_close(got[..., at : at + c, :], want, rtol=1e-12, atol=1e-12)
+                at += c
+    assert pool.tokens_stored() == sum(total)
+    for s in range(n_seq):
+        pool.free_sequence(s)
+    assert pool.num_free_blocks == pool.num_blocks
+
+
+def test_reserve_allocates_blocks_ahead_and_prepare_uses_them():
+    pool = pool_for(4, 2)
+    pool.add_sequence("a")
+    pool.reserve("a", 5)  # 3 blocks, no token stored
+    assert (pool.num_free_blocks, pool.tokens_stored(), pool.blocks_needed("a", 5)) == (1, 0, 0)
+    pool.prepare(["a"], 3)
+    pool.prepare(["a"], 2)
+    assert (pool.num_free_blocks, pool.lengths["a"]) == (1, 5)
+    with pytest.raises(OutOfBlocksError, match="needs 2 blocks, 1 of 4 are free"):
+        pool.reserve("a", 10)
+    with pytest.raises(ValueError, match="n_tokens"):
+        pool.reserve("a", 4)  # fewer than it holds
+    with pytest.raises(ValueError, match="one count per sequence"):
+        pool.prepare(["a"], [1, 2])
+    with pytest.raises(ValueError, match="n_new"):
+        pool.prepare(["a"], [0])
+    pool.free_sequence("a")
+    assert pool.num_free_blocks == 4
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     ops=st.lists(st.tuples(st.sampled_from(["add", "grow", "fork", "free"]), st.integers(0, 5), st.integers(1, 9))),
@@ -202,9 +268,13 @@ def test_pool_errors():
     pool.prepare(["s"], 1)
     with pytest.raises(RuntimeError, match="call update"):
         cache.keys_values()
-    with pytest.raises(ValueError, match=r"shape \(B, H_kv, n_new, D\)"):
+    with pytest.raises(ValueError, match=r"must be rows \(1, n_new\) \(equal counts only\) or packed \(1, 1\)"):
         cache.update(torch.zeros(2, H_KV, 1, D, dtype=torch.float64), k, torch.tensor([0]))
-    with pytest.raises(ValueError, match="next positions"):
+    with pytest.raises(ValueError, match=r"shape \(B, H_kv=2, T, D=8\)"):
+        cache.update(torch.zeros(1, H_KV + 1, 1, D, dtype=torch.float64), k, torch.tensor([0]))
+    with pytest.raises(ValueError, match="v must have the shape of k"):
+        cache.update(k, torch.zeros(1, H_KV, 2, D, dtype=torch.float64), torch.tensor([0]))
+    with pytest.raises(ValueError, match="new tokens' positions"):
         cache.update(k, k, torch.tensor([3]))
     cache.update(k, k, torch.tensor([0]))
     with pytest.raises(RuntimeError, match="already updated"):

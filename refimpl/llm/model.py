@@ -193,7 +193,7 @@ class Llama(nn.Module):
         return make_caches(factory, self.config.n_layers)
 
     def _check_inputs(
-        self, ids: Tensor, caches: Sequence[KVCache] | None, start_pos: int | Tensor, attn_fn: Any
+        self, ids: Tensor, caches: Sequence[KVCache] | None, start_pos: int | Tensor, attn_fn: Any, packed: bool
     ) -> int | Tensor:
         check_tensor("ids", ids, ndim=2, dtypes=[torch.int64, torch.int32])
         t = ids.shape[1]
@@ -212,7 +212,7 @@ class Llama(nn.Module):
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {bad}")
-        if max_start + t > self.config.max_seq_len:
+        if max_start + t > self.config.max_seq_len and not packed:  # explicit positions are checked themselves
             raise ValueError(
                 f"context of {max_start + t} tokens (start_pos={max_start} + {t}) exceeds the model's "
                 f"max_seq_len={self.config.max_seq_len}"
@@ -234,7 +234,7 @@ class Llama(nn.Module):
         positions: Tensor | None = None,
     ) -> Tensor:
         """Final normalized hidden states ``(B, T, d_model)`` of ``ids: (B, T)`` (see :meth:`forward`)."""
-        start_pos = self._check_inputs(ids, caches, start_pos, attn_fn)
+        start_pos = self._check_inputs(ids, caches, start_pos, attn_fn, packed=positions is not None)
         t = ids.shape[1]
         if positions is not None:  # explicit positions, e.g. a token tree: siblings share a position
             check_tensor("positions", positions, ndim=1, dtypes=[torch.int64])

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from refimpl._checks import check_choice, check_float, check_int, check_positive_int
+from refimpl.llm.perplexity import Increase
 
 if TYPE_CHECKING:
     from refimpl.serving.engine import Engine
@@ -60,6 +61,8 @@ __all__ = [
     "SimRequest",
     "StepLog",
     "UnitCost",
+    "load_sweep",
+    "paired_change",
     "poisson_workload",
     "policy_sweep",
     "replay",
@@ -215,6 +218,7 @@ class StepLog:
     """What one instance step decided (request ids, in order) and its work (the cost model's inputs)."""
 
     admitted: list[int] = field(default_factory=list)
+    emitted: list[int] = field(default_factory=list)  # got a token: decoded, or its prompt completed
     preempted: list[int] = field(default_factory=list)
     finished: list[int] = field(default_factory=list)
     prefill_tokens: int = 0
@@ -225,18 +229,25 @@ class StepLog:
 class Instance:
     """One serving instance on block counts: the scheduling of :class:`~refimpl.serving.engine.Engine`.
 
-    A running request caches ``context_len - 1`` tokens (its last emitted token is not fed back yet), so it
-    holds ``ceil((context_len - 1) / block_size)`` blocks.
+    A running request holds the blocks of its whole prompt from admission (the engine reserves them) and caches
+    ``cached[id]`` tokens: ``context_len - 1`` once it decodes (its last emitted token is not fed back yet).
+    ``max_batched_tokens``: the engine's chunked-prefill budget (``None``: whole prompts).
     """
 
-    def __init__(self, index: int, num_blocks: int, block_size: int, max_batch_size: int) -> None:
+    def __init__(
+        self, index: int, num_blocks: int, block_size: int, max_batch_size: int, max_batched_tokens: int | None = None
+    ) -> None:
         self.index = index
         self.num_blocks = check_positive_int("num_blocks", num_blocks)
         self.block_size = check_positive_int("block_size", block_size)
         self.max_batch_size = check_positive_int("max_batch_size", max_batch_size)
+        self.max_batched_tokens = (
+            None if max_batched_tokens is None else check_positive_int("max_batched_tokens", max_batched_tokens)
+        )
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
         self.held: dict[int, int] = {}  # request id -> blocks held
+        self.cached: dict[int, int] = {}  # request id -> tokens in its cache
         self.busy = False
         self.preemptions = 0
         self.peak_blocks = 0
@@ -262,34 +273,45 @@ class Instance:
         demand = self.blocks_for(self.waiting[0].context_len) if self.waiting else 0
         return (self.free_blocks - demand) / max(1, len(self.running))
 
+    def pending(self, r: SimRequest) -> int:
+        """Tokens of running ``r`` not cached yet: 1 when it decodes, more while its prompt is prefilled."""
+        return r.context_len - self.cached[r.request_id]
+
     def step(self) -> StepLog:
-        """One iteration (admit, decode, retire) as :meth:`~refimpl.serving.engine.Engine.step`; returns its
-        log, with the prefill tokens, the decoded sequences and the cached tokens they read (for the cost model)."""
+        """One iteration as :meth:`~refimpl.serving.engine.Engine.step` (admit, one forward of decodes and
+        prompt chunks, retire); returns its log, with the prefilled tokens, the decoded sequences and the cached
+        tokens they read (for the cost model)."""
         log = StepLog()
-        prefill_tokens = 0
-        # admit: first come first served while the batch has room and the blocks leave one per running sequence
-        prefilled: list[SimRequest] = []
-        while self.waiting and len(self.running) < self.max_batch_size:
+        budget = self.max_batched_tokens if self.max_batched_tokens is not None else float("inf")
+        budget -= sum(1 for r in self.running if self.pending(r) == 1)  # every decode first
+        work: dict[int, int] = {}  # request id -> prompt tokens it prefills this step
+        for r in self.running:  # part-prefilled prompts go on, oldest first
+            if self.pending(r) > 1 and budget > 0:
+                work[r.request_id] = int(min(self.pending(r), budget))
+                budget -= work[r.request_id]
+        # admit: first come first served while the batch has room, the budget lasts and the blocks of the whole
+        # prompt leave one per running sequence
+        while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             req = self.waiting[0]
             need = self.blocks_for(req.context_len)
             if need + len(self.running) > self.free_blocks:
                 break
             self.waiting.popleft()
-            self.held[req.request_id] = need
-            prefill_tokens += req.context_len  # recompute: prompt and the tokens generated before preemption
+            self.held[req.request_id], self.cached[req.request_id] = need, 0
             self.running.append(req)
-            prefilled.append(req)
             log.admitted.append(req.request_id)
-            req.generated += 1  # prefill emits a token
+            work[req.request_id] = int(min(req.context_len, budget))  # recompute: prompt and earlier output
+            budget -= work[req.request_id]
         self._note_peak()
         # reserve a slot per decoding sequence, preempting the most recently admitted ones
-        decoding = [r for r in self.running if r not in prefilled and not r.finished]
+        decoding = [r for r in self.running if r.request_id not in work and self.pending(r) == 1]
         while decoding:
             need = sum(self._grow_need(r) for r in decoding)
             if need <= self.free_blocks:
                 break
             victim = next(r for r in reversed(self.running) if not r.finished)
-            del self.held[victim.request_id]
+            del self.held[victim.request_id], self.cached[victim.request_id]
+            work.pop(victim.request_id, None)
             self.running.remove(victim)
             victim.preemptions += 1
             self.preemptions += 1
@@ -299,14 +321,23 @@ class Instance:
         kv_tokens = sum(r.context_len - 1 for r in decoding)
         for r in decoding:
             self.held[r.request_id] += self._grow_need(r)
+            self.cached[r.request_id] += 1
             r.generated += 1
+            log.emitted.append(r.request_id)
+        for r in self.running:
+            n = work.get(r.request_id, 0)
+            if n:
+                self.cached[r.request_id] += n
+                if self.cached[r.request_id] == r.context_len:  # the prompt is complete: it emits a token
+                    r.generated += 1
+                    log.emitted.append(r.request_id)
         self._note_peak()
         # retire
         for r in [r for r in self.running if r.finished]:
-            del self.held[r.request_id]
+            del self.held[r.request_id], self.cached[r.request_id]
             log.finished.append(r.request_id)
         self.running = [r for r in self.running if not r.finished]
-        log.prefill_tokens, log.n_decode, log.kv_tokens = prefill_tokens, len(decoding), kv_tokens
+        log.prefill_tokens, log.n_decode, log.kv_tokens = sum(work.values()), len(decoding), kv_tokens
         self.log.append(log)
         return log
 
@@ -323,13 +354,22 @@ class Instance:
 
 @dataclass
 class ClusterResult:
-    """Requests with their timelines, the instances, and the migration count of one :func:`simulate` run."""
+    """Requests with their timelines, the instances, the migration count and the fragmentation of one
+    :func:`simulate` run.
+
+    ``fragmentation``: memory fragmented *across* instances (Sun et al. 2024, sec. 2.3, where free memory is
+    spread over instances while requests queue for it): the fraction of the cluster's free KV blocks that sit
+    on other instances while some instance's head-of-line request waits for blocks (0 when none waits),
+    averaged over the arrivals; Poisson arrivals see time averages (Wolff 1982), so it is also a time average.
+    Our metric, not the paper's.
+    """
 
     requests: list[SimRequest]
     instances: list[Instance]
     migrations: int
     aborted_migrations: int
     makespan: float
+    fragmentation: float = 0.0
 
     def ttft(self) -> np.ndarray:
         return np.array([r.first_token_time - r.arrival_time for r in self.requests])
@@ -337,21 +377,28 @@ class ClusterResult:
     def latency(self) -> np.ndarray:
         return np.array([r.finish_time - r.arrival_time for r in self.requests])
 
+    def tpot(self) -> np.ndarray:
+        """Time per output token after the first, ``(finish - first token) / (output_len - 1)``, of the
+        requests with more than one output token."""
+        return np.array(
+            [(r.finish_time - r.first_token_time) / (r.output_len - 1) for r in self.requests if r.output_len > 1]
+        )
+
     @property
     def preemptions(self) -> int:
         return sum(i.preemptions for i in self.instances)
 
     def summary(self) -> dict[str, float]:
-        """P50/P99 time to first token and end-to-end latency, preemptions, migrations, throughput (tokens/s)."""
-        ttft, lat = self.ttft(), self.latency()
+        """P50/P99 time to first token, time per output token and end-to-end latency, preemptions, migrations,
+        fragmentation and throughput (tokens/s)."""
+        out = {}
+        for name, x in (("ttft", self.ttft()), ("tpot", self.tpot()), ("latency", self.latency())):
+            out[f"{name}_p50"], out[f"{name}_p99"] = (float(v) for v in np.percentile(x, [50, 99]))
         tokens = sum(r.output_len for r in self.requests)
-        return {
-            "ttft_p50": float(np.percentile(ttft, 50)),
-            "ttft_p99": float(np.percentile(ttft, 99)),
-            "latency_p50": float(np.percentile(lat, 50)),
-            "latency_p99": float(np.percentile(lat, 99)),
+        return out | {
             "preemptions": float(self.preemptions),
             "migrations": float(self.migrations),
+            "fragmentation": self.fragmentation,
             "throughput": tokens / self.makespan,
         }
 
@@ -368,8 +415,10 @@ def simulate(
     migrate_interval: float = 0.05,
     migrate_low: float = 3.0,
     migrate_high: float = 20.0,
+    max_batched_tokens: int | None = None,
 ) -> ClusterResult:
-    """Serve ``requests`` (copied, not changed) on ``n_instances`` instances of ``num_blocks`` blocks each.
+    """Serve ``requests`` (copied, not changed) on ``n_instances`` instances of ``num_blocks`` blocks each
+    (``max_batched_tokens``: the instances' chunked-prefill budget, as the engine's).
 
     ``policy`` chooses the dispatch (see the module docstring); ``"llumnix"`` also migrates every
     ``migrate_interval`` seconds from instances with freeness below ``migrate_low`` to those above
@@ -380,7 +429,7 @@ def simulate(
     policy = check_choice("policy", policy, POLICIES)
     migrate_interval = check_float("migrate_interval", migrate_interval, min_value=0.0, min_inclusive=False)
     cost = RooflineCost() if cost is None else cost
-    instances = [Instance(i, num_blocks, block_size, max_batch_size) for i in range(n_instances)]
+    instances = [Instance(i, num_blocks, block_size, max_batch_size, max_batched_tokens) for i in range(n_instances)]
     reqs = [SimRequest(r.request_id, r.arrival_time, r.prompt_len, r.output_len) for r in requests]
     if len({r.request_id for r in reqs}) != len(reqs):
         raise ValueError("requests must have distinct request_id values")
@@ -404,7 +453,7 @@ def simulate(
     def start_step(inst: Instance, now: float) -> None:
         log = inst.step()
         end = now + cost.step_time(log.prefill_tokens, log.n_decode, log.kv_tokens)
-        for rid in log.admitted:
+        for rid in log.emitted:
             r = by_id[rid]
             if r.first_token_time is None:
                 r.first_token_time = end
@@ -430,9 +479,12 @@ def simulate(
     migrating: set[int] = set()  # instances sending or receiving a request: one migration each at a time
     remaining = len(reqs)
     now = 0.0
+    arrivals = fragmented = 0
     while events:
         now, _, kind, payload = heapq.heappop(events)
         if kind == "arrival":
+            arrivals += 1
+            fragmented += _stranded(instances)
             if policy == "round_robin":
                 inst = instances[rr % n_instances]
                 rr += 1
@@ -462,18 +514,31 @@ def simulate(
             migrating -= {src.index, dst.index}
             need = dst.blocks_for(r.context_len - 1)
             fits = len(dst.running) < dst.max_batch_size and need + len(dst.running) + 1 <= dst.free_blocks
-            if r in src.running and not r.finished and fits:
+            if r in src.running and not r.finished and src.pending(r) == 1 and fits:
                 src.running.remove(r)
                 del src.held[r.request_id]
                 dst.running.append(r)
                 dst.held[r.request_id] = need
+                dst.cached[r.request_id] = src.cached.pop(r.request_id)
                 dst._note_peak()
                 r.migrations += 1
                 migrations += 1
                 kick(dst, now)
             else:
                 aborted += 1
-    return ClusterResult(reqs, instances, migrations, aborted, now)
+    return ClusterResult(reqs, instances, migrations, aborted, now, fragmented / arrivals)
+
+
+def _stranded(instances: list[Instance]) -> float:
+    """The fraction of the cluster's free blocks that sit on instances whose queue is not blocked while another
+    instance's queue is: its head lacks blocks there (as the engine admits: the prompt plus one block per
+    running request). Memory a waiting request cannot reach without migration; 0 if no queue is blocked."""
+    free = sum(i.free_blocks for i in instances)
+    blocked = [bool(i.waiting) and i.blocks_for(i.waiting[0].context_len) + len(i.running) > i.free_blocks
+               for i in instances]  # fmt: skip
+    if free == 0 or not any(blocked):
+        return 0.0
+    return sum(i.free_blocks for i, b in zip(instances, blocked, strict=True) if not b) / free
 
 
 def _queued_demand(inst: Instance) -> int:
@@ -490,7 +555,7 @@ def _pick_migrations(instances: list[Instance], low: float, high: float) -> list
     for src, dst in zip(sources, dests):
         if src is dst:
             break
-        cands = [r for r in src.running if not r.finished]
+        cands = [r for r in src.running if not r.finished and src.pending(r) == 1]  # decoding, not prefilling
         if cands:
             r = min(cands, key=lambda r: (src.held[r.request_id], r.request_id))
             out.append((src, dst, r))
@@ -519,6 +584,37 @@ def policy_sweep(
     return {p: {k: np.array(v) for k, v in m.items()} for p, m in out.items()}
 
 
+def load_sweep(
+    rates: Sequence[float],
+    seeds: Sequence[int],
+    n_requests: int,
+    n_instances: int,
+    num_blocks: int,
+    cost: LinearCost | UnitCost | None = None,
+    **kwargs: float,
+) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`policy_sweep` at each arrival rate: ``{policy: {metric: (len(rates), len(seeds)) values}}``."""
+    if not rates:
+        raise ValueError("rates must hold at least one arrival rate")
+    cost = RooflineCost() if cost is None else cost
+    per_rate = [policy_sweep(seeds, n_requests, r, n_instances, num_blocks, cost, **kwargs) for r in rates]
+    return {p: {k: np.stack([s[p][k] for s in per_rate]) for k in per_rate[0][p]} for p in POLICIES}
+
+
+def paired_change(x: np.ndarray, base: np.ndarray) -> Increase:
+    """``x / base - 1`` per seed (``x, base: (S,)``, the same traces), its mean and standard error over the seeds
+    (:class:`refimpl.llm.Increase`; ``beyond(k)``: a ranking beyond ``k`` standard errors). Pairing by seed removes
+    the traces' own difficulty from the comparison."""
+    x, base = np.asarray(x, dtype=float), np.asarray(base, dtype=float)
+    if x.ndim != 1 or x.shape != base.shape or len(x) == 0:
+        raise ValueError(f"x and base must be (S,) values of the same seeds, got {x.shape} and {base.shape}")
+    if np.any(base <= 0):
+        raise ValueError(f"base must be positive, got {base.tolist()}")
+    change = x / base - 1
+    se = float(change.std(ddof=1) / np.sqrt(len(change))) if len(change) > 1 else float("nan")
+    return Increase(float(change.mean()), se, tuple(change.tolist()))
+
+
 def run_timed(engine: Engine) -> list[float]:
     """Step ``engine`` until every request has finished; returns each iteration's wall seconds."""
     seconds = []
@@ -535,4 +631,4 @@ def replay(engine: Engine, cost: LinearCost | UnitCost) -> ClusterResult:
     trace = [SimRequest(i, 0.0, len(r.prompt), r.max_new_tokens) for i, r in enumerate(engine.requests.values())]
     pool = engine.pool
     return simulate(trace, 1, pool.num_blocks, cost=cost, block_size=pool.block_size,
-                    max_batch_size=engine.max_batch_size)  # fmt: skip
+                    max_batch_size=engine.max_batch_size, max_batched_tokens=engine.max_batched_tokens)  # fmt: skip

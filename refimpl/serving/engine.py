@@ -3,13 +3,20 @@
 Requests arrive with a prompt and a token limit (:meth:`Engine.add_request`). Each :meth:`Engine.step` is one
 iteration of the scheduler:
 
-1. **admit**: waiting requests, first come first served, are prefilled (one forward over the prompt each)
-   while the batch has room and the pool has blocks for the prompt plus one block per running sequence (a
-   watermark, so admitting does not immediately force a preemption); prefill emits the first token;
-2. **decode**: every running sequence that was not just prefilled advances by one token, all of them in *one*
-   batched forward with per-sequence positions (``start_pos`` a ``(B,)`` tensor) over the paged cache;
+1. **admit**: waiting requests, first come first served, join the batch while it has room and the pool has
+   blocks for the prompt plus one block per running sequence (a watermark, so admitting does not immediately
+   force a preemption); their blocks are reserved at once;
+2. **one forward**: every running sequence advances in *one* forward over *packed* tokens: one token for
+   each decoding sequence and the whole prompt of each one just admitted (batched prefill), at per-token
+   positions over the paged cache; only the rows that sample a token go through the output head, and a
+   completed prompt emits its first token;
 3. **retire**: sequences that reached their token limit or a stop token free their blocks at once, so a
    waiting request can take their place in the next iteration (continuous batching).
+
+``max_batched_tokens`` (chunked prefill, Sarathi: Agrawal et al. 2024, sec. 4): a budget of tokens per
+forward. Every decode gets its token first ("decode-maximal" batching), and the rest of the budget goes to
+prompt *chunks*, oldest first, so a long prompt is prefilled over several iterations while the others keep
+decoding; ``None`` (the default) prefills whole prompts.
 
 When a decode step needs a block and none is free, the most recently admitted running sequence is
 *preempted by recompute* (Kwon et al. 2023, sec. 4.5): its blocks are freed and it goes back to the front of
@@ -45,7 +52,8 @@ __all__ = ["Engine", "Request"]
 class Request:
     """One request: its prompt, token limit, the tokens generated so far and its timeline.
 
-    Times are ``time.perf_counter()`` seconds; ``first_token_time - arrival_time`` is the time to first token.
+    Times are ``time.perf_counter()`` seconds; ``first_token_time - arrival_time`` is the time to first token,
+    and the gaps between ``token_times`` are the times between tokens (Sarathi's TBT).
     """
 
     request_id: Hashable
@@ -57,6 +65,7 @@ class Request:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
+    token_times: list[float] = field(default_factory=list)  # when each output token was emitted
 
     @property
     def context_len(self) -> int:
@@ -83,6 +92,7 @@ class Engine:
         stop_ids: Sequence[int] = (),
         policy: str = "continuous",
         share_prefixes: bool = False,
+        max_batched_tokens: int | None = None,
     ) -> None:
         c = model.config
         self.model = model
@@ -90,6 +100,9 @@ class Engine:
         self.policy = check_choice("policy", policy, ("continuous", "static"))
         self.stop_ids = frozenset(int(i) for i in stop_ids)
         self.share_prefixes = bool(share_prefixes)
+        self.max_batched_tokens = (
+            None if max_batched_tokens is None else check_positive_int("max_batched_tokens", max_batched_tokens)
+        )
         self.prefix_tokens_shared = 0  # prompt tokens not prefilled because a running sequence had them
         self.pool = PagedKVPool(c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim, dtype=model.head.dtype)
         self.caches = self.pool.caches()
@@ -155,19 +168,42 @@ class Engine:
     # ------------------------------------------------------------------------------------------ one iteration
 
     def step(self) -> list[Request]:
-        """One scheduler iteration (admit, decode, retire); returns the requests that finished in it."""
+        """One scheduler iteration (admit, one forward, retire); returns the requests that finished in it.
+
+        The iteration's work is one forward over *packed* tokens: one token per decoding sequence, and the
+        prompt (or, under a token budget, the next chunk) of each sequence still in prefill."""
         self.steps += 1
-        prefilled = self._admit()
-        decoding = [r for r in self.running if r not in prefilled and not r.finished]
-        decoding = self._reserve_decode_blocks(decoding)
-        if decoding:
-            ids = torch.tensor([[r.output[-1]] for r in decoding])  # (B, 1): each row's last token
-            start = torch.tensor([r.context_len - 1 for r in decoding])  # (B,): its position
-            self.pool.prepare([r.request_id for r in decoding], 1)
+        budget = self.max_batched_tokens if self.max_batched_tokens is not None else float("inf")
+        # decode-maximal batching (Agrawal et al. 2024, sec. 4.3): every decode first, then prefill chunks
+        budget -= sum(1 for r in self.running if self._pending(r) == 1)
+        work: dict[Request, int] = {}  # request -> tokens it computes this step (prefill chunks so far)
+        for r in self.running:  # prompts left part-prefilled by the budget go on, oldest first
+            if self._pending(r) > 1 and budget > 0:
+                work[r] = int(min(self._pending(r), budget))
+                budget -= work[r]
+        for r in self._admit(budget):
+            if budget > 0:  # static batching admits a whole batch, whose prompts may take several steps
+                work[r] = int(min(self._pending(r), budget))
+                budget -= work[r]
+        decoding = self._reserve_decode_blocks([r for r in self.running if r not in work and self._pending(r) == 1])
+        work = {r: n for r, n in work.items() if r in self.running}  # a preempted one computes nothing
+        for r in decoding:
+            work[r] = 1
+        if work:
+            batch = [r for r in self.running if r in work]  # admission order
+            counts = [work[r] for r in batch]
+            self.pool.prepare([r.request_id for r in batch], counts)
             self._note_peak()
-            logits = self.model(ids, self.caches, start_pos=start)[:, -1]  # (B, V)
-            for r, token in zip(decoding, logits.argmax(-1).tolist(), strict=True):
-                self._emit(r, token)
+            starts = [self.pool.lengths[r.request_id] - n for r, n in zip(batch, counts, strict=True)]
+            tokens = [t for r, a, n in zip(batch, starts, counts, strict=True) for t in self._tokens(r)[a : a + n]]
+            positions = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, counts, strict=True)])  # (N,)
+            h = self.model.hidden(torch.tensor([tokens]), self.caches, positions=positions)[0]  # (N, d)
+            ends = torch.tensor(counts).cumsum(0) - 1  # (S,): each sequence's last token in the packed row
+            emit = [i for i, r in enumerate(batch) if starts[i] + counts[i] == r.context_len]  # prompt complete
+            if emit:
+                logits = self.model.logits(h[ends[emit]])  # (E, V): only the rows that sample a token
+                for i, token in zip(emit, logits.argmax(-1).tolist(), strict=True):
+                    self._emit(batch[i], token)
         done = [r for r in self.running if r.finished]
         for r in done:
             self.pool.free_sequence(r.request_id)
@@ -175,17 +211,31 @@ class Engine:
         self.running = [r for r in self.running if not r.finished]
         return done
 
-    def _admit(self) -> list[Request]:
-        """Prefill waiting requests (first come first served) while there is room; returns them."""
-        if self.policy == "static" and self.running:
-            return []
+    def _tokens(self, req: Request) -> list[int]:
+        """The request's tokens so far: prompt and output (a preempted request recomputes what it generated)."""
+        return req.prompt + req.output
+
+    def _pending(self, req: Request) -> int:
+        """Tokens of a running request not in the cache yet: 1 when it decodes, more while its prompt is
+        prefilled."""
+        return req.context_len - self.pool.lengths[req.request_id]
+
+    def _admit(self, budget: float) -> list[Request]:
+        """Admit waiting requests (first come first served) while the batch has room, the token budget is not
+        spent (continuous batching; static batching fills the whole batch) and the pool has blocks for the whole
+        prompt plus one per running sequence (a watermark, so admitting does not immediately force a
+        preemption); reserves their blocks; returns them."""
+        if self.policy == "static":
+            if self.running:
+                return []
+            budget = float("inf")
         admitted = []
-        while self.waiting and len(self.running) < self.max_batch_size:
+        while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             req = self.waiting[0]
-            tokens = req.prompt + req.output  # a preempted request recomputes what it generated
+            tokens = self._tokens(req)
             parent, shared = self._longest_prefix(tokens)
             need = -(-len(tokens) // self.pool.block_size) - shared // self.pool.block_size  # upper bound
-            if need + len(self.running) > self.pool.num_free_blocks:  # keep a block per running sequence
+            if need + len(self.running) > self.pool.num_free_blocks:
                 break
             self.waiting.popleft()
             if parent is None:
@@ -193,13 +243,11 @@ class Engine:
             else:
                 self.pool.fork(parent.request_id, req.request_id, shared)
                 self.prefix_tokens_shared += shared
-            self.pool.prepare([req.request_id], len(tokens) - shared)
+            self.pool.reserve(req.request_id, len(tokens))
             self._note_peak()
-            rest = torch.tensor([tokens[shared:]])  # (1, T - shared): the tokens no running sequence has
-            logits = self.model(rest, self.caches, start_pos=shared)[0, -1]  # (V,)
             self.running.append(req)
             admitted.append(req)
-            self._emit(req, int(logits.argmax()))
+            budget -= min(len(tokens) - shared, budget)
         return admitted
 
     def _longest_prefix(self, tokens: list[int]) -> tuple[Request | None, int]:
@@ -209,7 +257,8 @@ class Engine:
         if not self.share_prefixes:
             return best, best_len
         for r in self.running:
-            cached = r.prompt + r.output[:-1]  # the last emitted token is not in the cache yet
+            cached = self._tokens(r)[: self.pool.lengths[r.request_id]]  # not the last emitted token, nor a
+            # prompt still to prefill (a request admitted in this step has nothing cached yet)
             n = 0
             limit = min(len(cached), len(tokens) - 1)
             while n < limit and cached[n] == tokens[n]:
@@ -237,8 +286,10 @@ class Engine:
         return decoding
 
     def _emit(self, req: Request, token: int) -> None:
+        now = time.perf_counter()
         if req.first_token_time is None:
-            req.first_token_time = time.perf_counter()
+            req.first_token_time = now
+        req.token_times.append(now)
         req.output.append(token)
         if token in self.stop_ids or len(req.output) == req.max_new_tokens:
             req.finished = True
