@@ -556,7 +556,7 @@ def test_keys_values_are_copies_and_attention_reads_the_working_buffer() -> None
         cache.update(k[:, :, t : t + 1], v[:, :, t : t + 1], torch.arange(t, t + 1))
         for stream in (cache.k_stream, cache.v_stream):
             q = stream.quantized()
-            want = torch.cat([dequantize(q), stream._residual], dim=2) if q is not None else stream._residual
+            want = torch.cat([dequantize(q), stream.residual], dim=2) if q is not None else stream.residual
             assert torch.equal(stream.tensor(), want)
     for x, y in zip(held, before):
         assert torch.equal(x, y)

@@ -137,14 +137,14 @@ class QuantizedStream:
         self.axis, self.stat_dtype = axis, stat_dtype
         # Quantized history, grown along the token-group dimension (dim 2 of codes, scale and zero).
         self._codes, self._scale, self._zero = _Growable(2), _Growable(2), _Growable(2)
-        self._residual: Tensor | None = None  # X_r: (B, H, T_r, D), full precision
         self._seen = 0  # l: tokens appended so far
         self._n_quantized = 0  # tokens in the quantized history
         self._dtype: torch.dtype | None = None
-        # What attention reads, in token order: [dequantized history | residual], (B, H, T, D). Each token is
-        # dequantized once, when it is quantized (dequantization is elementwise within a group, so this equals
-        # dequantizing the whole history at every step); a fused GPU kernel would dequantize in registers
-        # instead, so this working copy is not counted in nbytes().
+        # What attention reads, in token order: [dequantized history | residual X_r], (B, H, T, D). It holds the
+        # residual (every token after the first n_quantized, exact; counted in nbytes()) and a working copy of
+        # the history, each token dequantized once, when it is quantized (dequantization is elementwise within a
+        # group, so this equals dequantizing the whole history at every step); a fused GPU kernel dequantizes in
+        # registers instead, so the history part is not counted in nbytes().
         self._read = _Growable(2)
         # The tokens the last append quantized: their first index and dequantized values, not yet written into
         # _read (until then _read holds them exact: KIVI's released code attends before it quantizes, so the
@@ -157,20 +157,20 @@ class QuantizedStream:
         self._dtype = x.dtype
         self._flush()
         self._read.append(x)
-        res = x if self._residual is None else torch.cat([self._residual, x], dim=2)  # (B, H, T_r + T_new, D)
         self._seen += x.shape[2]
         # The oldest tokens of the residual that the rule moves into the quantized history.
         n_total = n_quantized(self._seen, self.group_size, self.residual_length, self.axis)
         n_quant = n_total - self._n_quantized
-        self._fresh = (self._n_quantized, res[:, :, :n_quant]) if n_quant else None
+        self._fresh = None
         if n_quant:
-            q = quantize(res[:, :, :n_quant], self.bits, self.group_size, self.axis, self.stat_dtype)
+            exact = self._read.view().narrow(2, self._n_quantized, n_quant).clone()  # (B, H, n_quant, D)
+            q = quantize(exact, self.bits, self.group_size, self.axis, self.stat_dtype)
             self._codes.append(q.codes)
             self._scale.append(q.scale)
             self._zero.append(q.zero)
+            self._fresh = (self._n_quantized, exact)
             self._pending = (self._n_quantized, dequantize(q))  # whole groups: the same as in the full history
             self._n_quantized = n_total
-        self._residual = res[:, :, n_quant:].clone()  # own storage, so nbytes() is what is held
 
     def _flush(self) -> None:
         """Write the last append's dequantized tokens into the read buffer."""
@@ -196,7 +196,13 @@ class QuantizedStream:
     @property
     def n_residual(self) -> int:
         """Tokens in the full-precision residual ``X_r``."""
-        return 0 if self._residual is None else self._residual.shape[2]
+        return self._seen - self._n_quantized
+
+    @property
+    def residual(self) -> Tensor | None:
+        """``X_r``: the full-precision residual, ``(B, H, T_r, D)`` (a view; ``None`` before any token)."""
+        v = self._read.view()
+        return None if v is None else v.narrow(2, self._n_quantized, self.n_residual)
 
     def tensor(self, last_step_exact: bool = False) -> Tensor:
         """``[dequantize(X_g) | X_r]``: ``(B, H, T, D)`` in the dtype the tokens arrived in.
@@ -206,7 +212,7 @@ class QuantizedStream:
         over: it quantizes after attention).
         The result is a view of a working buffer that later appends overwrite: copy it to keep it.
         """
-        if self._residual is None:
+        if self._seen == 0:
             raise RuntimeError("the stream is empty: append tokens first")
         if not last_step_exact:
             self._flush()
@@ -220,7 +226,8 @@ class QuantizedStream:
 
     def nbytes(self) -> int:
         """Bytes held: packed codes, scales, zero points and the residual buffer."""
-        res = 0 if self._residual is None else self._residual.numel() * self._residual.element_size()
+        r = self.residual
+        res = 0 if r is None else r.numel() * r.element_size()  # the residual part of the read buffer
         return self._codes.nbytes() + self._scale.nbytes() + self._zero.nbytes() + res
 
 
