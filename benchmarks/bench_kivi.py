@@ -13,7 +13,13 @@ Prints ``name: value`` lines:
   tokens of each window in one call, then ``decode`` tokens one step at a time through the cache; all
   configurations and windows decode as the rows of one batch (:func:`refimpl.llm.evaluate_many`), as in the
   chapter. ``kivi2_decode_bits``: KIVI-2's bits per number (fp16 storage, everything included) averaged over
-  the decode steps, i.e. how compressed the cache was while it was measured.
+  the decode steps, i.e. how compressed the cache was while it was measured. ``kivi2_r256_...`` and
+  ``kivi2_g16_...``: a larger window and smaller groups. ``{name}_vs_kivi2`` (and ``_se``): the same
+  configurations against KIVI-2 on the same windows.
+
+``--record PATH`` also writes the lines as JSON with provenance (:mod:`refimpl.recording`); the chapter reads
+``data/measurements/kivi_cpu.json``, made by ``python benchmarks/bench_kivi.py --record
+data/measurements/kivi_cpu.json``.
 
 Usage: ``python benchmarks/bench_kivi.py [--quick] [--slices S] [--decode N] [--prefill N]``.
 """
@@ -63,6 +69,8 @@ def ppl_increase(slices: int, prefill: int, decode: int) -> dict[str, float]:
         "kivi2_keys_per_token": lambda: KIVICache(bits=2, key_axis="token"),
         "kivi2_values_per_channel": lambda: KIVICache(bits=2, value_axis="channel"),
         "kivi2_quantize_then_attend": lambda: KIVICache(bits=2, order="quantize_then_attend"),
+        "kivi2_r256": lambda: KIVICache(bits=2, residual_length=256),
+        "kivi2_g16": lambda: KIVICache(bits=2, group_size=16),
     }
     results = evaluate_many(model, windows, policies, prefill=prefill, threads=1)
     base = results["full"].slice_nll()
@@ -72,6 +80,11 @@ def ppl_increase(slices: int, prefill: int, decode: int) -> dict[str, float]:
             inc = paired_increase(r.slice_nll(), base)
             out[f"{name}_ppl_increase"] = inc.mean
             out[f"{name}_ppl_increase_se"] = inc.se
+    for name, r in results.items():  # paired against KIVI-2 on the same windows: rankings with their noise
+        if name not in ("full", "kivi2"):
+            inc = paired_increase(r.slice_nll(), results["kivi2"].slice_nll())
+            out[f"{name}_vs_kivi2"] = inc.mean
+            out[f"{name}_vs_kivi2_se"] = inc.se
     return out
 
 
@@ -82,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=None, help="disjoint corpus windows (default 6; quick 2)")
     parser.add_argument("--prefill", type=int, default=None, help="prefilled tokens (default 1024; quick 160)")
     parser.add_argument("--decode", type=int, default=None, help="decoded tokens per window (default 128; quick 4)")
+    parser.add_argument("--record", default=None, help="also write the lines as JSON with provenance to this path")
     args = parser.parse_args(argv)
     context = args.context or (256 if args.quick else 4096)
     slices = args.slices or (2 if args.quick else 6)
@@ -94,7 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     inc = ppl_increase(slices, prefill, decode)
     decode_bits = sum(bits_per_element(t, bits=2) for t in range(prefill + 1, prefill + decode + 1)) / decode
     values = {"ppl_windows": slices, "ppl_tokens_decoded": decode, "kivi2_decode_bits": decode_bits}
-    report({**values, **inc, "seconds": time.perf_counter() - t0})
+    lines = {**values, **inc}
+    report({**lines, "seconds": time.perf_counter() - t0})
+    if args.record:
+        from refimpl.recording import provenance, write_recording
+
+        command = "python benchmarks/bench_kivi.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        lines |= {"context": context, "kivi2_bytes_ratio": ratio, "kivi2_bits_per_element": bits}
+        lines |= {"ppl_prefill": prefill}
+        write_recording(args.record, {**provenance(command.strip()), "lines": lines})
     return 0
 
 
