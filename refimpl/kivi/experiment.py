@@ -81,7 +81,7 @@ class AttentionErrorProbe(KVCache):
     Every step's keys and values go to a :class:`~refimpl.llm.cache.FullCache` and to ``cache``; :meth:`attend`
     returns the exact attention output ``o`` (so the model's trajectory, and every later layer's input, stay
     exact) and also computes ``o' = cache.attend(...)``. For the queries at positions ``>= start`` it adds up,
-    per query head, ``sum ||o' - o||^2`` (:attr:`err_sq`) and ``sum ||o||^2`` (:attr:`ref_sq`), each ``(H_q,)``:
+    per query head, ``sum ||o' - o||^2`` (``err_sq``) and ``sum ||o||^2`` (``ref_sq``), each ``(H_q,)``:
     the error this layer's cache alone introduces into its attention output, given exact inputs.
     """
 
