@@ -6,12 +6,22 @@ Prints ``name: value`` lines:
   of a Llama-2-7B-shaped layer (32 KV heads of 128 channels) at context 4096 (``--quick``: 256); everything the
   cache holds is counted: packed codes, fp16 scales and zero points, the full-precision residual.
 * ``kivi2_bits_per_element``: the same, as bits per stored K/V element (the roofline model's ``kv_bits``).
-* ``kivi2_ppl_increase`` (and ``kivi4_...``, ``kivi2_keys_per_token_...``): perplexity relative to the
-  full-precision cache, minus 1, on the book's corpus slice: the first ``prefill`` tokens in one call, then
-  ``decode`` tokens one step at a time through the cache (:func:`refimpl.llm.perplexity.evaluate`, one
-  configuration per run); measured on the decoded tokens.
+* ``kivi2_ppl_increase`` and ``kivi2_ppl_increase_se`` (and ``kivi4_...``, ``kivi2_keys_per_token_...``,
+  ``kivi2_values_per_channel_...``, ``kivi2_quantize_then_attend_...``): perplexity relative to the
+  full-precision cache, minus 1, as the mean over ``--slices`` disjoint windows of the book's corpus and its
+  standard error (:func:`refimpl.llm.paired_increase`), measured on the decoded tokens: the first ``prefill``
+  tokens of each window in one call, then ``decode`` tokens one step at a time through the cache; all
+  configurations and windows decode as the rows of one batch (:func:`refimpl.llm.evaluate_many`), as in the
+  chapter. ``kivi2_decode_bits``: KIVI-2's bits per number (fp16 storage, everything included) averaged over
+  the decode steps, i.e. how compressed the cache was while it was measured. ``kivi2_r256_...`` and
+  ``kivi2_g16_...``: a larger window and smaller groups. ``{name}_vs_kivi2`` (and ``_se``): the same
+  configurations against KIVI-2 on the same windows.
 
-Usage: ``python benchmarks/bench_kivi.py [--quick] [--decode N] [--prefill N]``.
+``--record PATH`` also writes the lines as JSON with provenance (:mod:`refimpl.recording`); the chapter reads
+``data/measurements/kivi_cpu.json``, made by ``python benchmarks/bench_kivi.py --record
+data/measurements/kivi_cpu.json``.
+
+Usage: ``python benchmarks/bench_kivi.py [--quick] [--slices S] [--decode N] [--prefill N]``.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import argument_parser, progress, report
+from _common import argument_parser, report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -43,46 +53,68 @@ def bytes_ratio(context: int, heads: int = 32, head_dim: int = 128) -> tuple[flo
     return ratio, 16 * ratio
 
 
-def ppl_increase(prefill: int, decode: int) -> dict[str, float]:
-    """Perplexity increase over full precision of each cache policy, on the decoded tokens of the slice."""
-    from refimpl.llm import evaluate, load_model
-    from refimpl.llm.corpus import eval_ids
+def ppl_increase(slices: int, prefill: int, decode: int) -> dict[str, float]:
+    """Perplexity increase over full precision of each cache configuration on the decoded tokens of ``slices``
+    disjoint windows: ``{name_ppl_increase: mean, name_ppl_increase_se: standard error}``, plus ``full_ppl``."""
+    from refimpl.llm import evaluate_many, load_model, paired_increase
+    from refimpl.llm.corpus import slice_rows
 
     model, tokenizer = load_model()
-    ids = eval_ids(prefill + decode + 1, tokenizer)
+    windows = slice_rows(slices, prefill + decode + 1, tokenizer)  # (S, N)
     policies = {
         "full": FullCache,
         "kivi2": lambda: KIVICache(bits=2),
         "kivi4": lambda: KIVICache(bits=4),
         "kivi2_keys_per_token": lambda: KIVICache(bits=2, key_axis="token"),
+        "kivi2_values_per_channel": lambda: KIVICache(bits=2, value_axis="channel"),
+        "kivi2_quantize_then_attend": lambda: KIVICache(bits=2, order="quantize_then_attend"),
+        "kivi2_r256": lambda: KIVICache(bits=2, residual_length=256),
+        "kivi2_g16": lambda: KIVICache(bits=2, group_size=16),
     }
-    # One configuration per run: batching the four rows halves the time, but its rounding flips a few 2-bit codes
-    # and moves kivi2_keys_per_token_ppl_increase in the third digit (0.8411 -> 0.8429 at the defaults).
-    results = {
-        name: evaluate(model, ids, make, prefill=prefill)
-        for name, make in progress(policies.items(), desc="bench_kivi", total=len(policies))
-    }
-    ppl = {name: r.decode_perplexity() for name, r in results.items()}  # the decoded tokens
-    return {name: ppl[name] / ppl["full"] - 1 for name in policies if name != "full"} | {"full_ppl": ppl["full"]}
+    results = evaluate_many(model, windows, policies, prefill=prefill, threads=1)
+    base = results["full"].slice_nll()
+    out = {"full_ppl": results["full"].decode_perplexity()}
+    for name, r in results.items():
+        if name != "full":
+            inc = paired_increase(r.slice_nll(), base)
+            out[f"{name}_ppl_increase"] = inc.mean
+            out[f"{name}_ppl_increase_se"] = inc.se
+    for name, r in results.items():  # paired against KIVI-2 on the same windows: rankings with their noise
+        if name not in ("full", "kivi2"):
+            inc = paired_increase(r.slice_nll(), results["kivi2"].slice_nll())
+            out[f"{name}_vs_kivi2"] = inc.mean
+            out[f"{name}_vs_kivi2_se"] = inc.se
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argument_parser(__doc__, "tiny sizes (a smoke test)")
     parser.add_argument("--context", type=int, default=None, help="context for the bytes ratio (default 4096)")
-    parser.add_argument("--prefill", type=int, default=None, help="prefilled tokens (default 512; quick 40)")
-    parser.add_argument("--decode", type=int, default=None, help="decoded tokens (default 512; quick 4)")
+    parser.add_argument("--slices", type=int, default=None, help="disjoint corpus windows (default 6; quick 2)")
+    parser.add_argument("--prefill", type=int, default=None, help="prefilled tokens (default 1024; quick 160)")
+    parser.add_argument("--decode", type=int, default=None, help="decoded tokens per window (default 128; quick 4)")
+    parser.add_argument("--record", default=None, help="also write the lines as JSON with provenance to this path")
     args = parser.parse_args(argv)
     context = args.context or (256 if args.quick else 4096)
-    prefill = args.prefill or (40 if args.quick else 512)
-    decode = args.decode or (4 if args.quick else 512)
+    slices = args.slices or (2 if args.quick else 6)
+    prefill = args.prefill or (160 if args.quick else 1024)  # quick: past R = 128, so tokens are quantized
+    decode = args.decode or (4 if args.quick else 128)
 
     t0 = time.perf_counter()
     ratio, bits = bytes_ratio(context)
     report({"context": context, "kivi2_bytes_ratio": ratio, "kivi2_bits_per_element": bits})
-    inc = ppl_increase(prefill, decode)
-    values = {"ppl_tokens_decoded": decode, "full_ppl": inc.pop("full_ppl")}
-    values.update({f"{name}_ppl_increase": value for name, value in inc.items()})
-    report({**values, "seconds": time.perf_counter() - t0})
+    inc = ppl_increase(slices, prefill, decode)
+    decode_bits = sum(bits_per_element(t, bits=2) for t in range(prefill + 1, prefill + decode + 1)) / decode
+    values = {"ppl_windows": slices, "ppl_tokens_decoded": decode, "kivi2_decode_bits": decode_bits}
+    lines = {**values, **inc}
+    report({**lines, "seconds": time.perf_counter() - t0})
+    if args.record:
+        from refimpl.recording import provenance, write_recording
+
+        command = "python benchmarks/bench_kivi.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        lines |= {"context": context, "kivi2_bytes_ratio": ratio, "kivi2_bits_per_element": bits}
+        lines |= {"ppl_prefill": prefill}
+        write_recording(args.record, {**provenance(command.strip()), "lines": lines})
     return 0
 
 

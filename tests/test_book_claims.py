@@ -27,6 +27,7 @@ NUMBERS_CLEAN = [
     "chapters/roofline.ipynb",
     "chapters/speculative.ipynb",
     "chapters/serving.ipynb",
+    "chapters/kivi.ipynb",
 ]
 TECHNIQUE_CHAPTERS = ["roofline", "flash_attention", "memo", "kivi", "scissorhands", "moe"]
 

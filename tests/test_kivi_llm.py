@@ -45,6 +45,7 @@ def test_collect_kv_and_channel_magnitude(llm) -> None:
 def test_benchmark_quick_prints_numbers(run_benchmark, llm) -> None:
     status, values = run_benchmark("bench_kivi", ["--quick"])
     assert status == 0
-    for name in ("kivi2_bytes_ratio", "kivi2_bits_per_element", "kivi2_ppl_increase", "kivi4_ppl_increase"):
+    names = ("kivi2_bytes_ratio", "kivi2_bits_per_element", "kivi2_ppl_increase", "kivi2_ppl_increase_se")
+    for name in (*names, "kivi4_ppl_increase", "kivi2_decode_bits", "ppl_windows"):
         assert name in values, values
         float(values[name])

@@ -23,12 +23,14 @@ script (``mem_spd_test.py``, same commit); their command-line defaults (``utils/
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 from torch import Tensor
 
 from refimpl._checks import check_choice, check_int, check_positive_int
 from refimpl.kivi.quant import AXES, BITS, QuantizedTensor, dequantize, quantize
-from refimpl.llm.cache import KVCache, check_step, grouped_attention
+from refimpl.llm.cache import FULL_PRECISION_PREFILL, KVCache, check_step
 
 __all__ = ["ORDERS", "KIVICache", "QuantizedStream", "bits_per_element", "n_quantized"]
 
@@ -135,30 +137,47 @@ class QuantizedStream:
         self.axis, self.stat_dtype = axis, stat_dtype
         # Quantized history, grown along the token-group dimension (dim 2 of codes, scale and zero).
         self._codes, self._scale, self._zero = _Growable(2), _Growable(2), _Growable(2)
-        self._residual: Tensor | None = None  # X_r: (B, H, T_r, D), full precision
         self._seen = 0  # l: tokens appended so far
         self._n_quantized = 0  # tokens in the quantized history
         self._dtype: torch.dtype | None = None
-        # Full-precision copy of the tokens the last append moved into the quantized history: KIVI's released
-        # code attends before it quantizes, so the step that quantizes them still reads them exact.
-        self._fresh: Tensor | None = None  # (B, H, T_fresh, D)
+        # What attention reads, in token order: [dequantized history | residual X_r], (B, H, T, D). It holds the
+        # residual (every token after the first n_quantized, exact; counted in nbytes()) and a working copy of
+        # the history, each token dequantized once, when it is quantized (dequantization is elementwise within a
+        # group, so this equals dequantizing the whole history at every step); a fused GPU kernel dequantizes in
+        # registers instead, so the history part is not counted in nbytes().
+        self._read = _Growable(2)
+        # The tokens the last append quantized: their first index and dequantized values, not yet written into
+        # _read (until then _read holds them exact: KIVI's released code attends before it quantizes, so the
+        # step that quantizes them still reads them exact), and their full-precision values.
+        self._pending: tuple[int, Tensor] | None = None
+        self._fresh: tuple[int, Tensor] | None = None  # (first index, (B, H, T_fresh, D))
 
     def append(self, x: Tensor) -> None:
         """Add ``x: (B, H, T_new, D)`` and quantize whatever the rule above moves out of the residual."""
         self._dtype = x.dtype
-        res = x if self._residual is None else torch.cat([self._residual, x], dim=2)  # (B, H, T_r + T_new, D)
+        self._flush()
+        self._read.append(x)
         self._seen += x.shape[2]
         # The oldest tokens of the residual that the rule moves into the quantized history.
         n_total = n_quantized(self._seen, self.group_size, self.residual_length, self.axis)
         n_quant = n_total - self._n_quantized
-        self._fresh = res[:, :, :n_quant] if n_quant else None
+        self._fresh = None
         if n_quant:
-            q = quantize(res[:, :, :n_quant], self.bits, self.group_size, self.axis, self.stat_dtype)
+            exact = self._read.view().narrow(2, self._n_quantized, n_quant).clone()  # (B, H, n_quant, D)
+            q = quantize(exact, self.bits, self.group_size, self.axis, self.stat_dtype)
             self._codes.append(q.codes)
             self._scale.append(q.scale)
             self._zero.append(q.zero)
+            self._fresh = (self._n_quantized, exact)
+            self._pending = (self._n_quantized, dequantize(q))  # whole groups: the same as in the full history
             self._n_quantized = n_total
-        self._residual = res[:, :, n_quant:].clone()  # own storage, so nbytes() is what is held
+
+    def _flush(self) -> None:
+        """Write the last append's dequantized tokens into the read buffer."""
+        if self._pending is not None:
+            start, deq = self._pending
+            self._read.view().narrow(2, start, deq.shape[2]).copy_(deq)
+            self._pending = None
 
     def quantized(self) -> QuantizedTensor | None:
         """The quantized history as a :class:`QuantizedTensor` (``None`` before anything is quantized)."""
@@ -177,7 +196,13 @@ class QuantizedStream:
     @property
     def n_residual(self) -> int:
         """Tokens in the full-precision residual ``X_r``."""
-        return 0 if self._residual is None else self._residual.shape[2]
+        return self._seen - self._n_quantized
+
+    @property
+    def residual(self) -> Tensor | None:
+        """``X_r``: the full-precision residual, ``(B, H, T_r, D)`` (a view; ``None`` before any token)."""
+        v = self._read.view()
+        return None if v is None else v.narrow(2, self._n_quantized, self.n_residual)
 
     def tensor(self, last_step_exact: bool = False) -> Tensor:
         """``[dequantize(X_g) | X_r]``: ``(B, H, T, D)`` in the dtype the tokens arrived in.
@@ -185,21 +210,24 @@ class QuantizedStream:
         ``last_step_exact=True``: the tokens the last :meth:`append` quantized come back in full precision,
         i.e. the stream as it was before that append quantized anything (what KIVI's released code attends
         over: it quantizes after attention).
+        The result is a view of a working buffer that later appends overwrite: copy it to keep it.
         """
-        if self._residual is None:
+        if self._seen == 0:
             raise RuntimeError("the stream is empty: append tokens first")
-        q = self.quantized()
-        if q is None:
-            return self._residual
-        if last_step_exact and self._fresh is not None:
-            n_old = self._n_quantized - self._fresh.shape[2]  # quantized before the last append
-            old = [dequantize(q)[:, :, :n_old]] if n_old else []
-            return torch.cat([*old, self._fresh, self._residual], dim=2)
-        return torch.cat([dequantize(q), self._residual], dim=2)
+        if not last_step_exact:
+            self._flush()
+            return self._read.view()
+        if self._pending is not None or self._fresh is None:  # not flushed yet: the buffer still holds them exact
+            return self._read.view()
+        start, fresh = self._fresh  # flushed by an earlier call: put the exact values back, in a copy
+        out = self._read.view().clone()
+        out.narrow(2, start, fresh.shape[2]).copy_(fresh)
+        return out
 
     def nbytes(self) -> int:
         """Bytes held: packed codes, scales, zero points and the residual buffer."""
-        res = 0 if self._residual is None else self._residual.numel() * self._residual.element_size()
+        r = self.residual
+        res = 0 if r is None else r.numel() * r.element_size()  # the residual part of the read buffer
         return self._codes.nbytes() + self._scale.nbytes() + self._zero.nbytes() + res
 
 
@@ -224,9 +252,11 @@ class KIVICache(KVCache):
     :meth:`keys_values` returns the stored ``[dequantized history | residual]`` for keys and values (each
     ``(B, H_kv, T, D)``); :meth:`attend` reads :meth:`attention_keys_values`; :meth:`nbytes` counts packed
     codes, scales, zero points and both residual buffers (the filled part of the growable buffers, as
-    :class:`~refimpl.llm.cache.FullCache` does; positions are not counted). Attention dequantizes the whole
-    history at every step: a fused GPU kernel does that in registers, this reference does it with PyTorch
-    operations.
+    :class:`~refimpl.llm.cache.FullCache` does; positions are not counted). Attention reads a working copy in
+    which each token is dequantized once, when it is quantized (the same numbers as dequantizing the whole
+    history at every step; a fused GPU kernel dequantizes in registers instead, so the copy is not counted).
+    With ``order="attend_then_quantize"`` a prefill attends exactly as :class:`~refimpl.llm.cache.FullCache`
+    does, so :meth:`prefill_key` lets a batched evaluation share the prefill with it.
     Raises ``ValueError``/``TypeError`` naming the argument on a bad setting or a step whose shape, dtype or
     head layout differs from earlier steps.
     """
@@ -281,13 +311,20 @@ class KIVICache(KVCache):
         self._pos.append(positions.to(torch.long))
 
     def keys_values(self) -> tuple[Tensor, Tensor]:
+        """The stored ``[dequantized history | residual]`` keys and values, ``(B, H_kv, T, D)`` each (copies)."""
         if self._layout is None:
             raise RuntimeError("the cache is empty: call update() before keys_values()")
-        return self.k_stream.tensor(), self.v_stream.tensor()
+        return self.k_stream.tensor().clone(), self.v_stream.tensor().clone()
+
+    def prefill_key(self) -> Hashable | None:
+        """:data:`~refimpl.llm.cache.FULL_PRECISION_PREFILL` for ``order="attend_then_quantize"`` (a prefill
+        attends over its own keys and values before quantizing them), ``None`` otherwise."""
+        return FULL_PRECISION_PREFILL if self.order == "attend_then_quantize" else None
 
     def attention_keys_values(self) -> tuple[Tensor, Tensor]:
         """What this step's attention reads: :meth:`keys_values`, except that with
-        ``order="attend_then_quantize"`` the tokens the last :meth:`update` quantized are still exact."""
+        ``order="attend_then_quantize"`` the tokens the last :meth:`update` quantized are still exact.
+        Views of the cache's working buffers, valid until the next :meth:`update`."""
         if self._layout is None:
             raise RuntimeError("the cache is empty: call update() before attention_keys_values()")
         exact = self.order == "attend_then_quantize"
@@ -296,8 +333,11 @@ class KIVICache(KVCache):
     def attend(self, q: Tensor, q_positions: Tensor, scale: float) -> Tensor:
         """Attention of ``q: (B, H_q, T_new, D)`` over :meth:`attention_keys_values` (in the order ``order``)."""
         k, v = self.attention_keys_values()
-        out, _ = grouped_attention(q, k, v, q_positions, self.key_positions(), scale)
-        return out
+        visible = self.key_positions() <= q_positions[:, None]  # (T_q, T_k): causal by position
+        # PyTorch's fused attention, as FullCache's: a prefill gives the same numbers as the full cache's.
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=visible, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
 
     def key_positions(self) -> Tensor:
         if self._layout is None:
