@@ -44,3 +44,20 @@ def test_benchmark_quick_prints_numbers(run_benchmark):
         # a budget of 20% of a window over a context of 50% to 100% of it: between 2.5x and 5x fewer tokens
         assert 2.0 < float(values[f"{policy}_realised_compression"]) < 5.0
     assert float(values["full_ppl"]) == pytest.approx(out["full_ppl"], rel=1e-5)
+
+
+def test_long_shared_prefill_of_eviction_caches_and_the_full_cache(model_and_ids):
+    """The full cache and every eviction cache share one prefill pass (same prefill key); over a 256-token prefill
+    their float32 attention outputs differ by rounding only, which the shared pass must accept (it raised here
+    before its tolerance allowed for fp32 rounding), and the prefill NLL is the same for every row."""
+    from refimpl.caches import cache_factory
+    from refimpl.llm import evaluate_many, load_model
+    from refimpl.llm.corpus import eval_ids
+
+    model, _ = model_and_ids
+    ids = eval_ids(258, load_model()[1])
+    policies = ["scissorhands", "h2o", "streamingllm", "window"]
+    factories = {"full": cache_factory("full")} | {p: cache_factory(p, model.config, budget=64) for p in policies}
+    runs = evaluate_many(model, ids, factories, prefill=256)
+    for p in policies:
+        assert torch.equal(runs[p].nll_per_token[:256], runs["full"].nll_per_token[:256])
