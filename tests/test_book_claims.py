@@ -28,6 +28,7 @@ NUMBERS_CLEAN = [
     "chapters/speculative.ipynb",
     "chapters/serving.ipynb",
     "chapters/kivi.ipynb",
+    "chapters/scissorhands.ipynb",
 ]
 TECHNIQUE_CHAPTERS = ["roofline", "flash_attention", "memo", "kivi", "scissorhands", "moe"]
 

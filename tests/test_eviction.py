@@ -526,3 +526,39 @@ def test_streamingllm_attends_at_positions_in_the_cache(sinks, window, chunks, g
             assert float((out["in_cache"] - out["original"]).abs().max()) > 1e-5
         evicted = evicted or t > budget
         pos += n
+
+
+# ---- the book's defaults and the realised compression ------------------------------------------------------
+
+
+def test_scissorhands_default_drops_one_token_per_step():
+    """The default drop amount is m = 1 (``drop_fraction=0``), the value the chapter picks on ``eval`` and
+    confirms on ``heldout``: once full, the cache holds exactly B tokens after every decode step (no
+    saw-tooth), while ``drop_fraction=0.4`` drops ``int(0.4 B)`` at once."""
+    assert ScissorhandsCache(budget=32).drop == 1
+    assert ScissorhandsCache(budget=32, drop_fraction=0.4).drop == 12
+    g = torch.Generator().manual_seed(0)
+    sizes = {0.0: [], 0.4: []}
+    for frac, held in sizes.items():
+        c = ScissorhandsCache(budget=20, history_window=8, drop_fraction=frac)
+        for t in range(60):
+            kv = torch.randn(1, 1, 1, 4, generator=g)
+            c.update(kv, kv, torch.tensor([t]))
+            c.attend(torch.randn(1, 1, 1, 4, generator=g), torch.tensor([t]), 0.5)
+            held.append(len(c))
+    assert sizes[0.0][20:] == [20] * 40
+    assert min(sizes[0.4][20:]) == 20 - 8 + 1 and max(sizes[0.4]) == 20  # saw-tooth from B - m + 1 to B
+
+
+def test_realised_compression_is_the_ratio_of_mean_tokens_held():
+    from types import SimpleNamespace
+
+    from refimpl.eviction.experiments import realised_compression
+
+    full = SimpleNamespace(cache_tokens=[4.0, 5.0, 6.0, 7.0], mean_cache_tokens=5.5)
+    run = SimpleNamespace(cache_tokens=[2.0, 2.0, 2.0, 2.0], mean_cache_tokens=2.0)
+    assert realised_compression(run, full) == 5.5 / 2.0
+    with pytest.raises(ValueError, match="one evaluation"):
+        realised_compression(SimpleNamespace(cache_tokens=[2.0], mean_cache_tokens=2.0), full)
+    with pytest.raises(ValueError, match="must hold tokens"):
+        realised_compression(SimpleNamespace(cache_tokens=[0.0] * 4, mean_cache_tokens=0.0), full)

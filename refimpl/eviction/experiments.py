@@ -17,7 +17,7 @@ from refimpl._checks import check_tensor
 from refimpl.eviction.analysis import AttentionRecorder
 from refimpl.llm.cache import KVCache
 
-__all__ = ["kept_positions", "record_attention"]
+__all__ = ["kept_positions", "realised_compression", "record_attention"]
 
 
 def kept_positions(cache: KVCache) -> Tensor:
@@ -28,6 +28,23 @@ def kept_positions(cache: KVCache) -> Tensor:
     if pos.dim() == 1:
         return pos.view(1, -1).expand(cache.keys_values()[0].shape[1], -1)
     return pos[0]
+
+
+def realised_compression(run: Any, full: Any) -> float:
+    """How many times fewer tokens an evicting run held than the full cache, over the same evaluation:
+    ``full.mean_cache_tokens / run.mean_cache_tokens`` (both results of one
+    :func:`~refimpl.llm.perplexity.evaluate_many` call; the means are over the records taken after the prefill
+    and after every decode step, per layer and KV head). A budget ``B`` over a context that grows from ``P``
+    to ``N`` tokens realises less than ``N / B``: early in the decode the context is short. Raises
+    ``ValueError`` if the two runs recorded different numbers of steps or ``run`` held no token."""
+    if len(run.cache_tokens) != len(full.cache_tokens):
+        raise ValueError(
+            f"run and full must come from one evaluation, got {len(run.cache_tokens)} and "
+            f"{len(full.cache_tokens)} records"
+        )
+    if run.mean_cache_tokens <= 0:
+        raise ValueError(f"run must hold tokens, got mean_cache_tokens={run.mean_cache_tokens}")
+    return full.mean_cache_tokens / run.mean_cache_tokens
 
 
 def record_attention(model: Any, ids: Tensor, per_query_head: bool = False) -> Tensor:

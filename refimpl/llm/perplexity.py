@@ -227,7 +227,9 @@ class _SharedPrefill(KVCache):
     def attend(self, q: Tensor, q_positions: Tensor, scale: float) -> Tensor:
         outs = [m.attend(q, q_positions, scale) for m in self.members]
         for o in outs[1:]:
-            if not torch.allclose(o, outs[0], rtol=1e-5, atol=1e-6):
+            # float32: the fused attention of FullCache and the explicit softmax of a cache that reads the weights
+            # differ by a few 1e-6 over hundreds of tokens (3.3e-6 at 256 on SmolLM2); a real difference is larger
+            if not torch.allclose(o, outs[0], rtol=1e-4, atol=1e-5):
                 raise RuntimeError("caches with one prefill_key computed different prefill attention outputs")
         return outs[0]
 
