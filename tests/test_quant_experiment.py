@@ -61,7 +61,7 @@ def test_recipes_bits_per_weight() -> None:
     assert math.isclose(bits_fp8, 8 + 32 * out_channels / n)
     w, w4 = linear_weight(m, 1, "w_down"), linear_weight(q4, 1, "w_down")
     assert w4.shape == w.shape and 0 < float((w4 - w).abs().max()) < float(w.abs().max()) / 8
-    gq, bits_g = quantize_weights_gptq(m, _rows(2, 24), 4, 16)
+    gq, bits_g = quantize_weights_gptq(m, _rows(2, 24), bits=4, group_size=16)
     assert math.isclose(bits_g, bits4)
     ids = _rows(2, 20, seed=1)
     a8 = quantize_activations(q8, int_activations(8, "token"))(ids)
@@ -73,7 +73,7 @@ def test_recipes_bits_per_weight() -> None:
 def test_gptq_model_beats_rtn_on_its_calibration_objective() -> None:
     m = tiny_llama(dtype=torch.float32)
     calib = _rows(4, 32, seed=2)
-    gq, _ = quantize_weights_gptq(m, calib, 4, None)
+    gq, _ = quantize_weights_gptq(m, calib, bits=4, group_size=None)
     rq, _ = quantize_weights(m, rtn(4, "channel", symmetric=False))
     from refimpl.quant.model import collect_inputs
 

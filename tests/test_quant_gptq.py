@@ -80,6 +80,22 @@ def test_gptq_equals_sequential_reference(
     torch.testing.assert_close(dequantize_int(q), _reference(w, h, bits, group, symmetric, 0.01), rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("symmetric", (True, False))
+@pytest.mark.parametrize(("cols", "group", "block"), [(40, 16, 16), (40, 16, 32), (24, 16, 128)])
+def test_gptq_partial_last_group_equals_sequential_reference(
+    cols: int, group: int, block: int, symmetric: bool
+) -> None:
+    """A last group of ``cols % group`` columns (the authors' ``g_idx = j // groupsize``) gets its own grid."""
+    w, x = _data(6, cols, 64, cols + block)
+    h = gptq_hessian(x)
+    q = gptq(w, h, 4, group, symmetric, block_size=block, stat_dtype=None, partial_group=True)
+    torch.testing.assert_close(dequantize_int(q), _reference(w, h, 4, group, symmetric, 0.01), rtol=0, atol=1e-9)
+    assert q.scale.shape == (6, -(-cols // group)) and q.tail is not None
+    assert q.nbytes() == 6 * cols // 2 + 6 * -(-cols // group) * 8 * (1 if symmetric else 2), "fp64 statistics"
+    with pytest.raises(ValueError, match="partial_group=True"):
+        gptq(w, h, 4, group, symmetric, block_size=block)
+
+
 def test_gptq_beats_rtn_on_the_calibration_objective() -> None:
     w, x = _data(16, 64, 256, 7)
     for bits, group in ((4, 16), (4, None), (2, 16)):
@@ -104,7 +120,7 @@ def test_gptq_bad_inputs() -> None:
     h = gptq_hessian(x)
     with pytest.raises(ValueError, match="hessian must be"):
         gptq(w, h[:8, :8])
-    with pytest.raises(ValueError, match="group_size must divide d_col = 16"):
+    with pytest.raises(ValueError, match="group_size must divide d_col = w.shape\\[-1\\] = 16"):
         gptq(w, h, 4, 6)
     with pytest.raises(ValueError, match="block_size must be a multiple of group_size = 8"):
         gptq(w, h, 4, 8, block_size=12)
