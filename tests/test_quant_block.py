@@ -55,6 +55,15 @@ def test_block_formats_match_naive(element: str, block: int) -> None:
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=0)
 
 
+def test_mxfp4_rounds_ties_to_even_mantissa_and_saturates() -> None:
+    """Scale 1 (max 7 lies in [4, 8)): every midpoint of the E2M1 grid is a tie, and 7 saturates at 6."""
+    ties = [7.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -1.75, -5.0, 6.5, 0.1, 4.4]
+    x = torch.tensor([ties + [0.0] * (32 - len(ties))], dtype=torch.float64)
+    want = _naive_block(x[0].tolist(), "fp4_e2m1")
+    assert want[:8] == [6.0, 0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+    torch.testing.assert_close(block_fake_quantize(x, 32, "fp4_e2m1")[0], torch.tensor(want, dtype=torch.float64))
+
+
 @settings(max_examples=40, deadline=None)
 @given(bits=st.sampled_from((4, 6, 8)), block=st.sampled_from((4, 16, 32)), seed=st.integers(0, 2**16))
 def test_bfp_error_bound_and_idempotence(bits: int, block: int, seed: int) -> None:

@@ -38,16 +38,14 @@ def fp4_e2m1_grid() -> Tensor:
     return torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
 
 
-def _round_to_grid(y: Tensor, grid: Tensor) -> Tensor:
-    """Round ``y`` to the nearest value of ``sign * grid``, ties to the even index (even mantissa), saturating."""
-    a = y.abs().clamp(max=float(grid[-1]))
-    idx = torch.bucketize(a.contiguous(), grid.to(a.dtype))  # grid[idx - 1] < a <= grid[idx]
-    hi = idx.clamp(max=len(grid) - 1)
-    lo = (idx - 1).clamp(min=0)
-    g = grid.to(a.dtype)
-    d_lo, d_hi = a - g[lo], g[hi] - a
-    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
-    return torch.where(pick_hi, g[hi], g[lo]) * y.sign()
+def _round_to_e2m1(y: Tensor) -> Tensor:
+    """Round ``y`` to the nearest FP4 E2M1 value, ties to even mantissa, saturating at 6: in binade
+    ``[2^e, 2^(e+1))`` (``e`` in 0..2; below 1 the subnormal step) E2M1 has the step ``2^(e-1)``, so this is
+    round-half-even of ``|y| / 2^(e-1)`` (the values of :func:`fp4_e2m1_grid`)."""
+    a = y.abs().clamp(max=6.0)
+    e = torch.frexp(a.clamp(min=1.0)).exponent - 1  # floor(log2 max(a, 1)), exact
+    step = torch.ldexp(torch.ones_like(a), (e - 1).to(torch.int32))  # 2^(e-1)
+    return (a / step).round() * step * y.sign()  # torch.round: half to even
 
 
 def block_fake_quantize(x: Tensor, block_size: int = 32, element: str = "int4") -> Tensor:
@@ -76,7 +74,7 @@ def block_fake_quantize(x: Tensor, block_size: int = 32, element: str = "int4") 
         scale = torch.exp2(torch.floor(torch.log2(safe)) - _EMAX[element])
         y = b / scale
         if element == "fp4_e2m1":
-            q = _round_to_grid(y, fp4_e2m1_grid())
+            q = _round_to_e2m1(y)
         else:
             fmax = torch.finfo(torch.float8_e4m3fn).max
             q = y.clamp(-fmax, fmax).to(torch.float8_e4m3fn).double()

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from refimpl._checks import check_tensor
+from refimpl._dtypes import accumulation_dtype
 from refimpl.quant.integer import pack_codes, unpack_codes
 
 __all__ = ["ABFLOAT_BIAS", "abfloat_values", "olive_decode", "olive_encode", "olive_fake_quantize"]
@@ -72,7 +73,18 @@ def olive_decode(codes: Tensor, scale: Tensor) -> Tensor:
 
 
 def _row_error(x: Tensor, s: Tensor) -> Tensor:
-    return ((olive_decode(_encode_with_scale(x, s), s) - x) ** 2).sum(1)
+    """``||olive_decode(_encode_with_scale(x, s), s) - x||^2`` per row without building the codes: a pair
+    without an outlier costs its int4 rounding errors; a pair with one costs the abfloat rounding of its
+    larger number and the pruned smaller one (in units of ``s``, times ``s^2``)."""
+    rows, k = x.shape
+    mag = (x / s).abs().view(rows, k // 2, 2)  # pairs, in units of s
+    hi, lo = mag.amax(-1), mag.amin(-1)  # (rows, K/2)
+    d = (mag.round().clamp(max=7) - mag).square()  # |round(y)| = round(|y|): rounding is symmetric
+    normal = d[..., 0] + d[..., 1]
+    ab = abfloat_values()[1:].to(mag.dtype)
+    kept = ab[torch.bucketize(hi, (ab[1:] + ab[:-1]) / 2)]  # the nearest abfloat magnitude, saturating
+    pair_err = torch.where(hi > 7.5, (kept - hi).square() + lo.square(), normal)
+    return pair_err.sum(1) * s[:, 0].square()
 
 
 def olive_encode(x: Tensor, n_candidates: int = 32) -> tuple[Tensor, Tensor]:
@@ -87,12 +99,13 @@ def olive_encode(x: Tensor, n_candidates: int = 32) -> tuple[Tensor, Tensor]:
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x must be finite, got inf or NaN")
     xd = x.double()
+    xc = x.to(accumulation_dtype(x.dtype))
     amax = xd.abs().amax(1, keepdim=True)
     amax = torch.where(amax > 0, amax, torch.ones_like(amax))
     best_s, best_err = None, None
     for c in torch.logspace(0, torch.log10(torch.tensor(12.0)), n_candidates, dtype=torch.float64):
         s = (amax / (7 * c)).half().double()  # candidates as they will be stored (fp16)
-        err = _row_error(xd, s)
+        err = _row_error(xc, s.to(xc.dtype))  # the search in the compute dtype (fp32 for fp32 x)
         if best_err is None:
             best_s, best_err = s, err
         else:
