@@ -18,13 +18,17 @@ from torch import Tensor
 from refimpl._checks import check_tensor
 from refimpl.llm.model import Llama
 from refimpl.llm.perplexity import token_nll
+from refimpl.quant.block import block_bits_per_element, block_fake_quantize, channel_order
 from refimpl.quant.fp8 import quantize_fp8
 from refimpl.quant.gptq import gptq, gptq_hessian
-from refimpl.quant.integer import IntQuantized, dequantize_int, fake_quantize_int, quantize_int
+from refimpl.quant.integer import IntQuantized, dequantize_int, fake_quantize_int, quantize_int, unpack_codes
 from refimpl.quant.model import LINEARS, ActQuant, collect_inputs, linear_weight, map_weights
+from refimpl.quant.olive import olive_decode, olive_encode
 
 __all__ = [
+    "block_weights",
     "fp8_weights",
+    "olive_weights",
     "rtn",
     "activation_outlier_ratio",
     "int_activations",
@@ -74,6 +78,35 @@ def fp8_weights(fmt: str = "e4m3") -> Callable:
     def quantize(wt: Tensor) -> tuple[Tensor, int]:
         q = quantize_fp8(wt, fmt, "channel")
         return (q.codes.float() * q.scale).to(wt.dtype), q.nbytes()
+
+    return quantize
+
+
+def block_weights(block_size: int = 32, element: str = "int4", reorder: bool = False) -> Callable:
+    """Block-format weights (BFP or MX, :func:`~refimpl.quant.block.block_fake_quantize`) in blocks along the
+    input dimension, for :func:`quantize_weights`. ``reorder=True`` first sorts the input channels by the
+    weight's own column norms (the K-sort of Trukhanov & Soloveychik 2024) and undoes the order afterwards,
+    which is what a permutation folded into the layer that produces the input computes; the permutation
+    itself costs no bytes."""
+
+    def quantize(wt: Tensor) -> tuple[Tensor, int]:  # wt: (out, in)
+        nbytes = round(wt.numel() * block_bits_per_element(block_size, element) / 8)
+        if not reorder:
+            return block_fake_quantize(wt, block_size, element), nbytes
+        perm = channel_order(wt.norm(dim=0))  # (in,)
+        return block_fake_quantize(wt[:, perm], block_size, element)[:, torch.argsort(perm)], nbytes
+
+    return quantize
+
+
+def olive_weights(n_candidates: int = 32) -> Callable:
+    """OliVe 4-bit weights (outlier-victim pairs along the input dimension, an fp16 scale per output
+    channel), for :func:`quantize_weights`."""
+
+    def quantize(wt: Tensor) -> tuple[Tensor, int]:
+        packed, scale = olive_encode(wt, n_candidates)
+        wq = olive_decode(unpack_codes(packed, 4), scale).to(wt.dtype)
+        return wq, packed.numel() * packed.element_size() + scale.numel() * scale.element_size()
 
     return quantize
 
