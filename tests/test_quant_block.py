@@ -74,10 +74,12 @@ def test_bfp_error_bound_and_idempotence(bits: int, block: int, seed: int) -> No
     scale = torch.exp2(torch.ceil(torch.log2(amax / qmax)))  # a power of two
     assert bool(((x - xr).abs().view(4, -1, block) <= scale / 2).all())
     assert torch.equal(block_fake_quantize(xr, block, f"int{bits}"), xr)
-    # BFP is symmetric integer quantization with the scale rounded up to a power of two: never better
-    sym = fake_quantize_int(x.float(), bits if bits != 6 else 8, "group", block, stat_dtype=torch.float32)
+    # BFP is symmetric integer quantization with the scale rounded up to a power of two: its step is never
+    # smaller, so over many blocks it is not more accurate (one block of a few numbers can be, by luck)
     if bits != 6:
-        assert float((xr - x).norm()) >= float((sym.double() - x).norm()) * 0.99
+        xl = _heavy(64, 256, seed)
+        sym = fake_quantize_int(xl, bits, "group", block, stat_dtype=torch.float64)
+        assert float((block_fake_quantize(xl, block, f"int{bits}") - xl).norm()) >= float((sym - xl).norm()) * 0.99
 
 
 def test_mxfp4_clips_the_block_maximum() -> None:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from refimpl._checks import check_choice, check_positive_int, check_tensor
+from refimpl._dtypes import accumulation_dtype
 
 __all__ = ["ELEMENTS", "block_bits_per_element", "block_fake_quantize", "channel_order", "fp4_e2m1_grid"]
 
@@ -52,7 +53,7 @@ def block_fake_quantize(x: Tensor, block_size: int = 32, element: str = "int4") 
     """Quantize and dequantize ``x: (rows, K)`` in blocks of ``block_size`` along ``K`` (BFP or MX).
 
     Raises ``ValueError`` for a block size that does not divide ``K``, an unknown element format, or
-    inf/NaN in ``x``. Computes in float64 (exact for these grids) and returns ``x.dtype``.
+    inf/NaN in ``x``. Computes in fp32 (fp64 for fp64 ``x``; exact for these grids) and returns ``x.dtype``.
     """
     check_tensor("x", x, ndim=2, floating=True)
     block_size = check_positive_int("block_size", block_size)
@@ -62,22 +63,24 @@ def block_fake_quantize(x: Tensor, block_size: int = 32, element: str = "int4") 
         raise ValueError(f"block_size must divide K = x.shape[1] = {k}, got {block_size}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x must be finite, got inf or NaN")
-    b = x.double().reshape(rows, k // block_size, block_size)  # (rows, blocks, k)
-    amax = b.abs().amax(-1, keepdim=True)
+    # The shared scales in float64 (exact powers of two), the elements in the compute dtype: dividing by a power
+    # of two and rounding to these grids is exact in fp32 as well, so the result does not depend on it.
+    cdt = accumulation_dtype(x.dtype)
+    b = x.to(cdt).reshape(rows, k // block_size, block_size)  # (rows, blocks, k)
+    amax = b.abs().amax(-1, keepdim=True).double()
     safe = torch.where(amax > 0, amax, torch.ones_like(amax))
     if element.startswith("int"):  # BFP: smallest 2^e with amax <= qmax 2^e
         qmax = 2 ** (int(element[3:]) - 1) - 1
-        e = torch.ceil(torch.log2(safe / qmax))
-        scale = torch.exp2(e)
+        scale = torch.exp2(torch.ceil(torch.log2(safe / qmax))).to(cdt)
         out = (b / scale).round().clamp(-qmax, qmax) * scale
     else:  # MX: X = 2^(floor(log2 amax) - emax_elem), saturating element rounding
-        scale = torch.exp2(torch.floor(torch.log2(safe)) - _EMAX[element])
+        scale = torch.exp2(torch.floor(torch.log2(safe)) - _EMAX[element]).to(cdt)
         y = b / scale
         if element == "fp4_e2m1":
             q = _round_to_e2m1(y)
         else:
             fmax = torch.finfo(torch.float8_e4m3fn).max
-            q = y.clamp(-fmax, fmax).to(torch.float8_e4m3fn).double()
+            q = y.clamp(-fmax, fmax).to(torch.float8_e4m3fn).to(cdt)
         out = q * scale
     out = torch.where(amax > 0, out, torch.zeros_like(out))
     return out.reshape(rows, k).to(x.dtype)
