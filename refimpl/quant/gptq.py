@@ -55,7 +55,8 @@ def gptq(
     A batch ``w: (L, d_row, d_col)``, ``hessian: (L, d_col, d_col)`` (e.g. one matrix of every layer) runs
     the same column loop for all ``L`` at once and returns a list. ``group_size=None``: one grid per row (per
     channel), from the original weights; else groups of ``group_size`` columns (``block_size`` must be a
-    multiple so each group lies in one block); ``partial_group=True`` lets the last group be shorter when
+    multiple or a divisor of it, so that a group starts where its columns are up to date);
+    ``partial_group=True`` lets the last group be shorter when
     ``group_size`` does not divide ``d_col`` (column ``j`` in group ``j // group_size``, the authors'
     ``g_idx``). Returns the packed :class:`~refimpl.quant.integer.IntQuantized` (granularity "channel" or
     "group") of ``w``. Dead inputs (``H_jj = 0``) get zero weight, as in the authors' code. Raises
@@ -77,8 +78,8 @@ def gptq(
     damp = check_float("damp", damp, min_value=0.0)
     granularity = "channel" if group_size is None else "group"
     g = group_size_for(n, rows, bits, granularity, group_size or n, partial_group, k_name="d_col = w.shape[-1]")
-    if group_size is not None and block_size % g:
-        raise ValueError(f"block_size must be a multiple of group_size = {g}, got {block_size}")
+    if group_size is not None and block_size % g and g % block_size:
+        raise ValueError(f"block_size must be a multiple or a divisor of group_size = {g}, got {block_size}")
 
     cdt = accumulation_dtype(w.dtype)
     W = w.to(cdt).reshape(-1, rows, n).clone()  # (L, d_row, d_col), updated in place
@@ -110,8 +111,11 @@ def gptq(
             j = i1 + i
             if j % g == 0:  # a new group: its grid from its current columns (per channel: set above)
                 if group_size is not None:
+                    # a group inside the block: its current columns are in W1; a group of several blocks
+                    # starts at a block start, where the lazy updates have brought all later columns up to date
+                    cols = W1[:, i : i + g] if block_size % g == 0 else Wt[:, j : j + g]
                     scale[..., j // g], zero[..., j // g] = group_statistics(
-                        W1[:, i : i + g].transpose(1, 2), bits, stat_dtype, symmetric
+                        cols.transpose(1, 2), bits, stat_dtype, symmetric
                     )
                 s, z = scale[..., j // g].to(cdt), zero[..., j // g].to(cdt)  # (L, d_row)
                 s_safe = torch.where(s > 0, s, torch.ones_like(s))
