@@ -17,7 +17,12 @@ from tools import book_policy
 from tools.book_policy import typed_numbers_in
 
 ROOT = Path(__file__).resolve().parent.parent
-NUMBERS_CLEAN = ["chapters/intro.md", "chapters/flash_attention.ipynb", "chapters/smollm2.ipynb"]
+NUMBERS_CLEAN = [
+    "chapters/intro.md",
+    "chapters/flash_attention.ipynb",
+    "chapters/smollm2.ipynb",
+    "chapters/quantization.ipynb",
+]
 TECHNIQUE_CHAPTERS = ["roofline", "flash_attention", "memo", "kivi", "scissorhands", "moe"]
 
 
