@@ -145,6 +145,10 @@ def test_olive_matches_naive_and_round_trips() -> None:
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-12)
     torch.testing.assert_close(olive_fake_quantize(x), got)
     assert abfloat_values().tolist() == [0, 8, 12, 16, 24, 32, 48, 64]
+    # fp32 input is encoded in fp32: the same codes and scales here, and the decode is exact in fp32
+    p32, s32 = olive_encode(x.float())
+    assert torch.equal(p32, packed) and torch.equal(s32, scale)
+    assert torch.equal(olive_decode(unpack_codes(p32, 4), s32, torch.float32).double(), got)
 
 
 def test_olive_decode_by_hand() -> None:

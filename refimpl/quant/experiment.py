@@ -105,7 +105,7 @@ def olive_weights(n_candidates: int = 32) -> Callable:
 
     def quantize(wt: Tensor) -> tuple[Tensor, int]:
         packed, scale = olive_encode(wt, n_candidates)
-        wq = olive_decode(unpack_codes(packed, 4), scale).to(wt.dtype)
+        wq = olive_decode(unpack_codes(packed, 4), scale, wt.dtype)
         return wq, packed.numel() * packed.element_size() + scale.numel() * scale.element_size()
 
     return quantize
