@@ -29,6 +29,7 @@ NUMBERS_CLEAN = [
     "chapters/serving.ipynb",
     "chapters/kivi.ipynb",
     "chapters/scissorhands.ipynb",
+    "chapters/quantization.ipynb",
 ]
 TECHNIQUE_CHAPTERS = ["roofline", "flash_attention", "memo", "kivi", "scissorhands", "moe"]
 

@@ -29,14 +29,15 @@ def _randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> to
 
 
 def _naive_int(x: list[list[float]], bits: int, gran: str, g: int, symmetric: bool) -> list[list[float]]:
-    """Independent float64 reference with Python floats: groups cut by hand, absmax or min/max statistics."""
+    """Independent float64 reference with Python floats: groups cut by hand (the last one shorter when ``g`` does
+    not divide the width), absmax or min/max statistics."""
     rows, k = len(x), len(x[0])
     if gran == "tensor":
         groups = [[(r, c) for r in range(rows) for c in range(k)]]
     elif gran in ("channel", "token"):
         groups = [[(r, c) for c in range(k)] for r in range(rows)]
     else:
-        groups = [[(r, c) for c in range(j, j + g)] for r in range(rows) for j in range(0, k, g)]
+        groups = [[(r, c) for c in range(j, min(j + g, k))] for r in range(rows) for j in range(0, k, g)]  # c // g
     out = [[0.0] * k for _ in range(rows)]
     for grp in groups:
         vals = [x[r][c] for r, c in grp]
@@ -91,7 +92,7 @@ def test_int_error_bound_idempotence_bytes(
     # the same codes. Re-quantizing from scratch is exact only for absmax grids: an asymmetric grid's fp16 zero
     # point (rounded down) and scale (rounded up) need not put a code at both ends, so fresh statistics differ.
     zero = torch.zeros_like(q.scale) if q.zero is None else q.zero
-    on_grid = codes_on_grid(_grouped(xr, gran, q.group_size), q.scale, zero, bits, symmetric)
+    on_grid = codes_on_grid(_grouped(xr, gran, q.group_size)[0], q.scale, zero, bits, symmetric)
     assert torch.equal(on_grid, unpack_codes(q.codes, bits))
     q2 = quantize_int(xr, bits, gran, g, symmetric)
     torch.testing.assert_close(dequantize_int(q2), xr, rtol=1e-3, atol=0)
@@ -102,6 +103,36 @@ def test_int_error_bound_idempotence_bytes(
     n_groups_total = 1 if gran == "tensor" else rows * (n_groups if gran == "group" else 1)
     assert q.nbytes() == x.numel() * bits // 8 + n_groups_total * 2 * (1 if symmetric else 2)
     assert math.isclose(q.bits_per_element(), 8 * q.nbytes() / x.numel())
+
+
+@pytest.mark.parametrize("bits", (2, 4, 8))
+@pytest.mark.parametrize("symmetric", (True, False))
+@pytest.mark.parametrize(("k", "g"), [(40, 16), (24, 16), (36, 32), (576, 128)])
+def test_int_partial_last_group_equals_naive(bits: int, symmetric: bool, k: int, g: int) -> None:
+    """``partial_group=True``: column ``j`` in group ``j // g``, the last group ``k % g`` wide (GPTQ's g_idx)."""
+    x = _randn(5, k, seed=k + bits, dtype=torch.float64)
+    x[3, k - 1] = 7.0  # an outlier in the short group
+    q = quantize_int(x, bits, "group", g, symmetric, stat_dtype=None, partial_group=True)
+    want = torch.tensor(_naive_int(x.tolist(), bits, "group", g, symmetric), dtype=torch.float64)
+    torch.testing.assert_close(dequantize_int(q), want, rtol=0, atol=1e-12)
+    n_groups = -(-k // g)
+    assert q.scale.shape == (5, n_groups) and q.tail is not None and q.tail.shape == (5, 1, (k % g) * bits // 8)
+    stats = 5 * n_groups * 8 * (1 if symmetric else 2)  # fp64 statistics here
+    assert q.nbytes() == x.numel() * bits // 8 + stats, "codes of every column once, plus one grid per group"
+    with pytest.raises(ValueError, match="partial_group=True"):
+        quantize_int(x, bits, "group", g, symmetric)
+
+
+def test_int_partial_group_opt_in_only_changes_non_dividing_widths() -> None:
+    x = _randn(4, 64, seed=3)
+    q, qp = quantize_int(x, 4, "group", 16), quantize_int(x, 4, "group", 16, partial_group=True)
+    assert qp.tail is None and torch.equal(qp.codes, q.codes) and qp.nbytes() == q.nbytes()
+    x = _randn(4, 18, seed=4)
+    with pytest.raises(ValueError, match="whole bytes"):
+        quantize_int(x, 2, "group", 16, partial_group=True)  # a last group of two 2-bit codes: half a byte
+    assert quantize_int(x, 4, "group", 16, partial_group=True).tail.shape == (4, 1, 1)
+    with pytest.raises(ValueError, match="at most K"):
+        quantize_int(x, 4, "group", 32, partial_group=True)
 
 
 def test_int_constant_and_zero_groups_exact() -> None:

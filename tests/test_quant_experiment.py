@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from refimpl.llm import evaluate_one_shot, paired_increase
+from refimpl.quant.block import block_fake_quantize
 from refimpl.quant.experiment import (
     activation_outlier_ratio,
+    block_weights,
     fp8_weights,
     int_activations,
+    olive_weights,
     quantize_weights,
     quantize_weights_gptq,
     rtn,
@@ -61,7 +64,7 @@ def test_recipes_bits_per_weight() -> None:
     assert math.isclose(bits_fp8, 8 + 32 * out_channels / n)
     w, w4 = linear_weight(m, 1, "w_down"), linear_weight(q4, 1, "w_down")
     assert w4.shape == w.shape and 0 < float((w4 - w).abs().max()) < float(w.abs().max()) / 8
-    gq, bits_g = quantize_weights_gptq(m, _rows(2, 24), 4, 16)
+    gq, bits_g = quantize_weights_gptq(m, _rows(2, 24), bits=4, group_size=16)
     assert math.isclose(bits_g, bits4)
     ids = _rows(2, 20, seed=1)
     a8 = quantize_activations(q8, int_activations(8, "token"))(ids)
@@ -70,10 +73,30 @@ def test_recipes_bits_per_weight() -> None:
     assert float((a8 - ref).norm()) < 0.05 * float(ref.norm()) < float((a4 - ref).norm())
 
 
+def test_block_and_olive_recipes() -> None:
+    m = tiny_llama(dtype=torch.float32)
+    n = weight_count(m)
+    _, bits_bfp = quantize_weights(m, block_weights(16, "int4"))
+    assert math.isclose(bits_bfp, 4 + 8 / 16)  # elements + an 8-bit shared exponent per block
+    _, bits_ol = quantize_weights(m, olive_weights(4))
+    out_channels = 2 * (80 + 48 + 192 + 48)
+    assert math.isclose(bits_ol, 4 + 16 * out_channels / n)  # 4-bit codes + an fp16 scale per output channel
+    # reordering: the same as quantizing the permuted weight by hand and permuting back
+    wt = linear_weight(m, 1, "w_down").t()  # (out, in)
+    wt = wt * torch.linspace(0.1, 3.0, wt.shape[1])  # input channels of different magnitudes
+    perm = torch.argsort(wt.norm(dim=0), descending=True, stable=True)
+    by_hand = torch.empty_like(wt)
+    by_hand[:, perm] = block_fake_quantize(wt[:, perm], 16, "int4")
+    got, nbytes = block_weights(16, "int4", reorder=True)(wt)
+    assert torch.equal(got, by_hand) and nbytes == wt.numel() * 9 // 16
+    plain, _ = block_weights(16, "int4")(wt)
+    assert float((got - wt).norm()) < float((plain - wt).norm()), "sorted channels share blocks of like magnitude"
+
+
 def test_gptq_model_beats_rtn_on_its_calibration_objective() -> None:
     m = tiny_llama(dtype=torch.float32)
     calib = _rows(4, 32, seed=2)
-    gq, _ = quantize_weights_gptq(m, calib, 4, None)
+    gq, _ = quantize_weights_gptq(m, calib, bits=4, group_size=None)
     rq, _ = quantize_weights(m, rtn(4, "channel", symmetric=False))
     from refimpl.quant.model import collect_inputs
 

@@ -75,9 +75,25 @@ def test_gptq_equals_sequential_reference(
 ) -> None:
     w, x = _data(6, 32, 64, seed)
     h = gptq_hessian(x)
-    block = (group or 8) * blocks
+    block = (group or 8) * blocks if blocks < 3 else (group or 8) // 2  # blocks of several groups, or half a group
     q = gptq(w, h, bits, group, symmetric, block_size=block, damp=0.01, stat_dtype=None)
     torch.testing.assert_close(dequantize_int(q), _reference(w, h, bits, group, symmetric, 0.01), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("symmetric", (True, False))
+@pytest.mark.parametrize(("cols", "group", "block"), [(40, 16, 16), (40, 16, 32), (24, 16, 128), (40, 16, 8)])
+def test_gptq_partial_last_group_equals_sequential_reference(
+    cols: int, group: int, block: int, symmetric: bool
+) -> None:
+    """A last group of ``cols % group`` columns (the authors' ``g_idx = j // groupsize``) gets its own grid."""
+    w, x = _data(6, cols, 64, cols + block)
+    h = gptq_hessian(x)
+    q = gptq(w, h, 4, group, symmetric, block_size=block, stat_dtype=None, partial_group=True)
+    torch.testing.assert_close(dequantize_int(q), _reference(w, h, 4, group, symmetric, 0.01), rtol=0, atol=1e-9)
+    assert q.scale.shape == (6, -(-cols // group)) and q.tail is not None
+    assert q.nbytes() == 6 * cols // 2 + 6 * -(-cols // group) * 8 * (1 if symmetric else 2), "fp64 statistics"
+    with pytest.raises(ValueError, match="partial_group=True"):
+        gptq(w, h, 4, group, symmetric, block_size=block)
 
 
 def test_gptq_beats_rtn_on_the_calibration_objective() -> None:
@@ -104,9 +120,9 @@ def test_gptq_bad_inputs() -> None:
     h = gptq_hessian(x)
     with pytest.raises(ValueError, match="hessian must be"):
         gptq(w, h[:8, :8])
-    with pytest.raises(ValueError, match="group_size must divide d_col = 16"):
+    with pytest.raises(ValueError, match="group_size must divide d_col = w.shape\\[-1\\] = 16"):
         gptq(w, h, 4, 6)
-    with pytest.raises(ValueError, match="block_size must be a multiple of group_size = 8"):
+    with pytest.raises(ValueError, match="block_size must be a multiple or a divisor of group_size = 8"):
         gptq(w, h, 4, 8, block_size=12)
     with pytest.raises(ValueError, match="bits"):
         gptq(w, h, 3, 8)

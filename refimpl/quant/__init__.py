@@ -8,12 +8,14 @@
 ``refimpl.quant.gptq``         GPTQ (Algorithm 1) with a calibration Hessian
 ``refimpl.quant.block``        block floating point, OCP MX (shared-exponent blocks), channel reordering
 ``refimpl.quant.olive``        OliVe outlier-victim pairs in 4 bits
+``refimpl.quant.ggml``         llama.cpp's Q8_0 / Q4_0 / Q4_1 blocks, byte for byte
 ``refimpl.quant.model``        the LLM: weight maps, activation-quantized linears, calibration, folding
 =============================  ===============================================================
 """
 
 from refimpl.quant.block import ELEMENTS, block_bits_per_element, block_fake_quantize, channel_order, fp4_e2m1_grid
 from refimpl.quant.fp8 import FP8_FORMATS, FP8Quantized, dequantize_fp8, fake_quantize_fp8, fp8_grid, quantize_fp8
+from refimpl.quant.ggml import GGML_FORMATS, dequantize_ggml, ggml_bits_per_weight, quantize_ggml
 from refimpl.quant.gptq import gptq, gptq_hessian
 from refimpl.quant.hadamard import RandomizedHadamard, fwht, hadamard_matrix
 from refimpl.quant.integer import (
@@ -35,6 +37,7 @@ __all__ = [
     "BITS",
     "ELEMENTS",
     "FP8_FORMATS",
+    "GGML_FORMATS",
     "FP8Quantized",
     "GRANULARITIES",
     "IntQuantized",
@@ -44,6 +47,7 @@ __all__ = [
     "block_fake_quantize",
     "channel_order",
     "dequantize_fp8",
+    "dequantize_ggml",
     "dequantize_groups",
     "dequantize_int",
     "fake_quantize_fp8",
@@ -51,6 +55,7 @@ __all__ = [
     "fp4_e2m1_grid",
     "fp8_grid",
     "fwht",
+    "ggml_bits_per_weight",
     "gptq",
     "gptq_hessian",
     "hadamard_matrix",
@@ -62,6 +67,7 @@ __all__ = [
     "outlier_channels",
     "pack_codes",
     "quantize_fp8",
+    "quantize_ggml",
     "quantize_groups",
     "quantize_int",
     "smoothquant_scales",

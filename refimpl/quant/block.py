@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from refimpl._checks import check_choice, check_positive_int, check_tensor
+from refimpl._dtypes import accumulation_dtype
 
 __all__ = ["ELEMENTS", "block_bits_per_element", "block_fake_quantize", "channel_order", "fp4_e2m1_grid"]
 
@@ -38,23 +39,21 @@ def fp4_e2m1_grid() -> Tensor:
     return torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
 
 
-def _round_to_grid(y: Tensor, grid: Tensor) -> Tensor:
-    """Round ``y`` to the nearest value of ``sign * grid``, ties to the even index (even mantissa), saturating."""
-    a = y.abs().clamp(max=float(grid[-1]))
-    idx = torch.bucketize(a.contiguous(), grid.to(a.dtype))  # grid[idx - 1] < a <= grid[idx]
-    hi = idx.clamp(max=len(grid) - 1)
-    lo = (idx - 1).clamp(min=0)
-    g = grid.to(a.dtype)
-    d_lo, d_hi = a - g[lo], g[hi] - a
-    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
-    return torch.where(pick_hi, g[hi], g[lo]) * y.sign()
+def _round_to_e2m1(y: Tensor) -> Tensor:
+    """Round ``y`` to the nearest FP4 E2M1 value, ties to even mantissa, saturating at 6: in binade
+    ``[2^e, 2^(e+1))`` (``e`` in 0..2; below 1 the subnormal step) E2M1 has the step ``2^(e-1)``, so this is
+    round-half-even of ``|y| / 2^(e-1)`` (the values of :func:`fp4_e2m1_grid`)."""
+    a = y.abs().clamp(max=6.0)
+    e = torch.frexp(a.clamp(min=1.0)).exponent - 1  # floor(log2 max(a, 1)), exact
+    step = torch.ldexp(torch.ones_like(a), (e - 1).to(torch.int32))  # 2^(e-1)
+    return (a / step).round() * step * y.sign()  # torch.round: half to even
 
 
 def block_fake_quantize(x: Tensor, block_size: int = 32, element: str = "int4") -> Tensor:
     """Quantize and dequantize ``x: (rows, K)`` in blocks of ``block_size`` along ``K`` (BFP or MX).
 
     Raises ``ValueError`` for a block size that does not divide ``K``, an unknown element format, or
-    inf/NaN in ``x``. Computes in float64 (exact for these grids) and returns ``x.dtype``.
+    inf/NaN in ``x``. Computes in fp32 (fp64 for fp64 ``x``; exact for these grids) and returns ``x.dtype``.
     """
     check_tensor("x", x, ndim=2, floating=True)
     block_size = check_positive_int("block_size", block_size)
@@ -64,22 +63,24 @@ def block_fake_quantize(x: Tensor, block_size: int = 32, element: str = "int4") 
         raise ValueError(f"block_size must divide K = x.shape[1] = {k}, got {block_size}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x must be finite, got inf or NaN")
-    b = x.double().reshape(rows, k // block_size, block_size)  # (rows, blocks, k)
-    amax = b.abs().amax(-1, keepdim=True)
+    # The shared scales in float64 (exact powers of two), the elements in the compute dtype: dividing by a power
+    # of two and rounding to these grids is exact in fp32 as well, so the result does not depend on it.
+    cdt = accumulation_dtype(x.dtype)
+    b = x.to(cdt).reshape(rows, k // block_size, block_size)  # (rows, blocks, k)
+    amax = b.abs().amax(-1, keepdim=True).double()
     safe = torch.where(amax > 0, amax, torch.ones_like(amax))
     if element.startswith("int"):  # BFP: smallest 2^e with amax <= qmax 2^e
         qmax = 2 ** (int(element[3:]) - 1) - 1
-        e = torch.ceil(torch.log2(safe / qmax))
-        scale = torch.exp2(e)
+        scale = torch.exp2(torch.ceil(torch.log2(safe / qmax))).to(cdt)
         out = (b / scale).round().clamp(-qmax, qmax) * scale
     else:  # MX: X = 2^(floor(log2 amax) - emax_elem), saturating element rounding
-        scale = torch.exp2(torch.floor(torch.log2(safe)) - _EMAX[element])
+        scale = torch.exp2(torch.floor(torch.log2(safe)) - _EMAX[element]).to(cdt)
         y = b / scale
         if element == "fp4_e2m1":
-            q = _round_to_grid(y, fp4_e2m1_grid())
+            q = _round_to_e2m1(y)
         else:
             fmax = torch.finfo(torch.float8_e4m3fn).max
-            q = y.clamp(-fmax, fmax).to(torch.float8_e4m3fn).double()
+            q = y.clamp(-fmax, fmax).to(torch.float8_e4m3fn).to(cdt)
         out = q * scale
     out = torch.where(amax > 0, out, torch.zeros_like(out))
     return out.reshape(rows, k).to(x.dtype)

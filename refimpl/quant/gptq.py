@@ -25,7 +25,7 @@ from torch import Tensor
 
 from refimpl._checks import check_choice, check_float, check_positive_int, check_tensor
 from refimpl._dtypes import accumulation_dtype
-from refimpl.quant.integer import BITS, IntQuantized, codes_on_grid, group_statistics, pack_codes
+from refimpl.quant.integer import BITS, IntQuantized, group_size_for, group_statistics, pack_on_grid
 
 __all__ = ["gptq", "gptq_hessian"]
 
@@ -48,16 +48,20 @@ def gptq(
     block_size: int = 128,
     damp: float = 0.01,
     stat_dtype: torch.dtype | None = torch.float16,
+    partial_group: bool = False,
 ) -> IntQuantized | list[IntQuantized]:
     """Quantize ``w: (d_row, d_col)`` with GPTQ (Algorithm 1) given ``hessian: (d_col, d_col)``.
 
     A batch ``w: (L, d_row, d_col)``, ``hessian: (L, d_col, d_col)`` (e.g. one matrix of every layer) runs
     the same column loop for all ``L`` at once and returns a list. ``group_size=None``: one grid per row (per
     channel), from the original weights; else groups of ``group_size`` columns (``block_size`` must be a
-    multiple so each group lies in one block). Returns the packed
-    :class:`~refimpl.quant.integer.IntQuantized` (granularity "channel" or "group") of ``w``. Dead inputs
-    (``H_jj = 0``) get zero weight, as in the authors' code. Raises ``ValueError`` naming the argument for
-    bad shapes, bits, group or block sizes, a negative ``damp`` or a non-finite Hessian.
+    multiple or a divisor of it, so that a group starts where its columns are up to date);
+    ``partial_group=True`` lets the last group be shorter when
+    ``group_size`` does not divide ``d_col`` (column ``j`` in group ``j // group_size``, the authors'
+    ``g_idx``). Returns the packed :class:`~refimpl.quant.integer.IntQuantized` (granularity "channel" or
+    "group") of ``w``. Dead inputs (``H_jj = 0``) get zero weight, as in the authors' code. Raises
+    ``ValueError`` naming the argument for bad shapes, bits, group or block sizes, a negative ``damp`` or a
+    non-finite Hessian.
     """
     check_tensor("w", w, ndim=(2, 3), floating=True)
     check_tensor("hessian", hessian, ndim=w.dim(), floating=True)
@@ -72,65 +76,57 @@ def gptq(
         raise ValueError("w and hessian must be finite, got inf or NaN")
     block_size = check_positive_int("block_size", block_size)
     damp = check_float("damp", damp, min_value=0.0)
-    g = n if group_size is None else check_positive_int("group_size", group_size)
-    if n % g:
-        raise ValueError(f"group_size must divide d_col = {n}, got {g}")
-    if group_size is not None and block_size % g:
-        raise ValueError(f"block_size must be a multiple of group_size = {g}, got {block_size}")
-    if g * bits % 8:
-        raise ValueError(f"group_size * bits must be a multiple of 8 to pack, got {g} * {bits}")
+    granularity = "channel" if group_size is None else "group"
+    g = group_size_for(n, rows, bits, granularity, group_size or n, partial_group, k_name="d_col = w.shape[-1]")
+    if group_size is not None and block_size % g and g % block_size:
+        raise ValueError(f"block_size must be a multiple or a divisor of group_size = {g}, got {block_size}")
 
     cdt = accumulation_dtype(w.dtype)
     W = w.to(cdt).reshape(-1, rows, n).clone()  # (L, d_row, d_col), updated in place
-    H = hessian.to(torch.float64).reshape(-1, n, n).clone()
+    H = hessian.to(cdt).reshape(-1, n, n).clone()
     eye = torch.eye(n, dtype=H.dtype)
     dead = torch.diagonal(H, dim1=1, dim2=2) == 0  # (L, d_col)
     H = torch.where(dead[:, :, None] & dead[:, None, :] & eye.bool(), torch.ones_like(H), H)
     W = W.masked_fill(dead[:, None, :], 0)
     H = H + damp * torch.diagonal(H, dim1=1, dim2=2).mean(-1)[:, None, None] * eye
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(cdt)  # H^-1 = U^T U
+    # H^-1 = U^T U, factored in the weights' compute dtype (fp32 for fp32 weights, as the authors' code)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    n_groups = n // g
+    n_groups = -(-n // g)  # the last one shorter with partial_group
     batch = W.shape[0]
-    Q = torch.empty_like(W)  # the quantized weights, column by column
     scale = torch.empty(batch, rows, n_groups, dtype=stat_dtype or w.dtype)
     zero = torch.zeros_like(scale)
     if group_size is None:  # per channel: the grid of the original row
         scale[..., 0], zero[..., 0] = group_statistics(W, bits, stat_dtype, symmetric)
     qmin, qmax = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    # Columns as rows, (L, d_col, d_row), so that column j and the columns after it are contiguous memory.
+    Wt = W.transpose(1, 2).contiguous()
+    Qt = torch.empty_like(Wt)  # the quantized weights, column by column
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        W1 = W[:, :, i1:i2].clone()  # (L, d_row, B): the block, updated column by column
+        W1 = Wt[:, i1:i2].clone()  # (L, B, d_row): the block, updated column by column
         E1 = torch.zeros_like(W1)
         U1 = U[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
             if j % g == 0:  # a new group: its grid from its current columns (per channel: set above)
                 if group_size is not None:
+                    # a group inside the block: its current columns are in W1; a group of several blocks
+                    # starts at a block start, where the lazy updates have brought all later columns up to date
+                    cols = W1[:, i : i + g] if block_size % g == 0 else Wt[:, j : j + g]
                     scale[..., j // g], zero[..., j // g] = group_statistics(
-                        W1[:, :, i : i + g], bits, stat_dtype, symmetric
+                        cols.transpose(1, 2), bits, stat_dtype, symmetric
                     )
-                s, z = scale[..., j // g].to(cdt), zero[..., j // g].to(cdt)
+                s, z = scale[..., j // g].to(cdt), zero[..., j // g].to(cdt)  # (L, d_row)
                 s_safe = torch.where(s > 0, s, torch.ones_like(s))
             # q_j = quant(w_j) on the group's grid (as refimpl.quant.integer.codes_on_grid)
-            q = ((W1[:, :, i] - z) / s_safe).round_().clamp_(qmin, qmax).mul_(s).add_(z)
-            Q[:, :, j] = q
-            err = (W1[:, :, i] - q) / U1[:, i, i, None]  # E_j = (w_j - q_j) / U_jj
-            W1[:, :, i:] -= err[:, :, None] * U1[:, None, i, i:]  # W_{:, j:} -= E_j U_{j, j:} inside the block
-            E1[:, :, i] = err
-        W[:, :, i2:] -= E1 @ U[:, i1:i2, i2:]  # the lazy batch update of all later columns
-    codes = codes_on_grid(Q.reshape(batch, rows, n_groups, g), scale, zero, bits, symmetric)  # exact: Q is on grid
-    out = [
-        IntQuantized(
-            codes=pack_codes(codes[b], bits),
-            scale=scale[b],
-            zero=None if symmetric else zero[b],
-            bits=bits,
-            granularity="channel" if group_size is None else "group",
-            group_size=g,
-            shape=(rows, n),
-            dtype=w.dtype,
-        )
-        for b in range(batch)
-    ]
+            q = ((W1[:, i] - z) / s_safe).round_().clamp_(qmin, qmax).mul_(s).add_(z)  # (L, d_row)
+            Qt[:, j] = q
+            err = (W1[:, i] - q) / U1[:, i, i, None]  # E_j = (w_j - q_j) / U_jj
+            W1[:, i:] -= U1[:, i, i:, None] * err[:, None, :]  # W_{:, j:} -= E_j U_{j, j:} inside the block
+            E1[:, i] = err
+        Wt[:, i2:] -= U[:, i1:i2, i2:].transpose(1, 2) @ E1  # the lazy batch update of all later columns
+    Q = Qt.transpose(1, 2)  # (L, d_row, d_col)
+    # Q is on each group's grid, so rounding it again gives its codes exactly
+    out = [pack_on_grid(Q[b], scale[b], zero[b], bits, granularity, g, symmetric, w.dtype) for b in range(batch)]
     return out if lead else out[0]

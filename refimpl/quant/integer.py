@@ -20,7 +20,9 @@ weight stored ``(out, in)``, or activations ``(tokens, in)``):
 
 * ``"tensor"``: one group for the whole matrix;
 * ``"channel"`` / ``"token"``: one group per row (an output channel of a weight, a token of activations);
-* ``"group"``: groups of ``group_size`` consecutive elements of a row (GPTQ's and AWQ's ``g128``).
+* ``"group"``: groups of ``group_size`` consecutive elements of a row (GPTQ's and AWQ's ``g128``); with
+  ``partial_group=True`` the last group of a row may be shorter (column ``j`` in group ``j // group_size``,
+  as GPTQ's code assigns ``g_idx``), for widths such as SmolLM2's 576 that 128 does not divide.
 
 Codes are packed ``8 / B`` to a byte (four 2-bit or two 4-bit codes), code ``i`` of a byte in bits
 ``[B i, B i + B)``; :func:`unpack_codes` inverts :func:`pack_codes` exactly. :meth:`IntQuantized.nbytes`
@@ -30,6 +32,7 @@ counts the packed codes, the scales and the zero points.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,8 +48,10 @@ __all__ = [
     "dequantize_groups",
     "dequantize_int",
     "fake_quantize_int",
+    "group_size_for",
     "group_statistics",
     "pack_codes",
+    "pack_on_grid",
     "quantize_groups",
     "quantize_int",
     "unpack_codes",
@@ -183,9 +188,12 @@ def unpack_codes(packed: Tensor, bits: int) -> Tensor:
 class IntQuantized:
     """A matrix ``(rows, K)`` quantized to ``bits``-bit integers at some granularity.
 
-    ``codes: (n_rows, n_groups, G * bits / 8)`` packed bytes; ``scale: (n_rows, n_groups)`` and, for
-    asymmetric quantization, ``zero`` of the same shape (``None`` when symmetric: nothing stored). ``n_rows``
-    is 1 per tensor, ``rows`` otherwise; ``n_groups`` is ``K / group_size`` per group, else 1.
+    ``codes: (n_rows, n_full, G * bits / 8)`` packed bytes of the groups of ``G = group_size``;
+    ``scale: (n_rows, n_groups)`` and, for asymmetric quantization, ``zero`` of the same shape (``None`` when
+    symmetric: nothing stored). ``n_rows`` is 1 per tensor, ``rows`` otherwise; ``n_groups`` is ``K / G`` per
+    group, else 1. With a partial last group (``K % G = r > 0``, GPTQ's ``column // G`` convention),
+    ``n_full = K // G``, ``n_groups = n_full + 1`` and ``tail: (n_rows, 1, r * bits / 8)`` holds the last,
+    shorter group's codes; ``tail`` is ``None`` otherwise.
     """
 
     codes: Tensor
@@ -196,14 +204,15 @@ class IntQuantized:
     group_size: int
     shape: tuple[int, int]
     dtype: torch.dtype
+    tail: Tensor | None = None
 
     @property
     def symmetric(self) -> bool:
         return self.zero is None
 
     def nbytes(self) -> int:
-        """Bytes stored: packed codes plus scales plus zero points (if asymmetric)."""
-        held = [self.codes, self.scale] + ([] if self.zero is None else [self.zero])
+        """Bytes stored: packed codes (the tail's included) plus scales plus zero points (if asymmetric)."""
+        held = [self.codes, self.scale] + [t for t in (self.zero, self.tail) if t is not None]
         return sum(t.numel() * t.element_size() for t in held)
 
     def bits_per_element(self) -> float:
@@ -211,13 +220,87 @@ class IntQuantized:
         return 8 * self.nbytes() / (self.shape[0] * self.shape[1])
 
 
-def _grouped(x: Tensor, granularity: str, group_size: int) -> Tensor:
+def _grouped(x: Tensor, granularity: str, group_size: int) -> list[Tensor]:
+    """``x: (rows, K)`` as its groups: ``[(n_rows, n_full, G)]``, plus ``(rows, 1, r)`` for a partial last
+    group of ``r = K % G`` columns."""
     rows, k = x.shape
     if granularity == "tensor":
-        return x.reshape(1, 1, rows * k)  # (1, 1, rows K)
+        return [x.reshape(1, 1, rows * k)]  # (1, 1, rows K)
     if granularity in ("channel", "token"):
-        return x.reshape(rows, 1, k)  # (rows, 1, K)
-    return x.reshape(rows, k // group_size, group_size)  # (rows, K/G, G)
+        return [x.reshape(rows, 1, k)]  # (rows, 1, K)
+    full = k - k % group_size
+    pieces = [x[:, :full].reshape(rows, full // group_size, group_size)]  # (rows, K // G, G)
+    return pieces + ([x[:, full:].reshape(rows, 1, k - full)] if full < k else [])  # (rows, 1, r)
+
+
+def group_size_for(
+    k: int,
+    rows: int,
+    bits: int,
+    granularity: str,
+    group_size: int,
+    partial_group: bool = False,
+    k_name: str = "K = x.shape[1]",
+) -> int:
+    """The group size ``G`` that ``granularity`` implies for ``x: (rows, K)`` (``rows * K`` per tensor, ``K``
+    per channel or token), after checking that ``G`` divides ``K`` (or ``partial_group``) and that a group,
+    and the partial one, packs into whole bytes (``k_name`` names ``K`` in the messages). Raises
+    ``ValueError`` naming the argument otherwise."""
+    check_choice("bits", bits, BITS)
+    check_choice("granularity", granularity, GRANULARITIES)
+    if granularity == "group":
+        group_size = check_positive_int("group_size", group_size)
+        if k % group_size and not partial_group:
+            raise ValueError(
+                f"group_size must divide {k_name} = {k}, got group_size={group_size} "
+                f"(partial_group=True keeps a shorter last group of {k % group_size}, GPTQ's convention)"
+            )
+        if group_size > k:
+            raise ValueError(f"group_size must be at most {k_name} = {k}, got group_size={group_size}")
+        sizes = [group_size] + ([k % group_size] if k % group_size else [])
+    else:
+        group_size = rows * k if granularity == "tensor" else k
+        sizes = [group_size]
+    for g in sizes:
+        if g * bits % 8:
+            raise ValueError(
+                f"a group of {g} {bits}-bit codes does not pack into whole bytes "
+                f"(group_size * bits, and (K % group_size) * bits, must be multiples of 8)"
+            )
+    return group_size
+
+
+def pack_on_grid(
+    x: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    bits: int,
+    granularity: str,
+    group_size: int,
+    symmetric: bool,
+    dtype: torch.dtype | None = None,
+) -> IntQuantized:
+    """Round ``x: (rows, K)`` onto the grids ``scale, zero: (n_rows, n_groups)`` (already computed, e.g. by
+    GPTQ) and pack the codes into an :class:`IntQuantized` that reconstructs in ``dtype`` (``None``: that of
+    ``x``); ``group_size`` as :func:`group_size_for` returns."""
+    pieces = _grouped(x, granularity, group_size)
+    packed, start = [], 0
+    for piece in pieces:
+        n = piece.shape[1]
+        s, z = scale[:, start : start + n], zero[:, start : start + n]
+        packed.append(pack_codes(codes_on_grid(piece, s, z, bits, symmetric), bits))
+        start += n
+    return IntQuantized(
+        codes=packed[0],
+        scale=scale,
+        zero=None if symmetric else zero,
+        bits=bits,
+        granularity=granularity,
+        group_size=group_size,
+        shape=(x.shape[0], x.shape[1]),
+        dtype=x.dtype if dtype is None else dtype,
+        tail=packed[1] if len(packed) > 1 else None,
+    )
 
 
 def quantize_int(
@@ -227,60 +310,43 @@ def quantize_int(
     group_size: int = 128,
     symmetric: bool = True,
     stat_dtype: torch.dtype | None = torch.float16,
+    partial_group: bool = False,
 ) -> IntQuantized:
     """Quantize ``x: (rows, K)`` to ``bits``-bit integers per tensor / channel / token / group.
 
-    ``granularity="group"`` uses groups of ``group_size`` along ``K`` (ignored otherwise). Symmetric
-    (absmax) by default, as in LLM.int8() and GPTQ's symmetric mode; ``symmetric=False`` adds a zero point
-    per group (KIVI, GPTQ's default). Raises ``ValueError`` naming the argument for unsupported ``bits``, a
-    ``group_size`` that does not divide ``K``, a group that does not pack into whole bytes, or inf/NaN in
+    ``granularity="group"`` uses groups of ``group_size`` along ``K`` (ignored otherwise); ``group_size``
+    must divide ``K`` unless ``partial_group=True``, which keeps a shorter last group of ``K % group_size``
+    columns with its own statistics (column ``j`` in group ``j // group_size``, GPTQ's and AutoGPTQ's
+    convention), its bytes counted in :meth:`IntQuantized.nbytes`. Symmetric (absmax) by default, as in
+    LLM.int8() and GPTQ's symmetric mode; ``symmetric=False`` adds a zero point per group (KIVI, GPTQ's
+    default). Raises ``ValueError`` naming the argument for unsupported ``bits``, a ``group_size`` that does
+    not divide ``K`` (without ``partial_group``), a group that does not pack into whole bytes, or inf/NaN in
     ``x``.
     """
     check_tensor("x", x, ndim=2, floating=True)
-    check_choice("bits", bits, BITS)
-    check_choice("granularity", granularity, GRANULARITIES)
     rows, k = x.shape
     if rows == 0 or k == 0:
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
-    if granularity == "group":
-        group_size = check_positive_int("group_size", group_size)
-        if k % group_size:
-            raise ValueError(f"group_size must divide K = x.shape[1] = {k}, got group_size={group_size}")
-    else:
-        group_size = rows * k if granularity == "tensor" else k
-    if group_size * bits % 8:
-        raise ValueError(
-            f"a group of {group_size} {bits}-bit codes does not pack into whole bytes "
-            f"(group_size * bits must be a multiple of 8)"
-        )
-    codes, scale, zero = quantize_groups(_grouped(x, granularity, group_size), bits, stat_dtype, symmetric)
-    return IntQuantized(
-        codes=pack_codes(codes, bits),
-        scale=scale,
-        zero=None if symmetric else zero,
-        bits=bits,
-        granularity=granularity,
-        group_size=group_size,
-        shape=(rows, k),
-        dtype=x.dtype,
-    )
+    group_size = group_size_for(k, rows, bits, granularity, group_size, partial_group)
+    stats = [group_statistics(piece, bits, stat_dtype, symmetric) for piece in _grouped(x, granularity, group_size)]
+    scale, zero = (torch.cat(t, dim=1) for t in zip(*stats, strict=True))  # (n_rows, n_groups)
+    return pack_on_grid(x, scale, zero, bits, granularity, group_size, symmetric)
 
 
 def dequantize_int(q: IntQuantized) -> Tensor:
     """Reconstruct the ``(rows, K)`` matrix (in ``q.dtype``) from an :class:`IntQuantized`."""
-    codes = unpack_codes(q.codes, q.bits)
     zero = torch.zeros_like(q.scale) if q.zero is None else q.zero
     offset = 2 ** (q.bits - 1) if q.zero is None else 0
-    return dequantize_groups(codes, q.scale, zero, q.dtype, offset).reshape(q.shape)
+    n_full = q.codes.shape[1]
+    out = [dequantize_groups(unpack_codes(q.codes, q.bits), q.scale[:, :n_full], zero[:, :n_full], q.dtype, offset)]
+    if q.tail is not None:
+        out.append(
+            dequantize_groups(unpack_codes(q.tail, q.bits), q.scale[:, n_full:], zero[:, n_full:], q.dtype, offset)
+        )
+    return torch.cat([o.reshape(q.shape[0], -1) for o in out], dim=1)  # (rows, K): groups are row-major
 
 
-def fake_quantize_int(
-    x: Tensor,
-    bits: int,
-    granularity: str = "group",
-    group_size: int = 128,
-    symmetric: bool = True,
-    stat_dtype: torch.dtype | None = torch.float16,
-) -> Tensor:
-    """``dequantize_int(quantize_int(x, ...))``: ``x: (rows, K)`` with its quantization error applied."""
-    return dequantize_int(quantize_int(x, bits, granularity, group_size, symmetric, stat_dtype))
+def fake_quantize_int(x: Tensor, bits: int, *args: Any, **kwargs: Any) -> Tensor:
+    """``dequantize_int(quantize_int(x, bits, ...))`` (the same arguments): ``x: (rows, K)`` with its
+    quantization error applied."""
+    return dequantize_int(quantize_int(x, bits, *args, **kwargs))

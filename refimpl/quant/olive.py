@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from refimpl._checks import check_tensor
+from refimpl._dtypes import accumulation_dtype
 from refimpl.quant.integer import pack_codes, unpack_codes
 
 __all__ = ["ABFLOAT_BIAS", "abfloat_values", "olive_decode", "olive_encode", "olive_fake_quantize"]
@@ -38,7 +39,7 @@ def abfloat_values() -> Tensor:
 
 
 def _encode_with_scale(x: Tensor, s: Tensor) -> Tensor:
-    """4-bit codes ``(rows, K)`` of ``x: (rows, K)`` (float64) for row scales ``s: (rows, 1)``."""
+    """4-bit codes ``(rows, K)`` of ``x: (rows, K)`` (fp32 or fp64) for row scales ``s: (rows, 1)``."""
     rows, k = x.shape
     y = (x / s).view(rows, k // 2, 2)  # pairs, in units of s
     mag = y.abs()
@@ -57,22 +58,34 @@ def _encode_with_scale(x: Tensor, s: Tensor) -> Tensor:
     return codes.view(rows, k)
 
 
-def olive_decode(codes: Tensor, scale: Tensor) -> Tensor:
-    """Numbers ``(rows, K)`` (float64) from 4-bit ``codes: (rows, K)`` (unpacked) and ``scale: (rows, 1)``:
-    a pair holding the identifier is (abfloat outlier, 0), any other pair two int4 numbers."""
+def olive_decode(codes: Tensor, scale: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Numbers ``(rows, K)`` in ``dtype`` from 4-bit ``codes: (rows, K)`` (unpacked) and ``scale: (rows, 1)``:
+    a pair holding the identifier is (abfloat outlier, 0), any other pair two int4 numbers. Exact in fp32 as
+    well: small integers and abfloat magnitudes times an fp16 scale."""
     rows, k = codes.shape
     c = codes.view(rows, k // 2, 2).long()
     victim = c == IDENTIFIER
     pair_has = victim.any(-1, keepdim=True)
-    normal = (c - 8).double()
-    out_mag = abfloat_values()[c & 7]
+    normal = (c - 8).to(dtype)
+    out_mag = abfloat_values().to(dtype)[c & 7]
     out_val = torch.where((c >> 3) == 1, -out_mag, out_mag)
     vals = torch.where(pair_has, torch.where(victim, torch.zeros_like(out_val), out_val), normal)
-    return vals.view(rows, k) * scale.double()
+    return vals.view(rows, k) * scale.to(dtype)
 
 
 def _row_error(x: Tensor, s: Tensor) -> Tensor:
-    return ((olive_decode(_encode_with_scale(x, s), s) - x) ** 2).sum(1)
+    """``||olive_decode(_encode_with_scale(x, s), s) - x||^2`` per row without building the codes: a pair
+    without an outlier costs its int4 rounding errors; a pair with one costs the abfloat rounding of its
+    larger number and the pruned smaller one (in units of ``s``, times ``s^2``)."""
+    rows, k = x.shape
+    mag = (x / s).abs().view(rows, k // 2, 2)  # pairs, in units of s
+    hi, lo = mag.amax(-1), mag.amin(-1)  # (rows, K/2)
+    d = (mag.round().clamp(max=7) - mag).square()  # |round(y)| = round(|y|): rounding is symmetric
+    normal = d[..., 0] + d[..., 1]
+    ab = abfloat_values()[1:].to(mag.dtype)
+    kept = ab[torch.bucketize(hi, (ab[1:] + ab[:-1]) / 2)]  # the nearest abfloat magnitude, saturating
+    pair_err = torch.where(hi > 7.5, (kept - hi).square() + lo.square(), normal)
+    return pair_err.sum(1) * s[:, 0].square()
 
 
 def olive_encode(x: Tensor, n_candidates: int = 32) -> tuple[Tensor, Tensor]:
@@ -86,24 +99,24 @@ def olive_encode(x: Tensor, n_candidates: int = 32) -> tuple[Tensor, Tensor]:
         raise ValueError(f"x must have an even, non-zero number of columns (pairs), got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x must be finite, got inf or NaN")
-    xd = x.double()
-    amax = xd.abs().amax(1, keepdim=True)
+    xc = x.to(accumulation_dtype(x.dtype))  # fp32 for fp32 x, fp64 for fp64
+    amax = x.double().abs().amax(1, keepdim=True)
     amax = torch.where(amax > 0, amax, torch.ones_like(amax))
     best_s, best_err = None, None
     for c in torch.logspace(0, torch.log10(torch.tensor(12.0)), n_candidates, dtype=torch.float64):
         s = (amax / (7 * c)).half().double()  # candidates as they will be stored (fp16)
-        err = _row_error(xd, s)
+        err = _row_error(xc, s.to(xc.dtype))  # the search in the compute dtype (fp32 for fp32 x)
         if best_err is None:
             best_s, best_err = s, err
         else:
             better = (err < best_err)[:, None]
             best_s = torch.where(better, s, best_s)
             best_err = torch.minimum(err, best_err)
-    codes = _encode_with_scale(xd, best_s)
+    codes = _encode_with_scale(xc, best_s.to(xc.dtype))
     return pack_codes(codes, 4), best_s.half()
 
 
 def olive_fake_quantize(x: Tensor, n_candidates: int = 32) -> Tensor:
     """``x: (rows, K)`` through OliVe's 4-bit encoding and back (same dtype)."""
     packed, scale = olive_encode(x, n_candidates)
-    return olive_decode(unpack_codes(packed, 4), scale).to(x.dtype)
+    return olive_decode(unpack_codes(packed, 4), scale, accumulation_dtype(x.dtype)).to(x.dtype)
