@@ -123,6 +123,8 @@ def _install(app: Any, config: Any) -> None:
 
     global _app
     _app = app
+    # The kernels that execute the notebooks inherit this: refimpl.display.progress shows no bar in a built page.
+    os.environ["REFIMPL_PROGRESS"] = "0"
     for name in _MYST_NB_EXECUTORS:
         module = importlib.import_module(name)
         if not hasattr(module, "single_nb_execution"):
