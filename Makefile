@@ -83,6 +83,8 @@ bench: venv
 ## environment; a root user (containers, course machines) gets --allow-root, without which JupyterLab refuses to start.
 lab: venv
 	install -D -m 644 tools/jupyterlab/overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
+	# jupytext's JupyterLab extension needs JupyterLab 4.6 (which jupyterlab-myst does not support) and fails to load.
+	$(VENV)/bin/jupyter labextension disable --level=sys_prefix jupyterlab-jupytext >/dev/null
 	$(VENV)/bin/jupyter lab $$([ "$$(id -u)" = 0 ] && echo --allow-root) chapters/
 
 clean:

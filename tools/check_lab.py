@@ -46,6 +46,8 @@ TEST_SETTINGS = {
     "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": {"autosave": False},
 }
 
+DISABLED_EXTENSIONS = json.dumps({"disabledExtensions": {"jupyterlab-jupytext": True}})
+
 # Runs in the page: the state of the notebook's cells.
 CELL_STATE = """
 () => {
@@ -82,6 +84,9 @@ def lab_server(root_dir: Path, scratch: Path, timeout_s: float = 120) -> Iterato
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "tools" / "jupyterlab" / "overrides.json", dirs["app"] / "overrides.json")
+    # As `make lab` does: jupytext's extension needs JupyterLab 4.6 and fails to load in 4.5.
+    (dirs["config"] / "labconfig").mkdir()
+    (dirs["config"] / "labconfig" / "page_config.json").write_text(DISABLED_EXTENSIONS)
     for name, values in TEST_SETTINGS.items():
         path = dirs["settings"] / name
         path.parent.mkdir(parents=True, exist_ok=True)
