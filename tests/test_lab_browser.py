@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tools.check_lab import check_notebook
+from tools.check_lab import check_notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
 md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
@@ -42,8 +42,6 @@ def test_a_notebook_with_eval_prose_and_a_widget_passes_and_each_defect_fails(tm
             code(WIDGET.format("'n is', n")),
         ],
     )
-    report = check_notebook(good, timeout_s=90)
-    assert report["problems"] == [] and report["evals"] == 2 and report["widgets"] == 1, report
     bad = _notebook(
         tmp_path / "bad.ipynb",
         [
@@ -55,7 +53,10 @@ def test_a_notebook_with_eval_prose_and_a_widget_passes_and_each_defect_fails(tm
             md("After the failure: {eval}`glued.n + 1`."),
         ],
     )
-    problems = "\n".join(check_notebook(bad, timeout_s=90)["problems"])
+    reports = check_notebooks([good, bad], timeout_s=90)  # one JupyterLab for both
+    report = reports["good.ipynb"]
+    assert report["problems"] == [] and report["evals"] == 2 and report["widgets"] == 1, report
+    problems = "\n".join(reports["bad.ipynb"]["problems"])
     assert "raw markup in the prose" in problems and "{glue:text}" in problems, problems
     assert "widget 0: its output did not change" in problems, problems
     assert "error/stderr output in a cell" in problems and "a failing cell" in problems, problems
@@ -64,6 +65,6 @@ def test_a_notebook_with_eval_prose_and_a_widget_passes_and_each_defect_fails(tm
 
 @pytest.mark.slow
 def test_the_flash_attention_chapter_runs_in_jupyterlab() -> None:
-    report = check_notebook(ROOT / "chapters" / "flash_attention.ipynb", timeout_s=240)
+    report = check_notebooks([ROOT / "chapters" / "flash_attention.ipynb"])["flash_attention.ipynb"]
     assert report["problems"] == [], report
     assert report["evals"] > 30 and report["widgets"] >= 1, report

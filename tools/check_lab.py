@@ -207,10 +207,8 @@ def _check_widgets(page) -> tuple[list[str], int]:
     return problems, boxes.count()
 
 
-def check_notebook(notebook: Path, timeout_s: float = 240) -> dict:
-    """Open a copy of ``notebook`` in a fresh JupyterLab, run all cells, and check the page; returns a report."""
+def _check_page(page, base: str, token: str, notebook: Path, timeout_s: float) -> dict:
     import nbformat
-    from playwright.sync_api import sync_playwright
 
     cells = nbformat.read(notebook, 4).cells
     # jupyterlab-myst renders a role it does not know, such as {glue:text}`key:.1f`, as its bare content ("key:.1f"):
@@ -218,28 +216,41 @@ def check_notebook(notebook: Path, timeout_s: float = 240) -> dict:
     glue_roles = [m for c in cells if c.cell_type == "markdown" for m in GLUE_ROLE.findall(c.source)]
     expressions = [e for c in cells if c.cell_type == "markdown" for e in EVAL.findall(c.source)]
     started = time.monotonic()
+    js_errors: list[str] = []
+    page.on("pageerror", lambda error: js_errors.append(f"JavaScript error: {error}"))
+    # ?reset: a fresh workspace, so only this notebook is open.
+    page.goto(f"{base}/lab/tree/{notebook.name}?reset&token={token}", timeout=120_000)
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+    # Run All before the kernel is up makes jupyterlab-myst fail on the first markdown cell ("Session has no
+    # kernel"), and the run stops there: wait for the status bar's "| Idle".
+    page.wait_for_function("() => document.body.innerText.includes('| Idle')", timeout=120_000)
+    problems = _run_all(page, timeout_s)
+    problems += [f"raw markup in the prose: {r} (JupyterLab shows the bare key)" for r in glue_roles]
+    problems += _check_prose(page, expressions)
+    widget_problems, widgets = _check_widgets(page)
+    problems += widget_problems + js_errors
+    return {"problems": problems, "evals": len(expressions), "widgets": widgets, "seconds": time.monotonic() - started}
+
+
+def check_notebooks(notebooks: list[Path], timeout_s: float = 240) -> dict[str, dict]:
+    """Open a copy of each notebook (distinct names) in one fresh JupyterLab, run all its cells and check the page;
+    returns ``{name: report}`` with the report's ``problems``, ``evals``, ``widgets`` and ``seconds``."""
+    from playwright.sync_api import sync_playwright
+
+    reports = {}
     with tempfile.TemporaryDirectory(prefix="check-lab-") as tmp:
         work = Path(tmp) / "notebooks"
         work.mkdir()
-        shutil.copy(notebook, work / notebook.name)
+        for notebook in notebooks:
+            shutil.copy(notebook, work / notebook.name)
         with lab_server(work, Path(tmp) / "jupyter") as (base, token), sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            js_errors: list[str] = []
-            page.on("pageerror", lambda error: js_errors.append(f"JavaScript error: {error}"))
-            page.goto(f"{base}/lab/tree/{notebook.name}?token={token}", timeout=120_000)
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-            # Run All before the kernel is up makes jupyterlab-myst fail on the first markdown cell ("Session has
-            # no kernel"), and the run stops there: wait for the status bar's "| Idle".
-            page.wait_for_function("() => document.body.innerText.includes('| Idle')", timeout=120_000)
-            problems = _run_all(page, timeout_s)
-            problems += [f"raw markup in the prose: {r} (JupyterLab shows the bare key)" for r in glue_roles]
-            problems += _check_prose(page, expressions)
-            widget_problems, widgets = _check_widgets(page)
-            problems += widget_problems
-            problems += js_errors
+            for notebook in notebooks:
+                context = browser.new_context(viewport={"width": 1400, "height": 1000})
+                reports[notebook.name] = _check_page(context.new_page(), base, token, notebook, timeout_s)
+                context.close()
             browser.close()
-    return {"problems": problems, "evals": len(expressions), "widgets": widgets, "seconds": time.monotonic() - started}
+    return reports
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,11 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=240, help="seconds Run All may take")
     args = parser.parse_args(argv)
     failed = 0
-    for nb in args.notebooks:
-        report = check_notebook(nb, args.timeout)
+    for name, report in check_notebooks(args.notebooks, args.timeout).items():
         failed += bool(report["problems"])
         status = "FAIL" if report["problems"] else "ok  "
-        print(f"{status} {nb.name}: {report['evals']} {{eval}} values, {report['widgets']} widgets moved, "
+        print(f"{status} {name}: {report['evals']} {{eval}} values, {report['widgets']} widgets moved, "
               f"{report['seconds']:.0f} s")  # fmt: skip
         for p in report["problems"]:
             print(f"       - {p}")
