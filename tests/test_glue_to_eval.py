@@ -28,12 +28,15 @@ def test_a_chapter_converts_to_eval_expressions_that_show_what_glue_showed(tmp_p
         code(IMPORTS),
         code('r = 2 / 3\nglue("ratio", r, display=False)\nfor i in range(2):\n    glue("count", i, display=False)'),
         md("The ratio is {glue:text}`ratio:.2f` ({glue:text}`ratio:.1%`), the count {glue:text}`count`."),
-        code('glue("big", math.pi * 1e6, display=False)  # a comment stays'),
-        md("Large: {glue}`big:,.0f`."),
+        code(
+            'glue("big", math.pi * 1e6, display=False)  # a comment stays\n'
+            'glue(\n    "word",\n    "yes"\n    if r > 0\n    else "no",\n    display=False,\n)'
+        ),
+        md("Large: {glue}`big:,.0f`, {glue:text}`word`."),
     ]
     path = _write(tmp_path / "ch.ipynb", cells)
     result = glue_to_eval.convert(path)
-    assert result.problems == [] and result.references == 4
+    assert result.problems == [] and result.references == 5
     nb = nbformat.read(path, 4)
     sources = [c.source for c in nb.cells]
     assert "glued = SimpleNamespace()" in sources[0] and "from myst_nb" not in sources[0]
@@ -51,7 +54,7 @@ def test_a_chapter_converts_to_eval_expressions_that_show_what_glue_showed(tmp_p
         for expr in re.findall(r"\{eval\}`([^`]+)`", c.source)
     ]
     pi = 3.141592653589793e6
-    assert shown == [format(2 / 3, ".2f"), format(2 / 3, ".1%"), "1", format(pi, ",.0f")]
+    assert shown == [format(2 / 3, ".2f"), format(2 / 3, ".1%"), "1", format(pi, ",.0f"), "yes"]
 
 
 def test_a_chapter_that_needs_a_hand_is_left_unchanged(tmp_path: Path) -> None:

@@ -94,6 +94,8 @@ def _convert_code(
             problems.append(f"cell {index}: glue({label}, ...) also displays its value; convert it by hand")
             continue
         value = ast.get_source_segment(source, call.args[1])
+        if "\n" in value:  # its later lines keep their indentation: valid inside parentheses only
+            value = f"({value})"
         start = offsets[node.lineno - 1] + node.col_offset
         end = offsets[node.end_lineno - 1] + node.end_col_offset
         if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
