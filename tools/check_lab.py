@@ -219,7 +219,7 @@ def _check_page(page, base: str, token: str, notebook: Path, timeout_s: float) -
     js_errors: list[str] = []
     page.on("pageerror", lambda error: js_errors.append(f"JavaScript error: {error}"))
     # ?reset: a fresh workspace, so only this notebook is open.
-    page.goto(f"{base}/lab/tree/{notebook.name}?reset&token={token}", timeout=120_000)
+    page.goto(f"{base}/lab/tree/chapters/{notebook.name}?reset&token={token}", timeout=120_000)
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
     # Run All before the kernel is up makes jupyterlab-myst fail on the first markdown cell ("Session has no
     # kernel"), and the run stops there: wait for the status bar's "| Idle".
@@ -239,10 +239,12 @@ def check_notebooks(notebooks: list[Path], timeout_s: float = 240) -> dict[str, 
 
     reports = {}
     with tempfile.TemporaryDirectory(prefix="check-lab-") as tmp:
-        work = Path(tmp) / "notebooks"
-        work.mkdir()
+        # The copies sit in chapters/ beside the repository's data/, as the chapters do (they read ../data/...).
+        work = Path(tmp) / "book"
+        (work / "chapters").mkdir(parents=True)
+        (work / "data").symlink_to(ROOT / "data")
         for notebook in notebooks:
-            shutil.copy(notebook, work / notebook.name)
+            shutil.copy(notebook, work / "chapters" / notebook.name)
         with lab_server(work, Path(tmp) / "jupyter") as (base, token), sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
             for notebook in notebooks:
