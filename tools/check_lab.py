@@ -140,20 +140,21 @@ def lab_server(root_dir: Path, scratch: Path, timeout_s: float = 120) -> Iterato
 
 
 def _run_all(page, timeout_s: float) -> list[str]:
-    """Click Run > Run All Cells and wait until every code cell ran or one failed; returns the problems."""
+    """Click Run > Run All Cells and wait until every code cell ran, or the run stopped at an error (Run All queues
+    every cell at once, "[*]", and a failing cell sends the rest back to "[ ]"); returns the problems."""
     page.locator('.lm-MenuBar-item:has-text("Run")').first.click()
     page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
     deadline = time.monotonic() + timeout_s
     while True:
-        state = page.evaluate(CELL_STATE)
-        if state["errors"]:
-            return [f"error/stderr output in a cell: {e}" for e in state["errors"]]
-        if state["prompts"] and all(re.fullmatch(r"\[\d+\]:", p) for p in state["prompts"]):
-            return []
-        if time.monotonic() > deadline:
-            waiting = sum(not re.fullmatch(r"\[\d+\]:", p) for p in state["prompts"])
-            return [f"Run All did not finish in {timeout_s:.0f} s ({waiting} code cells not run)"]
         time.sleep(1)
+        state = page.evaluate(CELL_STATE)
+        ran = [bool(re.fullmatch(r"\[\d+\]:", p)) for p in state["prompts"]]
+        running = "[*]:" in state["prompts"]
+        if (ran and all(ran)) or (state["errors"] and not running):
+            return [f"error/stderr output in a cell: {e}" for e in state["errors"]]
+        if time.monotonic() > deadline:
+            problems = [f"error/stderr output in a cell: {e}" for e in state["errors"]]
+            return [*problems, f"Run All did not finish in {timeout_s:.0f} s ({ran.count(False)} code cells not run)"]
 
 
 def _check_prose(page, expressions: list[str]) -> list[str]:
