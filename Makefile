@@ -77,12 +77,14 @@ browser: venv chromium
 bench: venv
 	for b in benchmarks/bench_*.py; do case $$b in *_gpu.py) continue;; esac; echo "== $$b"; $(PY) $$b; done
 
-## Open the notebooks in JupyterLab with the project's environment as the kernel. The project's JupyterLab settings
-## (tools/jupyterlab/overrides.json: no news pop-up, no update check) are installed into the environment; a root
-## user (containers, course machines) gets --allow-root, without which JupyterLab refuses to start.
+## Open the notebooks in JupyterLab with the project's environment as the kernel. JupyterLab and jupyterlab-myst
+## (MyST prose, and the {eval} numbers filled in as the cells run) are pinned in requirements.txt. The project's
+## JupyterLab settings (tools/jupyterlab/overrides.json: no news pop-up, no update check) are installed into the
+## environment; a root user (containers, course machines) gets --allow-root, without which JupyterLab refuses to start.
 lab: venv
-	$(PY) -m pip install --quiet jupyterlab==4.6.6
 	install -D -m 644 tools/jupyterlab/overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
+	# jupytext's JupyterLab extension needs JupyterLab 4.6 (which jupyterlab-myst does not support) and fails to load.
+	$(VENV)/bin/jupyter labextension disable --level=sys_prefix jupyterlab-jupytext >/dev/null
 	$(VENV)/bin/jupyter lab $$([ "$$(id -u)" = 0 ] && echo --allow-root) chapters/
 
 clean:

@@ -16,6 +16,10 @@ multiplies both; ``BOOK_FULL=1`` (the chapters' size knob) lifts the budget and 
 timeout.
 
 At the end of reading, the build log lists each notebook's execution time against the budget.
+
+Both execution modes the book can use are timed: ``cache``/``force`` (jupyter-cache's ``single_nb_execution``) and
+``inline`` (myst-nb runs the cells while it reads the page, which ``{eval}`` in the prose needs): the same per-cell
+hooks are installed on the inline client.
 """
 
 from __future__ import annotations
@@ -38,26 +42,38 @@ def _cell_label(cell: Any, cell_index: int) -> str:
     return f"cell {cell_index} ({first[:60]!r})"
 
 
+def _cell_hooks(timeout: int | None) -> tuple[Any, Any, dict[int, float]]:
+    """nbclient's ``on_cell_execute`` and ``on_cell_executed`` hooks that time each cell into the returned dict and
+    turn a cell that kept the client waiting for the whole timeout into ``CellTimeoutError``."""
+    started: dict[int, float] = {}
+    seconds: dict[int, float] = {}
+
+    def on_cell_execute(cell: Any, cell_index: int) -> None:
+        started[cell_index] = time.perf_counter()
+
+    def on_cell_executed(cell: Any, cell_index: int, execute_reply: Any) -> None:
+        seconds[cell_index] = elapsed = time.perf_counter() - started[cell_index]
+        if timeout and elapsed >= timeout:
+            raise CellTimeoutError.error_from_timeout_and_cell(
+                f"{_cell_label(cell, cell_index)} kept the client waiting for the whole per-cell timeout "
+                f"({elapsed:.1f} s) although the kernel finished it: its execute_reply was missed",
+                timeout,
+                cell,
+            )
+
+    return on_cell_execute, on_cell_executed, seconds
+
+
+def _record(seconds: dict[int, float]) -> None:
+    if _app is not None and _app.env.docname:
+        _app.env.book_cell_seconds[_app.env.docname] = seconds
+
+
 def _timed_execution(single_nb_execution: Any) -> Any:
     """Wrap jupyter-cache's ``single_nb_execution`` so each cell's wall time on the client side is checked."""
 
     def run(nb: Any, cwd: Any, timeout: int | None, allow_errors: bool, **kwargs: Any) -> Any:
-        started: dict[int, float] = {}
-        seconds: dict[int, float] = {}
-
-        def on_cell_execute(cell: Any, cell_index: int) -> None:
-            started[cell_index] = time.perf_counter()
-
-        def on_cell_executed(cell: Any, cell_index: int, execute_reply: Any) -> None:
-            seconds[cell_index] = elapsed = time.perf_counter() - started[cell_index]
-            if timeout and elapsed >= timeout:
-                raise CellTimeoutError.error_from_timeout_and_cell(
-                    f"{_cell_label(cell, cell_index)} kept the client waiting for the whole per-cell timeout "
-                    f"({elapsed:.1f} s) although the kernel finished it: its execute_reply was missed",
-                    timeout,
-                    cell,
-                )
-
+        on_cell_execute, on_cell_executed, seconds = _cell_hooks(timeout)
         result = single_nb_execution(
             nb,
             cwd=cwd,
@@ -67,12 +83,24 @@ def _timed_execution(single_nb_execution: Any) -> Any:
             on_cell_executed=on_cell_executed,
             **kwargs,
         )
-        if _app is not None and _app.env.docname:
-            _app.env.book_cell_seconds[_app.env.docname] = seconds
+        _record(seconds)
         return result
 
     run.wrapped = single_nb_execution  # type: ignore[attr-defined]
     return run
+
+
+def _timed_inline_start(start_client: Any) -> Any:
+    """Wrap myst-nb's ``NotebookClientInline.start_client`` so its nbclient gets the same per-cell hooks."""
+
+    def start(self: Any) -> None:
+        start_client(self)
+        client = self._client
+        client.on_cell_execute, client.on_cell_executed, seconds = _cell_hooks(client.timeout)
+        _record(seconds)  # filled in as the page is read and its cells run
+
+    start.wrapped = start_client  # type: ignore[attr-defined]
+    return start
 
 
 def _full_size() -> bool:
@@ -95,12 +123,18 @@ def _install(app: Any, config: Any) -> None:
 
     global _app
     _app = app
+    # The kernels that execute the notebooks inherit this: refimpl.display.progress shows no bar in a built page.
+    os.environ["REFIMPL_PROGRESS"] = "0"
     for name in _MYST_NB_EXECUTORS:
         module = importlib.import_module(name)
         if not hasattr(module, "single_nb_execution"):
             raise RuntimeError(f"book_budget: {name} no longer calls single_nb_execution; update _ext/book_budget.py")
         if not hasattr(module.single_nb_execution, "wrapped"):
             module.single_nb_execution = _timed_execution(module.single_nb_execution)
+    from myst_nb.core.execute.inline import NotebookClientInline
+
+    if not hasattr(NotebookClientInline.start_client, "wrapped"):
+        NotebookClientInline.start_client = _timed_inline_start(NotebookClientInline.start_client)
     if config.nb_execution_timeout:
         config.nb_execution_timeout = round(config.nb_execution_timeout * _time_scale() * (4 if _full_size() else 1))
 
@@ -121,10 +155,10 @@ def _report(app: Any, env: Any) -> None:
             continue
         runtime = float(exec_data["runtime"])
         if docname in fresh:
-            source = "executed now"
+            source = "executed now" + (" (inline)" if exec_data.get("method") == "inline" else "")
         elif exec_data.get("method") == "cache":
             source = "from the execution cache"
-        else:  # myst-nb's inline mode runs its own client: its cells are not timed here
+        else:
             source = f"executed in {exec_data.get('method')} mode, cells not timed"
         slowest = ""
         if fresh.get(docname):

@@ -3,15 +3,24 @@
 The book never copies an algorithm into a notebook. A chapter calls :func:`show_source` on the ``refimpl``
 object it explains, so the code the reader sees is the code the tests check. :func:`use_book_style` sets one
 matplotlib style for every figure in the book. :func:`claims_table` renders the table of a paper's claims, each
-with what this book measured and a computed verdict, that closes each technique chapter.
+with what this book measured and a computed verdict, that closes each technique chapter. :func:`progress` shows
+how far a long loop of a cell has got while it runs in JupyterLab, and nothing in the built book.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import textwrap
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+#: Set to "0" to turn :func:`progress` off; the book build sets it for the kernels it starts (_ext/book_budget.py),
+#: so no progress bar ends up in a built page.
+PROGRESS_ENV = "REFIMPL_PROGRESS"
 
 #: Figures are rendered at the book's content width (about 7 inches at 100 dpi) and must stay readable there.
 BOOK_STYLE: dict[str, Any] = {
@@ -190,3 +199,23 @@ def claims_table(rows: list[Claim]) -> ClaimsTable:
     """Return the displayable closing table of a chapter; use it as a cell's last expression after asserting
     ``table.verdicts``."""
     return ClaimsTable(rows)
+
+
+def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
+    """``iterable``, with a progress bar while it is consumed: a tqdm widget in JupyterLab (removed when the loop
+    ends), a bar on stderr in a terminal, nothing when stderr is not a terminal outside a notebook (a pipe, a test)
+    or when ``REFIMPL_PROGRESS=0`` (the book build). For loops of a few seconds or more per step: a chapter's
+    timing rounds, one model evaluation per configuration.
+
+    Args:
+        iterable: what the loop runs over.
+        desc: the bar's label, e.g. ``"decode timing rounds"``.
+        total: the number of steps, when ``len(iterable)`` does not give it.
+    """
+    if os.environ.get(PROGRESS_ENV, "1") == "0":
+        return iter(iterable)
+    from tqdm.auto import tqdm
+
+    # tqdm.auto is the widget bar inside a Jupyter kernel; disable=None turns a terminal bar off without a terminal.
+    in_notebook = tqdm.__module__ == "tqdm.notebook"
+    return iter(tqdm(iterable, desc=desc, total=total, leave=False, disable=False if in_notebook else None))

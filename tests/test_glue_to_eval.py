@@ -28,12 +28,15 @@ def test_a_chapter_converts_to_eval_expressions_that_show_what_glue_showed(tmp_p
         code(IMPORTS),
         code('r = 2 / 3\nglue("ratio", r, display=False)\nfor i in range(2):\n    glue("count", i, display=False)'),
         md("The ratio is {glue:text}`ratio:.2f` ({glue:text}`ratio:.1%`), the count {glue:text}`count`."),
-        code('glue("big", math.pi * 1e6, display=False)  # a comment stays'),
-        md("Large: {glue}`big:,.0f`."),
+        code(
+            'glue("big", math.pi * 1e6, display=False)  # a comment stays\n'
+            'glue(\n    "word",\n    "yes"\n    if r > 0\n    else "no",\n    display=False,\n)'
+        ),
+        md("Large: {glue}`big:,.0f`, {glue:text}`word`."),
     ]
     path = _write(tmp_path / "ch.ipynb", cells)
     result = glue_to_eval.convert(path)
-    assert result.problems == [] and result.references == 4
+    assert result.problems == [] and result.references == 5
     nb = nbformat.read(path, 4)
     sources = [c.source for c in nb.cells]
     assert "glued = SimpleNamespace()" in sources[0] and "from myst_nb" not in sources[0]
@@ -51,28 +54,29 @@ def test_a_chapter_converts_to_eval_expressions_that_show_what_glue_showed(tmp_p
         for expr in re.findall(r"\{eval\}`([^`]+)`", c.source)
     ]
     pi = 3.141592653589793e6
-    assert shown == [format(2 / 3, ".2f"), format(2 / 3, ".1%"), "1", format(pi, ",.0f")]
+    assert shown == [format(2 / 3, ".2f"), format(2 / 3, ".1%"), "1", format(pi, ",.0f"), "yes"]
 
 
 def test_a_chapter_that_needs_a_hand_is_left_unchanged(tmp_path: Path) -> None:
     cases = {
-        "before": [code(IMPORTS), md("Soon: {glue:text}`x`."), code('glue("x", 1, display=False)')],
-        "computed key": [
+        "before, prose between": [
             code(IMPORTS),
-            code('for k in "ab":\n    glue(f"x_{k}", 1, display=False)'),
-            md("{glue:text}`x_a`"),
+            md("Soon: {glue:text}`x`."),
+            md("More prose."),
+            code('glue("x", 1, display=False)'),
         ],
+        "never glued": [code(IMPORTS), md("{glue:text}`y`")],
         "displayed": [code(IMPORTS), code('glue("x", 1)'), md("{glue:text}`x`")],
         "unparsable": [code(IMPORTS), code('%time glue("x", 1, display=False)'), md("{glue:text}`x`")],
     }
     expected = {
-        "before": "comes before cell 2 computes it",
-        "computed key": "glue with a computed key",
+        "before, prose between": "comes before cell 3 computes it, and markdown cell 2 lies between",
+        "never glued": "has no glue('y', ..., display=False)",
         "displayed": "also displays its value",
         "unparsable": "does not parse",
     }
     for name, cells in cases.items():
-        path = _write(tmp_path / f"{name.replace(' ', '_')}.ipynb", cells)
+        path = _write(tmp_path / f"{name.replace(' ', '_').replace(',', '')}.ipynb", cells)
         before = path.read_text()
         result = glue_to_eval.convert(path)
         assert any(expected[name] in p for p in result.problems), (name, result.problems)
@@ -87,3 +91,51 @@ def test_check_reports_every_chapter_and_exits_1_when_one_needs_a_hand(tmp_path:
     out = capsys.readouterr().out
     assert "good.ipynb: 1 references, converts" in out and "bad.ipynb: 1 references, needs a hand" in out
     assert "{glue:text}" in good.read_text(), "check writes nothing"
+
+
+def _run_in_order(nb) -> list[str]:
+    """Execute the code cells and evaluate each markdown cell's {eval} expressions where the cell stands, as
+    JupyterLab's Run All and the book's inline execution do; returns what the prose shows."""
+    namespace: dict = {}
+    shown = []
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            exec(cell.source, namespace)
+        else:
+            shown += [str(eval(e, namespace)) for e in re.findall(r"\{eval\}`([^`]+)`", cell.source)]
+    return shown
+
+
+def test_prose_before_the_cell_that_computes_its_numbers_moves_after_it(tmp_path: Path) -> None:
+    fence = "```{note}\nA note with {glue:text}`late` and\n\na blank line inside.\n```"
+    cells = [
+        code(IMPORTS + '\nglue("early", 1.5, display=False)'),
+        md(f"## Section\n\nEarly {{glue:text}}`early:.1f`.\n\nLate {{glue:text}}`late:.0%` here.\n\n{fence}"),
+        code("show = 'a cell that only shows code'"),
+        code('for k in "ab":\n    glue(f"x_{k}", len(k) / 4, display=False)\nglue("late", 0.25, display=False)'),
+        md("Computed keys: {glue:text}`x_a:.2f`."),
+    ]
+    path = _write(tmp_path / "ch.ipynb", cells)
+    result = glue_to_eval.convert(path)
+    assert result.problems == [] and list(result.moves) == [1] and result.moves[1][2] == 3
+    nb = nbformat.read(path, 4)
+    assert [c.cell_type for c in nb.cells] == ["code", "markdown", "code", "code", "markdown", "markdown"]
+    assert nb.cells[1].source == '## Section\n\nEarly {eval}`f"{glued.early:.1f}"`.'
+    assert nb.cells[4].source.startswith('Late {eval}`f"{glued.late:.0%}"` here.') and "a blank line inside" in (
+        nb.cells[4].source
+    ), "the paragraphs after the first late one move with it, a fenced block whole"
+    assert 'setattr(glued, f"x_{k}", len(k) / 4)' in nb.cells[3].source
+    assert _run_in_order(nb) == ["1.5", "25%", "0.25", "0.25"]
+    again = path.read_text()
+    assert glue_to_eval.convert(path).references == 0 and path.read_text() == again, "a second run changes nothing"
+
+
+def test_converted_prose_has_no_typed_numbers(tmp_path: Path) -> None:
+    from tools.book_policy import typed_numbers_in
+
+    path = _write(
+        tmp_path / "ch.ipynb", [code(IMPORTS + '\nglue("r", 0.5, display=False)'), md("R is {glue:text}`r:.2f`.")]
+    )
+    glue_to_eval.convert(path)
+    prose = nbformat.read(path, 4).cells[1].source
+    assert "{eval}" in prose and typed_numbers_in(prose) == []

@@ -106,14 +106,14 @@ def exercise_problems(path: Path) -> list[str]:
 
 
 # --- Typed numbers in the prose -------------------------------------------------------------------------------
-# The book promises that every number in its prose is computed: pasted with {glue:text}, read from data, or a
-# paper's figure inside a sentence that cites it. `typed_numbers` finds the digits in a markdown cell that are
-# none of these. What it ignores, and why:
+# The book promises that every number in its prose is computed: an {eval} expression (or {glue:text}), read from
+# data, or a paper's figure inside a sentence that cites it. `typed_numbers` finds the digits in a markdown cell
+# that are none of these. What it ignores, and why:
 _IGNORED = [
     r"```.*?```",  # fenced code
     r"\$\$.*?\$\$",  # display maths: equations are notation, not measurements
     r"(?<!\\)\$[^$\n]+?(?<!\\)\$",  # inline maths ($G = 32$, $10^9$): notation
-    r"\{[\w:-]+\}`[^`]*`",  # MyST roles: {glue:text}`key:.2f`, {cite:p}`key`, {eq}`label`, {doc}`x`
+    r"\{[\w:-]+\}`[^`]*`",  # MyST roles: {eval}`f"{glued.x:.2f}"`, {cite:p}`key`, {eq}`label`, {doc}`x`
     r"`[^`\n]*`",  # code spans: names and values of code
     r"\]\([^)]*\)",  # link targets
     r"<[^>\n]+>",  # HTML tags

@@ -15,10 +15,16 @@ The rewrite:
 - markdown: ``{glue:text}`key:fmt``` becomes ``{eval}`f"{glued.key:fmt}"``` and ``{glue:text}`key``` (or
   ``{glue}`key```) becomes ``{eval}`glued.key```.
 
-``{eval}`` is evaluated where the markdown cell stands, once the cells above it have run, so a notebook is left
-unchanged (and reported) when a reference comes before the cell that computes it, when a key is computed (an
-f-string), when a ``glue`` call also displays its value, or when a code cell does not parse. Without notebook
-arguments the chapters in ``_toc.yml`` are read. Run ``make format`` after a conversion (import order).
+- a ``glue`` whose key is computed (``glue(f"x_{k}", v, display=False)``) becomes ``setattr(glued, f"x_{k}", v)``.
+
+``{eval}`` is evaluated where the markdown cell stands, once the cells above it have run (in JupyterLab's "Run All"
+and in the book's inline execution alike). Prose that refers to a number a later code cell computes is moved: the
+markdown cell is split at the first paragraph (outside fences and display maths) with such a reference, and that
+paragraph and the rest of the cell go right after the code cell that computes the last of its numbers, provided
+only code cells lie in between (each move is printed). A notebook is left unchanged (and reported) when that does
+not hold, when a reference has no ``glue`` at all, when a ``glue`` call also displays its value, or when a code cell
+does not parse. Running it again changes nothing. Without notebook arguments the chapters in ``_toc.yml`` are read.
+Run ``make format`` after a conversion (import order).
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ class Plan:
     markdown_edits: dict[int, str] = field(default_factory=dict)
     references: int = 0
     problems: list[str] = field(default_factory=list)
+    # markdown cell index -> (text kept in place, text moved, index of the code cell it goes after)
+    moves: dict[int, tuple[str, str, int]] = field(default_factory=dict)
 
 
 def _is_glue_call(node: ast.AST) -> bool:
@@ -58,8 +66,11 @@ def _is_glue_call(node: ast.AST) -> bool:
     )
 
 
-def _convert_code(source: str, index: int, glued_at: dict[str, int], problems: list[str]) -> str:
-    """``source`` with its glue statements turned into ``glued.key = EXPR``; records each key's cell."""
+def _convert_code(
+    source: str, index: int, glued_at: dict[str, int], computed_at: list[int], problems: list[str]
+) -> str:
+    """``source`` with its glue statements turned into ``glued.key = EXPR``; records each key's cell (and the cells
+    that glue a computed key)."""
     if "glue" not in source:
         return source
     try:
@@ -78,19 +89,23 @@ def _convert_code(source: str, index: int, glued_at: dict[str, int], problems: l
         call = node.value
         display = next((k.value for k in call.keywords if k.arg == "display"), None)
         key = call.args[0] if call.args else None
+        label = ast.get_source_segment(source, key) if key else "none"
+        if not (isinstance(display, ast.Constant) and display.value is False) or len(call.args) != 2:
+            problems.append(f"cell {index}: glue({label}, ...) also displays its value; convert it by hand")
+            continue
+        value = ast.get_source_segment(source, call.args[1])
+        if "\n" in value:  # its later lines keep their indentation: valid inside parentheses only
+            value = f"({value})"
+        start = offsets[node.lineno - 1] + node.col_offset
+        end = offsets[node.end_lineno - 1] + node.end_col_offset
         if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
-            problems.append(f"cell {index}: glue with a computed key ({ast.unparse(key) if key else 'none'})")
+            edits.append((start, end, f"setattr(glued, {label}, {value})"))
+            computed_at.append(index)
             continue
         name = key.value
         if not name.isidentifier() or keyword.iskeyword(name):
             problems.append(f"cell {index}: glue key {name!r} is not a Python name")
             continue
-        if not (isinstance(display, ast.Constant) and display.value is False) or len(call.args) != 2:
-            problems.append(f"cell {index}: glue({name!r}, ...) also displays its value; convert it by hand")
-            continue
-        value = ast.get_source_segment(source, call.args[1])
-        start = offsets[node.lineno - 1] + node.col_offset
-        end = offsets[node.end_lineno - 1] + node.end_col_offset
         edits.append((start, end, f"glued.{name} = {value}"))
         glued_at.setdefault(name, index)
     for start, end, text in sorted(edits, reverse=True):
@@ -112,43 +127,101 @@ def _eval_role(key: str, spec: str | None) -> str:
     return f'{{eval}}`f"{{glued.{key}:{spec}}}"`' if spec else f"{{eval}}`glued.{key}`"
 
 
+def _to_eval(markdown: str) -> str:
+    return GLUE_REF.sub(lambda m: _eval_role(m.group(1), m.group(2)), markdown)
+
+
+def _blocks(source: str) -> list[str]:
+    """The paragraphs of a markdown cell, split at blank lines outside code fences, directives and display maths."""
+    blocks, current, fence, maths = [], [], None, False
+    for line in source.split("\n"):
+        stripped = line.strip()
+        if fence is None and not maths and not stripped and current:
+            blocks.append("\n".join(current))
+            current = []
+            continue
+        if fence is None and not maths and not stripped:
+            continue
+        current.append(line)
+        marker = re.match(r"(`{3,}|~{3,}|:{3,})", stripped)
+        if marker and not maths:
+            if fence is None:
+                fence = marker.group(1)
+            elif stripped == fence[0] * len(fence) or stripped.startswith(fence) and not stripped[len(fence) :]:
+                fence = None
+        elif fence is None and stripped.count("$$") % 2:
+            maths = not maths
+    if current:
+        blocks.append("\n".join(current))
+    return blocks
+
+
 def plan(path: Path) -> Plan:
     """Work out the conversion of notebook ``path`` without writing anything."""
     nb = nbformat.read(path, 4)
     result = Plan(path)
     glued_at: dict[str, int] = {}
+    computed_at: list[int] = []
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
-            new = _convert_code(cell.source, i, glued_at, result.problems)
+            new = _convert_code(cell.source, i, glued_at, computed_at, result.problems)
             if new != cell.source:
                 result.code_edits[i] = new
+
+    def computed_in(key: str) -> int | None:
+        """The cell that computes ``key``: its glue, else the first glue with a computed key, else None."""
+        return glued_at.get(key, min(computed_at, default=None))
+
     for i, cell in enumerate(nb.cells):
-        if cell.cell_type != "markdown":
+        if cell.cell_type != "markdown" or not GLUE_REF.search(cell.source):
             continue
-
-        def replace(match: re.Match, i: int = i) -> str:
-            key, spec = match.group(1), match.group(2)
-            result.references += 1
-            if key not in glued_at:
-                result.problems.append(f"cell {i}: {match.group(0)} has no glue('{key}', ..., display=False) above")
-            elif glued_at[key] > i:
-                result.problems.append(f"cell {i}: {match.group(0)} comes before cell {glued_at[key]} computes it")
-            return _eval_role(key, spec)
-
-        new = GLUE_REF.sub(replace, cell.source)
-        if new != cell.source:
-            result.markdown_edits[i] = new
+        result.references += len(GLUE_REF.findall(cell.source))
+        missing = [m.group(0) for m in GLUE_REF.finditer(cell.source) if computed_in(m.group(1)) is None]
+        for ref in missing:
+            key = GLUE_REF.match(ref).group(1)
+            result.problems.append(f"cell {i}: {ref} has no glue('{key}', ..., display=False)")
+        if missing:
+            continue
+        blocks = _blocks(cell.source)
+        late = [max([computed_in(k) for k, _ in GLUE_REF.findall(b)], default=-1) > i for b in blocks]
+        if not any(late):
+            result.markdown_edits[i] = _to_eval(cell.source)
+            continue
+        first, at = late.index(True), 0
+        for block in blocks[: first + 1]:
+            at = cell.source.index(block, at)
+        kept, moved = cell.source[:at].rstrip(), cell.source[at:]
+        target = max(computed_in(k) for k, _ in GLUE_REF.findall(moved))
+        between = [j for j in range(i + 1, target + 1) if nb.cells[j].cell_type != "code"]
+        if between:
+            ref = next(m.group(0) for m in GLUE_REF.finditer(moved) if computed_in(m.group(1)) > i)
+            at_cell = computed_in(GLUE_REF.match(ref).group(1))
+            result.problems.append(
+                f"cell {i}: {ref} comes before cell {at_cell} computes it, and markdown cell {between[0]} lies between"
+            )
+            continue
+        result.moves[i] = (_to_eval(kept), _to_eval(moved), target)
     return result
 
 
 def convert(path: Path) -> Plan:
     """Rewrite ``path`` if every glue reference in it converts; return the plan either way."""
     result = plan(path)
-    if result.problems or not (result.code_edits or result.markdown_edits):
+    if result.problems or not (result.code_edits or result.markdown_edits or result.moves):
         return result
     nb = nbformat.read(path, 4)
     for i, source in {**result.code_edits, **result.markdown_edits}.items():
         nb.cells[i].source = source
+    after: dict[int, list] = {}
+    for i, (kept, moved, target) in result.moves.items():
+        nb.cells[i].source = kept
+        after.setdefault(target, []).append(nbformat.v4.new_markdown_cell(moved))
+    cells = []
+    for j, cell in enumerate(nb.cells):
+        if not (cell.cell_type == "markdown" and j in result.moves and not cell.source):
+            cells.append(cell)
+        cells.extend(after.get(j, []))
+    nb.cells = cells
     path.write_text(nbformat.writes(nb) + "\n")
     return result
 
@@ -174,6 +247,12 @@ def main(argv: list[str]) -> int:
         print(f"{path.name}: {result.references} references, {action}")
         for problem in result.problems:
             print(f"  - {problem}")
+        if not result.problems:
+            for i, (kept, moved, target) in result.moves.items():
+                where = "the rest of the cell" if kept else "the whole cell"
+                print(
+                    f"  - cell {i}: {where} from {moved[:50]!r}... goes after code cell {target} (it uses its numbers)"
+                )
     return 1 if blocked else 0
 
 
