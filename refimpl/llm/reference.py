@@ -11,6 +11,7 @@ here is called.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -31,8 +32,14 @@ def load_transformers(path: str | os.PathLike[str] | None = None) -> tuple[Any, 
     so this calls the building blocks it calls: ``AutoConfig`` from the GGUF metadata, the model on the meta
     device, ``load_gguf_checkpoint`` for the dequantized (and un-permuted) weights, ``convert_gguf_tokenizer``.
     Raises ``ImportError`` if ``transformers`` is not installed.
+
+    Quiet: ``transformers`` imports ``torchao`` when it is installed (the quantization chapter's tests compare
+    against it), whose import logs warnings about CUDA-only extensions and torch's pytree registry that do not
+    apply here; those two loggers are raised to errors.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     from transformers import AutoConfig, LlamaForCausalLM
     from transformers.integrations.gguf import convert_gguf_tokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
