@@ -5,15 +5,20 @@ object it explains, so the code the reader sees is the code the tests check. :fu
 matplotlib style for every figure in the book. :func:`claims_table` renders the table of a paper's claims, each
 with what this book measured and a computed verdict, that closes each technique chapter. :func:`progress` shows
 how far a long loop of a cell has got while it runs in JupyterLab, and nothing in the built book.
+:func:`references` lists the works a chapter cites, for JupyterLab, which shows a ``{cite}`` role as its bare key
+(jupyterlab-myst has no bibliography support); the built book renders citations itself.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import re
 import textwrap
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -219,3 +224,67 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iter
     # tqdm.auto is the widget bar inside a Jupyter kernel; disable=None turns a terminal bar off without a terminal.
     in_notebook = tqdm.__module__ == "tqdm.notebook"
     return iter(tqdm(iterable, desc=desc, total=total, leave=False, disable=False if in_notebook else None))
+
+
+#: A MyST citation role and its comma-separated keys: {cite}`a`, {cite:p}`a,b`, {cite:t}`a`.
+_CITE = re.compile(r"\{cite(?::\w+)?\}`([^`]+)`")
+
+
+class References:
+    """A chapter's reference list: ``(key, formatted entry)`` pairs, rendered as a markdown list."""
+
+    def __init__(self, entries: list[tuple[str, str]]) -> None:
+        self.entries = entries
+
+    def _repr_markdown_(self) -> str:
+        return "\n".join(f"- `{key}`: {text}" for key, text in self.entries)
+
+    def __repr__(self) -> str:
+        return "\n".join(f"{key}: {text}" for key, text in self.entries)
+
+
+def _format_entry(entry: Any) -> str:
+    """``Authors (year). Title. Venue.`` of a pybtex entry; more than two authors become "First et al."."""
+
+    def plain(text: str) -> str:
+        return re.sub(r"[{}]", "", text).replace("\\", "").strip()
+
+    names = [plain(" ".join(p.last_names)) for p in entry.persons.get("author", [])]
+    authors = names[0] + " et al." if len(names) > 2 else " and ".join(names)
+    fields = entry.fields
+    venue = next((fields[k] for k in ("journal", "booktitle", "publisher", "howpublished") if k in fields), "")
+    venue = re.sub(r"\\url\{([^}]*)\}", r"\1", venue)
+    parts = [f"{authors} ({fields.get('year', 'n.d.')})", f"*{plain(fields.get('title', ''))}*", plain(venue)]
+    return ". ".join(p for p in parts if p) + "."
+
+
+def references(notebook: str | os.PathLike[str], bib: str | os.PathLike[str] | None = None) -> References:
+    """The works cited by the ``{cite}`` roles in the markdown cells of ``notebook`` (a path to an ``.ipynb``), in
+    order of first citation, each formatted from the BibTeX file ``bib`` (default: ``references.bib`` in the
+    notebook's parent folder, the book's root). A chapter's last cell shows it in JupyterLab; the book build
+    removes that cell (tag ``remove-cell``) because the book renders its citations and bibliography itself.
+
+    Raises ``FileNotFoundError`` naming a missing file, ``KeyError`` naming a cited key that ``bib`` lacks, and
+    ``ImportError`` if ``pybtex`` (installed with the book's requirements) is missing.
+    """
+    path = Path(notebook)
+    bib_path = Path(bib) if bib is not None else path.resolve().parent.parent / "references.bib"
+    for name, file in (("notebook", path), ("bib", bib_path)):
+        if not file.is_file():
+            raise FileNotFoundError(f"{name} must be an existing file, got {str(file)!r}")
+    from pybtex.database import parse_file
+
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    keys: list[str] = []
+    for cell in cells:
+        if cell.get("cell_type") == "markdown":
+            text = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+            for group in _CITE.findall(text):
+                for key in (k.strip() for k in group.split(",")):
+                    if key and key not in keys:
+                        keys.append(key)
+    entries = parse_file(str(bib_path)).entries
+    missing = [k for k in keys if k not in entries]
+    if missing:
+        raise KeyError(f"{bib_path.name} has no entry for the cited key(s) {missing}")
+    return References([(k, _format_entry(entries[k])) for k in keys])

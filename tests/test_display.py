@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from refimpl import _checks
-from refimpl.display import BOOK_STYLE, Claim, claims_table, show_source, source_of, use_book_style
+from refimpl.display import BOOK_STYLE, Claim, claims_table, references, show_source, source_of, use_book_style
 
 
 def test_show_source_renders_the_real_source_as_highlighted_html() -> None:
@@ -114,3 +114,47 @@ def test_claims_table_escapes_html() -> None:
 def test_claims_table_rejects_bad_rows(make, error, message) -> None:
     with pytest.raises(error, match=message):
         make()
+
+
+def test_references_lists_cited_works_in_order_of_first_citation(tmp_path) -> None:
+    import json
+
+    bib = tmp_path / "refs.bib"
+    bib.write_text(
+        "@article{a2020x, author = {Ann Smith and Bob Jones and Cy Lee}, title = {{Fast} Things},"
+        " journal = {J. Fast}, year = {2020}}\n"
+        "@misc{b2021y, author = {Dee Brown}, title = {Tool}, howpublished = {\\url{https://x.org}}, year = {2021}}\n"
+    )
+    cells = [
+        {"cell_type": "markdown", "source": ["See {cite:p}`b2021y, a2020x` and {cite:t}`b2021y`.\n"]},
+        {"cell_type": "code", "source": ["# {cite}`zzz` in code is not a citation\n"]},
+        {"cell_type": "markdown", "source": "Again {cite}`a2020x`."},
+    ]
+    nb = tmp_path / "chapter.ipynb"
+    nb.write_text(json.dumps({"cells": cells}))
+    refs = references(nb, bib)
+    assert [k for k, _ in refs.entries] == ["b2021y", "a2020x"]
+    assert refs.entries[1][1] == "Smith et al. (2020). *Fast Things*. J. Fast."
+    assert refs.entries[0][1] == "Brown (2021). *Tool*. https://x.org."
+    assert refs._repr_markdown_().startswith("- `b2021y`: Brown (2021)")
+    cells[0]["source"] = ["{cite}`missing2000`"]
+    nb.write_text(json.dumps({"cells": cells}))
+    with pytest.raises(KeyError, match="missing2000"):
+        references(nb, bib)
+    with pytest.raises(FileNotFoundError, match="bib must be an existing file"):
+        references(nb, tmp_path / "none.bib")
+
+
+def test_every_chapter_cites_only_known_works_and_lists_them_for_jupyterlab() -> None:
+    """Each chapter notebook ends with a removed-in-the-book cell that shows its references in JupyterLab."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for nb in sorted((root / "chapters").glob("*.ipynb")):
+        refs = references(nb)  # raises on a key missing from references.bib
+        last = json.loads(nb.read_text())["cells"][-1]
+        src = "".join(last["source"])
+        if refs.entries:
+            assert src.rstrip().endswith(f'references("{nb.name}")'), f"{nb.name}: the last cell lists the references"
+            assert last["metadata"].get("tags") == ["remove-cell"], f"{nb.name}: the book renders its own"

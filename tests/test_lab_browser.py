@@ -1,8 +1,8 @@
 """The interactive path: a chapter run with "Run All" in JupyterLab (with jupyterlab-myst, as ``make lab`` sets it up)
 in headless Chromium shows computed numbers in the prose, no error, and widgets that respond (tools/check_lab.py).
 
-A mini notebook with each defect (raw glue markup, a widget whose output ignores its control, a failing cell) must
-fail the same check, and its clean twin pass.
+A mini notebook with each defect (raw glue markup, a widget whose output ignores its control, a failing cell, a
+citation whose work no cell lists) must fail the same check, and its clean twin pass.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def test_a_notebook_with_eval_prose_and_a_widget_passes_and_each_defect_fails(tm
             code(GLUED),
             md('Ratio {eval}`f"{glued.ratio:.1%}"`, count {eval}`glued.n`, see {cite:p}`williams2009roofline`.'),
             code(WIDGET.format("'n is', n")),
+            code('from refimpl.display import references\n\nreferences("good.ipynb")'),
         ],
     )
     bad = _notebook(
@@ -47,7 +48,7 @@ def test_a_notebook_with_eval_prose_and_a_widget_passes_and_each_defect_fails(tm
         [
             md("# Bad"),
             code(GLUED),
-            md("Ratio {glue:text}`ratio:.1%`, count {eval}`glued.n`."),
+            md("Ratio {glue:text}`ratio:.1%`, count {eval}`glued.n`, see {cite:p}`williams2009roofline`."),
             code(WIDGET.format("'always the same'")),
             code("raise ValueError('a failing cell')"),
             md("After the failure: {eval}`glued.n + 1`."),
@@ -61,6 +62,7 @@ def test_a_notebook_with_eval_prose_and_a_widget_passes_and_each_defect_fails(tm
     assert "widget 0: its output did not change" in problems, problems
     assert "error/stderr output in a cell" in problems and "a failing cell" in problems, problems
     assert "shows no value: glued.n + 1" in problems, problems
+    assert "does not list the cited works ['williams2009roofline']" in problems, problems
 
 
 @pytest.mark.slow

@@ -177,6 +177,17 @@ def _check_prose(page, expressions: list[str]) -> list[str]:
     return problems
 
 
+def _check_references(page, notebook: Path) -> list[str]:
+    """JupyterLab shows a citation as its bare key: the notebook's last cell must list every cited work."""
+    from refimpl.display import references
+
+    keys = [key for key, _ in references(notebook, ROOT / "references.bib").entries]
+    outputs = "() => [...document.querySelectorAll('.jp-OutputArea-output')].map(e => e.innerText).join('\\n')"
+    shown = page.evaluate(outputs)
+    missing = [key for key in keys if f"{key}:" not in shown]
+    return [f"the references cell does not list the cited works {missing}"] if missing else []
+
+
 def _check_widgets(page) -> tuple[list[str], int]:
     """Move the first control of every interactive widget; its output must change."""
     problems = []
@@ -228,6 +239,7 @@ def _check_page(page, base: str, token: str, notebook: Path, timeout_s: float) -
     problems = _run_all(page, timeout_s)
     problems += [f"raw markup in the prose: {r} (JupyterLab shows the bare key)" for r in glue_roles]
     problems += _check_prose(page, expressions)
+    problems += _check_references(page, notebook)
     widget_problems, widgets = _check_widgets(page)
     problems += widget_problems + js_errors
     return {"problems": problems, "evals": len(expressions), "widgets": widgets, "seconds": time.monotonic() - started}
@@ -244,6 +256,7 @@ def check_notebooks(notebooks: list[Path], timeout_s: float = 240) -> dict[str, 
         work = Path(tmp) / "book"
         (work / "chapters").mkdir(parents=True)
         (work / "data").symlink_to(ROOT / "data")
+        (work / "references.bib").symlink_to(ROOT / "references.bib")  # each chapter's last cell lists its citations
         for notebook in notebooks:
             shutil.copy(notebook, work / "chapters" / notebook.name)
         with lab_server(work, Path(tmp) / "jupyter") as (base, token), sync_playwright() as pw:
