@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from refimpl._checks import check_int, check_positive_int, check_tensor
+from refimpl.display import progress
 from refimpl.llm.cache import CacheFactory, FullCache, KVCache, make_caches
 from refimpl.llm.model import AttnFn, Llama
 
@@ -279,6 +280,8 @@ def evaluate_many(
     Rows of one text whose caches return the same :meth:`~refimpl.llm.cache.KVCache.prefill_key` share one
     prefill pass; the other rows are prefilled together as one batch. Each row computes what a run of its
     configuration on its text alone computes, up to the rounding of batched matmuls (a test checks it).
+    The decode calls show a progress bar in JupyterLab (:func:`refimpl.display.progress`; nothing in the book
+    build or without a terminal).
     ``threads``: torch intra-op threads for the run (restored after; ``None`` keeps the current setting; a
     decode step is thousands of small operations, for which one thread is often fastest on a CPU).
 
@@ -331,14 +334,13 @@ def evaluate_many(
                     nll[i, :p] = token_nll(model, h[j], x[i, 1 : p + 1])
         record()
         layers = [RowCaches([row[layer] for row in rows]) for layer in range(n_layers)]
-        pos = p
-        while pos < n - 1:
+        starts = range(p, n - 1, step)  # each decode call feeds tokens pos .. min(pos + step, n - 1) - 1
+        for pos in progress(starts, desc=f"decoding {m} rows", total=len(starts)):
             end = min(pos + step, n - 1)
             h = model.hidden(x[:, pos:end], layers, pos)  # (M, end - pos, d)
             targets = x[:, pos + 1 : end + 1].reshape(-1)
             nll[:, pos:end] = token_nll(model, h.reshape(-1, h.shape[-1]), targets).view(m, -1)
             record()
-            pos = end
     seconds = time.perf_counter() - t0
     out = {}
     for j, label in enumerate(labels):
