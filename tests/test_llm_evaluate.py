@@ -134,7 +134,7 @@ def test_eviction_rows_equal_evaluate(model_and_ids):
     # so batched rows match evaluate() only up to that; alone in its batch it matches exactly.
     quant = [
         ("scissorhands", {"budget": 14, "recent": 4, "drop_fraction": 0.3, "bits": 4}),
-        ("kivi4", {"residual_length": 8, "group_size": 8}),  # another module's cache: its own prefill group
+        ("kivi4", {"residual_length": 8, "group_size": 8}),  # shares the full-precision prefill (attend first)
     ]
     for name, kw in quant:
         (run,) = evaluate_many(model, ids, {name: cache_factory(name, **kw)}, prefill=prefill, threads=1).values()
@@ -177,3 +177,24 @@ def test_several_texts_are_rows_too(model_and_ids):
             got.slice_nll(19)
     # different texts: the same cache gives different losses
     assert not torch.allclose(together["full"].nll_per_token[0], together["full"].nll_per_token[1])
+
+
+class _BrokenPromise(FullCache):
+    """Claims the full-precision prefill (inherited ``prefill_key``) but attends differently, and observes."""
+
+    needs_attention = True
+
+    def observe(self, weights: torch.Tensor, q_positions: torch.Tensor) -> None:
+        pass
+
+    def attend(self, q: torch.Tensor, q_positions: torch.Tensor, scale: float) -> torch.Tensor:
+        return 2 * super().attend(q, q_positions, scale)
+
+
+@pytest.mark.model
+def test_a_shared_prefill_checks_every_member_that_attends(model_and_ids) -> None:
+    """The shared prefill computes the promised output once and again only for members that observe attention
+    weights; such a member that breaks the promise is caught, not silently given the first member's output."""
+    model, ids = model_and_ids
+    with pytest.raises(RuntimeError, match="different prefill attention outputs"):
+        evaluate_many(model, ids[:12], {"full": FullCache, "broken": _BrokenPromise}, prefill=8, threads=1)
