@@ -50,6 +50,7 @@ def main() -> int:
     from refimpl.eviction import ScissorhandsCache
     from refimpl.kivi import dequantize, quantize
     from refimpl.llm import corpus
+    from refimpl.llm.matvec import kernel_available, matvec
     from refimpl.memo import Ledger, OutOfMemoryError
     from refimpl.moe.layer import MoELayer
     from refimpl.roofline import load_hardware
@@ -109,6 +110,13 @@ def main() -> int:
         refused = True
     _check(refused and ledger.device_bytes == 60, "the MEMO ledger let 110 bytes into a 100-byte device")
     print(f"memo_ledger_peak_device_bytes: {ledger.peak_device_bytes}")
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 576, generator=g), torch.randn(576, 960, generator=g)
+    error = (matvec(x, w).double() - x.double() @ w.double()).abs().max().item()
+    _check(error < 1e-3, f"the decode matvec is off by {error}")
+    print(f"llm_matvec_kernel: {'compiled' if kernel_available() else 'not available (x @ w instead)'}")
+    print(f"llm_matvec_max_abs_error: {error:.2e}")
 
     text = corpus.load_text()  # package data: refimpl/data/corpus/pydoc_topics.txt, sha256-checked
     print(f"corpus_characters: {len(text)}")

@@ -77,17 +77,18 @@ class SourceCode:
     it needs no extra CSS) with a ``text/plain`` fallback.
     """
 
-    def __init__(self, code: str, title: str | None = None) -> None:
+    def __init__(self, code: str, title: str | None = None, language: str = "python") -> None:
         self.code = code
         self.title = title
+        self.language = language  # a Pygments lexer name: "python", "c", ...
 
     def _repr_html_(self) -> str:
         from pygments import highlight
         from pygments.formatters import HtmlFormatter
-        from pygments.lexers import PythonLexer
+        from pygments.lexers import get_lexer_by_name
 
         formatter = HtmlFormatter(noclasses=True, style="default", nowrap=False)
-        body = highlight(self.code, PythonLexer(), formatter)
+        body = highlight(self.code, get_lexer_by_name(self.language), formatter)
         head = f"<div style='font-size:0.85em;color:#555'><code>{self.title}</code></div>" if self.title else ""
         return f"<div class='refimpl-source'>{head}{body}</div>"
 

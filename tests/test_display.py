@@ -26,6 +26,16 @@ def test_show_source_of_a_method_is_dedented() -> None:
     assert code.startswith("def _repr_html_")
 
 
+def test_source_code_highlights_c_with_the_c_lexer() -> None:
+    from refimpl.display import SourceCode
+    from refimpl.llm.matvec import kernel_source
+
+    c = SourceCode(kernel_source(), title="matvec.c", language="c")._repr_html_()
+    as_python = SourceCode(kernel_source(), title="matvec.c")._repr_html_()
+    assert "matvec.c" in c and "omp_get_thread_num" in c
+    assert c != as_python  # '#pragma' and '/* */' are tokens of C, not of Python
+
+
 def test_show_source_rejects_objects_without_source() -> None:
     with pytest.raises(TypeError, match="obj must be a Python function"):
         show_source(len)

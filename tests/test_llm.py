@@ -265,7 +265,8 @@ def test_batch_rows_are_independent_and_attn_fn_hook(llm):
     a = corpus.eval_ids(12, tok)
     b = corpus.eval_ids(12, tok, "heldout")
     both = model(torch.stack([a, b]))
-    torch.testing.assert_close(both[1:], model(b[None]), rtol=1e-4, atol=1e-4)
+    # 12 token rows alone go through the C matvec, 24 through the BLAS: float32 sums in two orders, 30 layers deep
+    torch.testing.assert_close(both[1:], model(b[None]), rtol=1e-3, atol=1e-3)
 
     calls = []
 
@@ -497,6 +498,7 @@ def test_benchmark_quick_prints_numbers(run_benchmark):
 def test_forward_flops_match_torch_flop_counter(llm):
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+    from refimpl.llm.matvec import blas_only
     from refimpl.llm.perf import decode_bytes, forward_flops
 
     model, tok = llm
@@ -508,7 +510,9 @@ def test_forward_flops_match_torch_flop_counter(llm):
     cpu_sdpa = {
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v)
     }
-    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+    # the C matvec (refimpl.llm.matvec) runs outside torch's dispatcher, where the counter cannot see it: the
+    # same products on the BLAS
+    with blas_only(), FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
         model(ids[:, 5:], caches, 5)
     # the cache path scores every (query, cached key) pair and masks afterwards: the non-causal count
     assert counter.get_total_flops() == forward_flops(model.config, 7, context=5, causal=False)

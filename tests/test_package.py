@@ -28,7 +28,12 @@ STEPS = (
     "cd {outside} && PYTHONPATH={site} {python} -m refimpl",
 )
 README_FOLDERS = {"python": "python", "dist": "dist", "site": "/tmp/refimpl-site", "outside": "/tmp"}
-PACKAGE_DATA = ("refimpl/data/hardware.yaml", "refimpl/data/corpus/pydoc_topics.txt", "refimpl/py.typed")
+PACKAGE_DATA = (
+    "refimpl/data/hardware.yaml",
+    "refimpl/data/corpus/pydoc_topics.txt",
+    "refimpl/py.typed",
+    "refimpl/llm/kernels/matvec.c",
+)
 
 
 def test_readme_shows_the_commands_this_test_runs() -> None:
@@ -75,3 +80,5 @@ def test_wheel_works_outside_the_repository(tmp_path: Path) -> None:
     assert lines["refimpl_check"] == "ok", out
     assert int(lines["modules_imported"]) >= 40, out
     assert lines["corpus_characters"] == "465126", out
+    if shutil.which("cc"):  # the C matvec ships as source and compiles where the package is used
+        assert lines["llm_matvec_kernel"] == "compiled", out

@@ -10,11 +10,11 @@ One block (Touvron et al. 2023, sec. 2.2), for a residual stream ``x: (B, T, d_m
     x = x + (SiLU(h W_gate) * (h W_up)) W_down       # SwiGLU, Shazeer 2020, eq. 6
     logits = RMSNorm(x) E^T                          # output head tied to the embedding E
 
-Weights are stored as ``(in, out)`` matrices and applied as ``x @ W``, as in the equations. Decode at batch
-1 is bound by reading the weights, and this layout is the one the CPU's BLAS streams fastest for a single
-row ``x`` (on the book's AMD CPU, MKL reads ``(in, out)`` 1.5-2x faster than ``(out, in)`` in ``x @ W``).
-For the same reason the tied embedding is stored once, as the output head ``(d, V)``; the embedding lookup
-reads columns of it. The three input projections of attention are one matrix ``wqkv`` and the two of SwiGLU
+Weights are stored as ``(in, out)`` matrices and applied as ``x @ W``, as in the equations, through
+:func:`refimpl.llm.matvec.matvec`: a decode step (a few rows ``x``) is bound by reading the weights, and that
+function reads them at the memory's speed where the BLAS reads them at about half of it. With many rows
+(prefill) it is ``x @ W``. The tied embedding is stored once, as the output head ``(d, V)``; the embedding
+lookup reads columns of it. The three input projections of attention are one matrix ``wqkv`` and the two of SwiGLU
 one ``w_gate_up``: one product instead of three (two) per step.
 
 The attention hook: with ``caches=None`` the block calls ``attn_fn(q, k, v)`` (causal, default
@@ -35,6 +35,7 @@ from refimpl._checks import check_int, check_tensor
 from refimpl.llm.cache import CacheFactory, FullCache, KVCache, make_caches
 from refimpl.llm.config import LlamaConfig
 from refimpl.llm.gguf_file import find_gguf, read_config, read_tensors, read_tokenizer_data, unpermute_rope_rows
+from refimpl.llm.matvec import matvec
 from refimpl.llm.tokenizer import Tokenizer
 
 __all__ = ["Block", "Llama", "apply_rope", "causal_attention", "load_model", "rms_norm", "rope_cos_sin"]
@@ -123,7 +124,7 @@ class Block(nn.Module):
         b, t, _ = x.shape
         h = rms_norm(x, self.attn_norm, c.norm_eps)
         # one product for the three projections; heads: H_q query, H_kv key, H_kv value
-        qkv = (h @ self.wqkv).view(b, t, c.n_heads + 2 * c.n_kv_heads, c.head_dim).transpose(1, 2)
+        qkv = matvec(h, self.wqkv).view(b, t, c.n_heads + 2 * c.n_kv_heads, c.head_dim).transpose(1, 2)
         qk = apply_rope(qkv[:, : c.n_heads + c.n_kv_heads], cos, sin)  # RoPE before caching: keys carry position
         q, k = qk.split([c.n_heads, c.n_kv_heads], dim=1)  # (B, H_q, T, D), (B, H_kv, T, D)
         v = qkv[:, c.n_heads + c.n_kv_heads :]  # (B, H_kv, T, D)
@@ -134,10 +135,10 @@ class Block(nn.Module):
         else:
             cache.update(k, v, positions)
             o = cache.attend(q, positions, self.scale)  # (B, H_q, T, D)
-        x = x + o.transpose(1, 2).reshape(b, t, c.q_dim) @ self.wo
+        x = x + matvec(o.transpose(1, 2).reshape(b, t, c.q_dim), self.wo)
         h = rms_norm(x, self.ffn_norm, c.norm_eps)
-        gate, up = (h @ self.w_gate_up).chunk(2, dim=-1)  # (B, T, F) each
-        return x + (F.silu(gate) * up) @ self.w_down
+        gate, up = matvec(h, self.w_gate_up).chunk(2, dim=-1)  # (B, T, F) each
+        return x + matvec(F.silu(gate) * up, self.w_down)
 
 
 class Llama(nn.Module):
@@ -257,7 +258,7 @@ class Llama(nn.Module):
     @torch.inference_mode()
     def logits(self, h: Tensor) -> Tensor:
         """Output head: ``h: (..., d_model) -> (..., vocab_size)``, ``h E^T`` with ``E`` the embedding."""
-        return h @ self.head
+        return matvec(h, self.head)
 
     def forward(
         self,
