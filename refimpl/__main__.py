@@ -107,8 +107,8 @@ def main() -> int:
         refused = False
     except OutOfMemoryError:
         refused = True
-    _check(refused and ledger.device_bytes == 60, "the MEMO ledger let 110 bytes into a 100-byte device")
-    print(f"memo_ledger_peak_device_bytes: {ledger.peak_device_bytes}")
+    _check(refused and ledger.device.live == 60, "the MEMO ledger let 110 bytes into a 100-byte device")
+    print(f"memo_ledger_peak_device_bytes: {ledger.device.peak}")
 
     text = corpus.load_text()  # package data: refimpl/data/corpus/pydoc_topics.txt, sha256-checked
     print(f"corpus_characters: {len(text)}")
