@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for name, strategy in strategies.items():
             result = run(strategy)
             best[name] = min(best[name], result.seconds)
-            peaks[name], host[name] = result.ledger.peak_device_bytes, result.ledger.peak_host_bytes
+            peaks[name], host[name] = result.ledger.device.peak, result.ledger.host.peak
     out = {
         "memo_alpha": alpha,
         "memo_alpha_link": alpha_link,

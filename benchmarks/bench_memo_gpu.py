@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
                 oom=False,
                 step_seconds=seconds,
                 peak_bytes=max(r[1] for r in runs),
-                ledger_peak_device_bytes=ledger.peak_device_bytes,
-                ledger_peak_host_bytes=ledger.peak_host_bytes,
+                ledger_peak_device_bytes=ledger.device.peak,
+                ledger_peak_host_bytes=ledger.host.peak,
                 bytes_to_host=ledger.bytes_to_host,
             )
             if ledger.bytes_to_host:

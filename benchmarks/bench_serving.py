@@ -40,7 +40,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loa
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _common import report  # noqa: E402
+from _common import argument_parser, report  # noqa: E402
 
 from refimpl.llm import corpus, generate_ids, load_model  # noqa: E402
 from refimpl.serving import Engine  # noqa: E402
@@ -108,8 +108,7 @@ def simulator_latency_error(model, reqs, check_reqs, num_blocks: int, args: argp
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    p = argument_parser(__doc__, "tiny sizes (a smoke test)", threads=True)
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--batch", type=int, default=8, help="max sequences decoded together")
     p.add_argument("--block-size", type=int, default=4, help="tokens per KV block (vLLM: 16, for longer sequences)")
@@ -119,7 +118,6 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     p.add_argument(
         "--repeats", type=int, default=3, help="serve the workload this many times per run; keep the fastest"
     )
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steady timings on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.quick:

@@ -108,8 +108,8 @@ def main() -> int:
         refused = False
     except OutOfMemoryError:
         refused = True
-    _check(refused and ledger.device_bytes == 60, "the MEMO ledger let 110 bytes into a 100-byte device")
-    print(f"memo_ledger_peak_device_bytes: {ledger.peak_device_bytes}")
+    _check(refused and ledger.device.live == 60, "the MEMO ledger let 110 bytes into a 100-byte device")
+    print(f"memo_ledger_peak_device_bytes: {ledger.device.peak}")
 
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(2, 576, generator=g), torch.randn(576, 960, generator=g)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import sys
@@ -58,10 +59,11 @@ def load_benchmark() -> Callable[[str], Any]:
 
 @pytest.fixture
 def run_benchmark(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[Any, dict[str, str]]]:
-    """``run_benchmark(name, argv)``: run ``benchmarks/<name>.py``'s ``main(argv)`` and return ``(its result,
-    {name: value} of the lines it printed)``; torch's thread count is restored afterwards (benchmarks set it)."""
+    """``run_benchmark(name, argv, positive=())``: run ``benchmarks/<name>.py``'s ``main(argv)`` and return ``(its
+    result, {name: value} of the lines it printed)``, having asserted that the line of every name in ``positive``
+    was printed with a finite positive number; torch's thread count is restored afterwards (benchmarks set it)."""
 
-    def run(name: str, argv: Sequence[str]) -> tuple[Any, dict[str, str]]:
+    def run(name: str, argv: Sequence[str], positive: Sequence[str] = ()) -> tuple[Any, dict[str, str]]:
         import torch
 
         module = _load_benchmark(name)
@@ -70,6 +72,10 @@ def run_benchmark(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[Any
             result = module.main(list(argv))
         finally:
             torch.set_num_threads(threads)
-        return result, dict(re.findall(r"^(\w+): (.+)$", capsys.readouterr().out, flags=re.M))
+        lines = dict(re.findall(r"^(\w+): (.+)$", capsys.readouterr().out, flags=re.M))
+        for key in positive:
+            assert key in lines, f"{name} printed no {key}: line"
+            assert 0 < float(lines[key]) < math.inf, f"{name} printed {key}: {lines[key]}, not a positive number"
+        return result, lines
 
     return run

@@ -1,8 +1,12 @@
-"""Models that several test modules build: the GGUF tensor names and shapes of a Llama configuration."""
+"""Models that several test modules build: the GGUF tensor names and shapes of a Llama configuration, and a Llama
+of any configuration with random weights."""
 
 from __future__ import annotations
 
+import torch
+
 from refimpl.llm.config import LlamaConfig
+from refimpl.llm.model import Llama
 
 
 def gguf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -23,3 +27,14 @@ def gguf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
             p + "ffn_down.weight": (d, f),
         }
     return shapes
+
+
+def random_llama(cfg: LlamaConfig, seed: int, scale: float, dtype: torch.dtype = torch.float32) -> Llama:
+    """A Llama of configuration ``cfg`` whose every GGUF tensor is drawn from a normal distribution seeded by
+    ``seed``: standard for the norm gains (1-D), times ``scale`` for the matrices; in ``dtype``, in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {
+        name: torch.randn(shape, generator=gen, dtype=dtype) * (1.0 if len(shape) == 1 else scale)
+        for name, shape in gguf_shapes(cfg).items()
+    }
+    return Llama.from_gguf_tensors(cfg, tensors, unpermute=False).eval()

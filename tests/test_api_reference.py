@@ -8,16 +8,15 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from tests.books import build_book
 from tools import book_policy
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 def _extension():
@@ -78,14 +77,7 @@ def _api_book(tmp_path: Path, docstring: str) -> Path:
 
 
 def _build(book: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{book.parent}{os.pathsep}{ROOT}"}
-    return subprocess.run(
-        [str(BIN / "jupyter-book"), "build", str(book), "-W", "-n", "--keep-going"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    return build_book(book, env={"PYTHONPATH": f"{book.parent}{os.pathsep}{ROOT}"})
 
 
 @pytest.mark.slow

@@ -18,10 +18,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tests.books import build_book
 from tools import book_policy
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 def _notebook(path: Path, cells: list, *, executed: bool = False) -> Path:
@@ -129,14 +129,8 @@ def _mini_book(tmp_path: Path, page: str, notebook_cell: str = "1 + 1", *, vendo
 
 
 def _build(book: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "jupyter-book"), "build", str(book), "-W", "-n", "--keep-going"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **env},
-        cwd=book,  # the execution cache (execute.cache, a relative path) then lives in the mini book
-    )
+    # cwd: the execution cache (execute.cache, a relative path) then lives in the mini book
+    return build_book(book, env=env, cwd=book)
 
 
 GOOD_PAGE = "# Intro\n\nThe roofline {cite:p}`williams2009roofline`.\n\n```{bibliography}\n```\n"
@@ -217,13 +211,7 @@ def _configure(book: Path, **values: str) -> None:
 
 
 def _slow_client_build(book: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", SLOW_CLIENT_BUILD, "build", str(book), "-W", "-n", "--keep-going"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=book,
-    )
+    return build_book(book, program=(sys.executable, "-c", SLOW_CLIENT_BUILD), cwd=book)
 
 
 @pytest.mark.slow

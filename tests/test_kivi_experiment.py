@@ -15,7 +15,7 @@ from refimpl.llm.cache import FullCache, make_caches
 from refimpl.llm.config import LlamaConfig
 from refimpl.llm.model import Llama
 from refimpl.llm.perplexity import evaluate, evaluate_many
-from tests.models import gguf_shapes
+from tests.models import random_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,12 +26,7 @@ def tiny_llama(seed: int = 0, n_layers: int = 3) -> Llama:
         n_layers=n_layers, d_model=32, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=48, vocab_size=40,
         rope_base=1e4, norm_eps=1e-5, max_seq_len=96,
     )  # fmt: skip
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {
-        n: torch.randn(s, generator=gen, dtype=torch.float64) * (1.0 if len(s) == 1 else 0.5)
-        for n, s in gguf_shapes(cfg).items()
-    }
-    return Llama.from_gguf_tensors(cfg, tensors, unpermute=False).eval()
+    return random_llama(cfg, seed, scale=0.5, dtype=torch.float64)
 
 
 def _ids(n: int, s: int = 1, seed: int = 1) -> torch.Tensor:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from refimpl.memo.block import ACTIVATION_NAMES, TransformerBlock
 from refimpl.memo.ledger import (
     KORTHIKANTI_TERMS,
+    Account,
     Ledger,
     OutOfMemoryError,
     block_activation_bytes,
@@ -47,9 +48,9 @@ def test_ledger_equals_exact_formula_by_tensor(shape, dtype, dropout, ffn):
     want = block_activation_bytes(s, b, h, a, ffn_hidden=ffn, dropout=dropout > 0, act_bytes=e)
     assert "unnamed" not in ledger.by_name  # every saved tensor is one the block announced
     assert ledger.by_name == want
-    assert ledger.device_bytes == ledger.peak_device_bytes == sum(want.values())
+    assert ledger.device.live == ledger.device.peak == sum(want.values())
     del out
-    assert ledger.device_bytes == 0  # freeing the graph frees the activations
+    assert ledger.device.live == 0  # freeing the graph frees the activations
 
 
 def test_bf16_ledger_is_korthikanti_formula_plus_layernorm_statistics():
@@ -59,7 +60,7 @@ def test_bf16_ledger_is_korthikanti_formula_plus_layernorm_statistics():
     assert paper == s * b * h * (34 + 5 * a * s / h)
     stats = sum(ledger.by_name[n] for n in STATS)
     assert stats == 4 * s * b * 2  # four (s, b, 1) tensors, bf16 on the CPU
-    assert ledger.peak_device_bytes - stats == paper
+    assert ledger.device.peak - stats == paper
 
 
 @settings(max_examples=50, deadline=None)
@@ -93,17 +94,17 @@ def test_ledger_reference_counts_keys_and_tracks_peaks():
     led.acquire("a", 100)
     led.acquire("a", 100)  # a second holder of the same storage: counted once
     led.acquire("b", 50)
-    assert led.device_bytes == 150 and led.peak_device_bytes == 150
+    assert led.device.live == 150 and led.device.peak == 150
     led.release("a")
-    assert led.device_bytes == 150  # one holder left
+    assert led.device.live == 150  # one holder left
     led.release("a")
-    assert led.device_bytes == 50
+    assert led.device.live == 50
     led.release("a")  # not held: no-op
     led.acquire("h", 70, "host")
-    assert (led.device_bytes, led.host_bytes, led.peak_host_bytes) == (50, 70, 70)
+    assert (led.device.live, led.host.live, led.host.peak) == (50, 70, 70)
     assert led.timeline[-1] == (50, 70)
     led.reset_peaks()
-    assert led.peak_device_bytes == 50 and led.timeline == [(50, 70)]
+    assert led.device.peak == 50 and led.timeline == [(50, 70)]
 
 
 def test_ledger_capacities_raise_out_of_memory():
@@ -113,12 +114,19 @@ def test_ledger_capacities_raise_out_of_memory():
         led.acquire("b", 50)
     with pytest.raises(OutOfMemoryError, match="host_capacity=10"):
         led.acquire("h", 11, "host")
-    assert led.device_bytes == 60 and led.host_bytes == 0
+    assert led.device.live == 60 and led.host.live == 0
+    # an account is a snapshot: it does not change with the ledger afterwards
+    before = led.device
+    led.release("a")
+    assert before == Account(live=60, peak=60, capacity=100) == led.account("device")._replace(live=60)
+    assert led.device == Account(live=0, peak=60, capacity=100) and led.host == Account(0, 0, 10)
 
 
 def test_ledger_rejects_bad_arguments():
     with pytest.raises(ValueError, match="where"):
         Ledger().acquire("a", 1, "disk")
+    with pytest.raises(ValueError, match="where"):
+        Ledger().account("disk")
     with pytest.raises(ValueError, match="nbytes"):
         Ledger().acquire("a", -1)
     with pytest.raises(ValueError, match="device_capacity"):

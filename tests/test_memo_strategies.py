@@ -61,7 +61,7 @@ def test_gradients_equal_the_baseline_bit_for_bit(stack, make):
     assert len(got) == len(baseline)
     for i, (u, v) in enumerate(zip(baseline, got)):
         assert torch.equal(u, v), f"tensor {i} differs"
-    assert ledger.device_bytes == 0 and ledger.host_bytes == 0  # everything freed by the end of the step
+    assert ledger.device.live == 0 and ledger.host.live == 0  # everything freed by the end of the step
 
 
 def test_gradients_bit_exact_with_a_short_last_tile_and_batch_one():
@@ -104,12 +104,12 @@ def test_peaks_and_traffic_match_closed_forms(stack):
         ("offload", FullOffload(), 1.0),
     ] + [(f"memo{a}", MemoTokenwise(a), a) for a in ALPHAS]:
         _, led = _grads(layers, x0, g, strategy)
-        peaks[name] = led.peak_device_bytes
+        peaks[name] = led.device.peak
         if alpha is None:
-            assert led.peak_device_bytes == L * act and led.peak_host_bytes == 0
+            assert led.device.peak == L * act and led.host.peak == 0
             continue
-        assert led.peak_device_bytes == (L - 1) * (1 - alpha) * x_bytes + act, name
-        assert led.peak_host_bytes == led.bytes_to_host == led.bytes_to_device == alpha * L * act, name
+        assert led.device.peak == (L - 1) * (1 - alpha) * x_bytes + act, name
+        assert led.host.peak == led.bytes_to_host == led.bytes_to_device == alpha * L * act, name
     assert peaks["offload"] < peaks["recompute"] < peaks["keep"]
     assert [peaks[f"memo{a}"] for a in ALPHAS] == sorted((peaks[f"memo{a}"] for a in ALPHAS), reverse=True)
     assert peaks["memo0.0"] == peaks["recompute"] and peaks["memo1.0"] == peaks["offload"]
@@ -129,7 +129,7 @@ def test_hooks_are_removed_and_nothing_leaks_across_steps(stack):
         for _ in range(2):  # two steps on one ledger: it returns to zero after each
             _grads_ledger = train_step(layers, x0.clone().requires_grad_(True), g, strategy, ledger)
             assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
-            assert ledger.device_bytes == 0 and ledger.host_bytes == 0
+            assert ledger.device.live == 0 and ledger.host.live == 0
         state = strategy._last
         del _grads_ledger
         gc.collect()
@@ -145,10 +145,10 @@ def test_dropping_the_graph_without_backward_frees_everything(stack):
     for make in STRATEGIES:
         ledger = Ledger()
         out = forward_stack(layers, x0.clone().requires_grad_(True), make(), ledger)
-        assert ledger.device_bytes + ledger.host_bytes > 0
+        assert ledger.device.live + ledger.host.live > 0
         del out
         gc.collect()
-        assert ledger.device_bytes == 0 and ledger.host_bytes == 0, make
+        assert ledger.device.live == 0 and ledger.host.live == 0, make
 
 
 def test_no_grad_forward_saves_nothing(stack):
@@ -157,7 +157,7 @@ def test_no_grad_forward_saves_nothing(stack):
         ledger = Ledger()
         with torch.no_grad():
             forward_stack(layers, x0, make(), ledger)
-        assert ledger.peak_host_bytes == 0 and ledger.device_bytes == 0, make
+        assert ledger.host.peak == 0 and ledger.device.live == 0, make
 
 
 # ----------------------------------------------------------------------------------------------------------

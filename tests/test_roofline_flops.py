@@ -68,22 +68,23 @@ def test_smollm2_prefill_and_decode_flops_match_flop_counter(smollm2, one_thread
 
 def test_flops_match_transformers_llama_with_gqa_untied_head():
     transformers = pytest.importorskip("transformers")
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=24,  # H * D != d: the analyzer must use head_dim, not d / H
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
-    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    # H * D != d (the analyzer must use head_dim, not d / H), GQA, an untied head
     ours = ModelConfig(
         "tiny", n_layers=2, d_model=128, n_heads=8, n_kv_heads=2, head_dim=24, ffn_dim=352, vocab_size=512
     )
-    ids = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(0))
+    hf_cfg = transformers.LlamaConfig(  # the same shapes, read from ours: the two models cannot disagree
+        vocab_size=ours.vocab_size,
+        hidden_size=ours.d_model,
+        intermediate_size=ours.ffn_dim,
+        num_hidden_layers=ours.n_layers,
+        num_attention_heads=ours.n_heads,
+        num_key_value_heads=ours.n_kv_heads,
+        head_dim=ours.head_dim,
+        tie_word_embeddings=ours.tie_embeddings,
+        attn_implementation="eager",
+    )
+    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    ids = torch.randint(0, ours.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
     a = analyze(ours, "a100-40gb", Workload(stage="prefill", batch=3, seq=20, flash_attention=False, logits="all"))
     assert matmul_flops(a) == counted(lambda: model(ids))
     assert ours.n_params() == sum(p.numel() for p in model.parameters())

@@ -206,9 +206,8 @@ def test_bad_inputs():
 
 
 def test_benchmark_quick_prints_numbers(run_benchmark):
-    _, values = run_benchmark("bench_cluster", ["--quick"])
-    for key in ("migration_p99_vs_round_robin", "migration_ttft_p99_vs_least_loaded", "llumnix_throughput"):
-        assert float(values[key]) > 0, key
+    positive = ("migration_p99_vs_round_robin", "migration_ttft_p99_vs_least_loaded", "llumnix_throughput")
+    _, values = run_benchmark("bench_cluster", ["--quick"], positive=positive)
     assert float(values["round_robin_migrations"]) == 0
     for key in (
         "sweep_25_llumnix_fragmentation",

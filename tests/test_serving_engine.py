@@ -271,9 +271,8 @@ def test_tiny_model_outputs_depend_on_context(tiny):
 
 @pytest.mark.model
 def test_benchmark_quick_prints_numbers(run_benchmark):
-    _, values = run_benchmark("bench_serving", ["--quick"])
+    positive = ("continuous_vs_static_throughput", "static_tokens_per_s", "continuous_ttft_p99_s")
+    _, values = run_benchmark("bench_serving", ["--quick"], positive=positive)
     assert values["outputs_identical"] == "1"
-    for key in ("continuous_vs_static_throughput", "static_tokens_per_s", "continuous_ttft_p99_s"):
-        assert float(values[key]) > 0, key
     assert 0 <= float(values["paged_memory_waste"]) < 1
     assert 0 <= float(values["simulator_latency_error"]) < 1

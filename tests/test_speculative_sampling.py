@@ -12,7 +12,7 @@ from refimpl.llm.config import LlamaConfig
 from refimpl.llm.model import Llama
 from refimpl.speculative.decode import speculative_decode
 from refimpl.speculative.draft import LayerSkipDraft, PromptLookupDraft
-from tests.models import gguf_shapes
+from tests.models import random_llama
 
 V = 6
 
@@ -23,10 +23,7 @@ def tiny_llama(seed: int = 0) -> Llama:
         n_layers=2, d_model=16, n_heads=2, n_kv_heads=1, head_dim=8, ffn_dim=32, vocab_size=V, rope_base=1e4,
         norm_eps=1e-5, max_seq_len=64,
     )  # fmt: skip
-    gen = torch.Generator().manual_seed(seed)
-    shapes = gguf_shapes(cfg)
-    tensors = {n: torch.randn(s, generator=gen) * (1.0 if len(s) == 1 else 0.6) for n, s in shapes.items()}
-    return Llama.from_gguf_tensors(cfg, tensors, unpermute=False).eval()
+    return random_llama(cfg, seed, scale=0.6)
 
 
 def target_joint(model: Llama, prompt: list[int], n: int, temperature: float) -> dict[tuple[int, ...], float]:

@@ -22,7 +22,9 @@ __all__, __getattr__, __dir__ = lazy_exports(
             "ACTIVATION_NAMES MaskedScale Tape TapeEntry TransformerBlock dropout_keep_mask make_stack splitmix64 "
             "tile_seed"
         ),
-        "ledger": "KORTHIKANTI_TERMS Ledger OutOfMemoryError block_activation_bytes korthikanti_activation_bytes",
+        "ledger": (
+            "KORTHIKANTI_TERMS Account Ledger OutOfMemoryError block_activation_bytes korthikanti_activation_bytes"
+        ),
         "strategies": "FullOffload FullRecompute KeepAll MemoTokenwise StepResult Strategy forward_stack train_step",
         "swap": "",  # machinery of the strategies: reached as the submodule, nothing re-exported
         "overlap": (

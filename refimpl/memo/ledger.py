@@ -33,12 +33,14 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from refimpl._checks import check_choice, check_int, check_positive_int
 
 __all__ = [
     "WHERE",
     "KORTHIKANTI_TERMS",
+    "Account",
     "Ledger",
     "OutOfMemoryError",
     "block_activation_bytes",
@@ -144,21 +146,24 @@ class OutOfMemoryError(RuntimeError):
     """A ledger capacity (device or host) would be exceeded."""
 
 
-@dataclass
-class _Account:
+class Account(NamedTuple):
+    """One memory of a :class:`Ledger` ("device" or "host") as it stood when read (a snapshot): ``live`` bytes
+    held, the ``peak`` bytes held since the ledger's construction or :meth:`Ledger.reset_peaks`, and the
+    ``capacity`` it may hold (``None``: unlimited)."""
+
+    live: int
+    peak: int
     capacity: int | None
-    live: int = 0
-    peak: int = 0
 
 
 @dataclass
 class Ledger:
     """Bytes held on the "device" and the "host", acquired and released by key (a storage, a host buffer).
 
-    Attributes read by the chapter: ``device_bytes``, ``host_bytes``, ``peak_device_bytes``, ``peak_host_bytes``,
-    ``bytes_to_host`` and ``bytes_to_device`` (traffic over the host link), ``by_name`` (device bytes first
-    acquired per activation name, after :meth:`label`), ``timeline`` (``(device_bytes, host_bytes)`` after every
-    change).
+    Attributes read by the chapter: :attr:`device` and :attr:`host` (each an :class:`Account`: ``live`` and
+    ``peak`` bytes, ``capacity``), ``bytes_to_host`` and ``bytes_to_device`` (traffic over the host link),
+    ``by_name`` (device bytes first acquired per activation name, after :meth:`label`), ``timeline`` (``(device
+    bytes, host bytes)`` held after every change).
 
     ``device_capacity``: bytes the device may hold (``None``: unlimited); exceeding it raises
     :class:`OutOfMemoryError`, as a GPU allocation would. ``host_capacity``: the same for host memory (pinned
@@ -177,29 +182,26 @@ class Ledger:
             value = getattr(self, name)
             if value is not None:
                 check_int(name, value, min_value=0)
-        self._accounts = {"device": _Account(self.device_capacity), "host": _Account(self.host_capacity)}
+        self._capacity = {"device": self.device_capacity, "host": self.host_capacity}
+        self._live = dict.fromkeys(WHERE, 0)  # where -> bytes held now
+        self._peak = dict.fromkeys(WHERE, 0)  # where -> the most bytes held since the last reset_peaks()
         self._held: dict[tuple[str, Hashable], list[int]] = {}  # (where, key) -> [bytes, holders]
 
     # -- queries --------------------------------------------------------------------------------------------
-    @property
-    def device_bytes(self) -> int:
-        """Bytes held on the device now."""
-        return self._accounts["device"].live
+    def account(self, where: str) -> Account:
+        """The bytes held on ``where`` ("device" or "host"): live, peak and capacity, as of now."""
+        check_choice("where", where, WHERE)
+        return Account(self._live[where], self._peak[where], self._capacity[where])
 
     @property
-    def host_bytes(self) -> int:
-        """Bytes held on the host now."""
-        return self._accounts["host"].live
+    def device(self) -> Account:
+        """The device's account: ``ledger.device.live``, ``ledger.device.peak``, ``ledger.device.capacity``."""
+        return self.account("device")
 
     @property
-    def peak_device_bytes(self) -> int:
-        """Largest ``device_bytes`` since construction or :meth:`reset_peaks`."""
-        return self._accounts["device"].peak
-
-    @property
-    def peak_host_bytes(self) -> int:
-        """Largest ``host_bytes`` since construction or :meth:`reset_peaks`."""
-        return self._accounts["host"].peak
+    def host(self) -> Account:
+        """The host's account (offloaded activations): ``ledger.host.live``, ``.peak``, ``.capacity``."""
+        return self.account("host")
 
     def holds(self, key: Hashable, where: str = "device") -> bool:
         """Whether ``key`` is held on ``where``."""
@@ -212,7 +214,7 @@ class Ledger:
         Keys are reference-counted: a key already held (one storage saved by two operators, or by two layers) is
         counted once and freed by the last matching :meth:`release`.
         """
-        if where not in self._accounts:  # the hot path: validate without building messages
+        if where not in self._live:  # the hot path: validate without building messages
             check_choice("where", where, WHERE)
         if not isinstance(nbytes, int) or nbytes < 0:
             nbytes = check_int("nbytes", nbytes, min_value=0)
@@ -220,16 +222,16 @@ class Ledger:
         if held is not None:
             held[1] += 1
             return
-        acc = self._accounts[where]
-        if acc.capacity is not None and acc.live + nbytes > acc.capacity:
+        live, capacity = self._live[where] + nbytes, self._capacity[where]
+        if capacity is not None and live > capacity:
             raise OutOfMemoryError(
-                f"{where} capacity exceeded: holding {acc.live} bytes, {nbytes} more requested, "
-                f"{where}_capacity={acc.capacity} bytes"
+                f"{where} capacity exceeded: holding {self._live[where]} bytes, {nbytes} more requested, "
+                f"{where}_capacity={capacity} bytes"
             )
         self._held[(where, key)] = [nbytes, 1]
-        acc.live += nbytes
-        acc.peak = max(acc.peak, acc.live)
-        self.timeline.append((self.device_bytes, self.host_bytes))
+        self._live[where] = live
+        self._peak[where] = max(self._peak[where], live)
+        self.timeline.append((self._live["device"], self._live["host"]))
 
     def release(self, key: Hashable, where: str = "device") -> None:
         """Drop one hold of ``key`` on ``where``; the bytes are freed with the last hold (no-op if not held)."""
@@ -240,8 +242,8 @@ class Ledger:
         if held[1] > 0:
             return
         del self._held[(where, key)]
-        self._accounts[where].live -= held[0]
-        self.timeline.append((self.device_bytes, self.host_bytes))
+        self._live[where] -= held[0]
+        self.timeline.append((self._live["device"], self._live["host"]))
 
     def label(self, key: Hashable, name: str) -> None:
         """Attribute the device bytes held under ``key`` to the activation ``name`` (for :attr:`by_name`)."""
@@ -251,8 +253,7 @@ class Ledger:
 
     def reset_peaks(self) -> None:
         """Set the peaks to the current holdings and clear traffic counters, names and timeline."""
-        for acc in self._accounts.values():
-            acc.peak = acc.live
+        self._peak = dict(self._live)
         self.bytes_to_host = self.bytes_to_device = 0
         self.by_name = {}
-        self.timeline = [(self.device_bytes, self.host_bytes)]
+        self.timeline = [(self._live["device"], self._live["host"])]

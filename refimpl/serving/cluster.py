@@ -158,6 +158,7 @@ class LinearCost:
         t_seq: float,
         t_kv: float,
         t_prefill: float,
+        *,
         kv_bytes_per_token: float = 1.0,
         link_bandwidth: float = 1.0,
     ) -> None:

@@ -67,6 +67,7 @@ def roofline_speedup(
     hardware: str,
     alpha: float,
     gamma: int,
+    *,
     batch: int = 1,
     seq: int = 1024,
 ) -> float:
