@@ -6,6 +6,9 @@ sequence of matrix-matrix products, bound by the matmul throughput: ``FLOP/s / F
 Batched decode (``--rows`` sequences, one token each per step, as a batched perplexity evaluation runs) reads
 the weights once for all rows; its ceiling is the lower of the two: ``rows / max(bytes / bandwidth,
 FLOPs / FLOP/s)`` tokens/s.
+Every decode time is also measured with the products on the BLAS (``refimpl.llm.matvec.blas_only``: ``x @ W``
+through MKL, the decoder before its C matvec), in the same rounds: ``*_blas`` lines and ``*_speedup_vs_blas``
+ratios are the before/after.
 Both ceilings are measured in the same run with ``refimpl.roofline.measure`` (STREAM copy bandwidth, best fp32
 matmul), in rounds interleaved with the model's timings, so the printed fractions are ratios of measurements
 taken side by side on the same machine.
@@ -34,6 +37,7 @@ import torch  # noqa: E402
 from _common import report  # noqa: E402
 
 from refimpl.llm import corpus, load_model  # noqa: E402
+from refimpl.llm.matvec import blas_only, kernel_available  # noqa: E402
 from refimpl.llm.perf import decode_bytes, forward_flops, time_decode, time_matvecs  # noqa: E402
 from refimpl.roofline import measure  # noqa: E402
 
@@ -62,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     rows = ids[: args.context * args.rows].view(args.rows, args.context)  # (rows, context): disjoint slices
     bandwidth = peak = 0.0
     s_decode = s_matvecs = s_prefill = s_batch = float("inf")
+    s_decode_blas = s_matvecs_blas = s_batch_blas = float("inf")
     # Interleaved rounds: on a machine shared with other processes the load changes from second to second, so
     # the ceilings and the model are measured in turn, each round, and each keeps its best over the rounds.
     for _ in range(args.repeats):
@@ -75,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         # prefill: one forward of T tokens through fresh caches (what generation does)
         s_prefill = min(s_prefill, measure.time_fn(lambda: model(ids[None, :t], model.new_caches(), 0), repeats=1))
         s_batch = min(s_batch, time_decode(model, rows, args.steps, repeats=1))  # rows decoded together
+        with blas_only():  # before: the same steps with every product on the BLAS
+            s_decode_blas = min(s_decode_blas, time_decode(model, ids[: args.context], args.steps, repeats=1))
+            s_matvecs_blas = min(s_matvecs_blas, time_matvecs(model, repeats=2))
+            s_batch_blas = min(s_batch_blas, time_decode(model, rows, args.steps, repeats=1))
 
     # decode: weights once per token + the KV cache read at the mean context of the timed steps
     mean_context = args.context + args.steps // 2
@@ -88,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     torch.set_num_threads(threads)
     values = {
         "threads": model_threads,
+        "matvec_kernel": int(kernel_available()),
         "weight_bytes_per_token": bytes_per_token,
         "stream_bandwidth_GBps": bandwidth / 1e9,
         "decode_context": args.context,
@@ -97,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         "decode_roofline_fraction": 1 / s_decode / decode_bound,
         "decode_matvecs_ms": s_matvecs * 1e3,
         "matvec_bandwidth_GBps": c.decode_weight_bytes() / s_matvecs / 1e9,
+        "decode_ms_per_token_blas": s_decode_blas * 1e3,
+        "decode_roofline_fraction_blas": 1 / s_decode_blas / decode_bound,
+        "decode_speedup_vs_blas": s_decode_blas / s_decode,
+        "matvec_bandwidth_blas_GBps": c.decode_weight_bytes() / s_matvecs_blas / 1e9,
         "matmul_GFLOPs": peak / 1e9,
         "prefill_tokens": t,
         "prefill_tokens_per_s": t / s_prefill,
@@ -107,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         "batch_decode_bound_tokens_per_s": args.rows / batch_bound_s,
         "batch_decode_roofline_fraction": batch_bound_s / s_batch,
         "batch_decode_speedup_vs_batch1": args.rows * s_decode / s_batch,
+        "batch_decode_speedup_vs_blas": s_batch_blas / s_batch,
     }
     return report(values)
 
