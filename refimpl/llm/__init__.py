@@ -5,6 +5,7 @@
 ``refimpl.llm.config``         :class:`LlamaConfig`, the model's shapes
 ``refimpl.llm.tokenizer``      byte-level BPE rebuilt from the file's vocabulary and merges
 ``refimpl.llm.model``          the decoder (:class:`Llama`) and :func:`load_model`
+``refimpl.llm.matvec``         ``x @ W`` for a decode step's few rows: a C loop that reads ``W`` at memory speed
 ``refimpl.llm.cache``          the KV-cache interface (:class:`KVCache`) and :class:`FullCache`
 ``refimpl.llm.generate``       :func:`generate`: greedy / temperature + top-p sampling, streaming
 ``refimpl.llm.perplexity``     :func:`evaluate_many`: perplexity of cache configurations, step by step
