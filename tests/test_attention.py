@@ -23,10 +23,9 @@ from refimpl.attention import (
     online_softmax,
 )
 from refimpl.attention.common import causal_visible
+from tests.strategies_attention import F64, attention_tilings, make_qkv, tiling_qkv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-F64 = torch.float64
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -45,14 +44,6 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref)[fin].abs().max() / ref[fin].abs().max().clamp_min(1.0)).item()
 
 
-def make_qkv(b, h_q, h_kv, n_q, n_k, d, dtype=F64, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    q = (scale * torch.randn(b, h_q, n_q, d, generator=g, dtype=F64)).to(dtype)
-    k = (scale * torch.randn(b, h_kv, n_k, d, generator=g, dtype=F64)).to(dtype)
-    v = torch.randn(b, h_kv, n_k, d, generator=g, dtype=F64).to(dtype)
-    return q, k, v
-
-
 def reference(q, k, v, causal, do=None, scale=None):
     """Float64 standard attention: (O, L) and, given dO, (dQ, dK, dV) by autograd."""
     q64, k64, v64 = (t.detach().to(F64).requires_grad_() for t in (q, k, v))
@@ -69,50 +60,31 @@ def flash_grads(q, k, v, causal, do, block_q, block_k, scale=None):
     return o.detach(), torch.autograd.grad(o, (q, k, v), do)
 
 
-shapes = st.fixed_dictionaries(
-    {
-        "b": st.integers(1, 2),
-        "h_kv": st.integers(1, 2),
-        "group": st.sampled_from([1, 2, 3]),
-        "n_q": st.integers(1, 40),
-        "n_k": st.integers(1, 40),
-        "d": st.sampled_from([1, 4, 8, 16]),
-        "block_q": st.integers(1, 48),
-        "block_k": st.integers(1, 48),
-        "causal": st.booleans(),
-        "seed": st.integers(0, 2**16),
-    }
-)
+seeds = st.integers(0, 2**16)  # of the random inputs
 
 
 # ------------------------------------------------------------------ exactness against the reference
 
 
 @settings(max_examples=40, deadline=None)
-@given(cfg=shapes, loop_order=st.sampled_from(["fa2", "fa1"]))
-def test_forward_float64_matches_reference(cfg, loop_order):
-    q, k, v = make_qkv(
-        cfg["b"], cfg["h_kv"] * cfg["group"], cfg["h_kv"], cfg["n_q"], cfg["n_k"], cfg["d"], seed=cfg["seed"]
-    )
-    o, lse = flash_attention_forward(
-        q, k, v, cfg["causal"], None, cfg["block_q"], cfg["block_k"], loop_order=loop_order
-    )
-    o_ref, lse_ref = reference(q, k, v, cfg["causal"])
+@given(t=attention_tilings(min_len=1), seed=seeds, loop_order=st.sampled_from(["fa2", "fa1"]))
+def test_forward_float64_matches_reference(t, seed, loop_order):
+    q, k, v = tiling_qkv(t, seed=seed)
+    o, lse = flash_attention_forward(q, k, v, t.causal, None, t.block_q, t.block_k, loop_order=loop_order)
+    o_ref, lse_ref = reference(q, k, v, t.causal)
     assert o.dtype == F64 and lse.dtype == F64
     assert rel_err(o, o_ref) < 1e-10
     assert rel_err(lse, lse_ref) < 1e-10
 
 
 @settings(max_examples=30, deadline=None)
-@given(cfg=shapes, block_q=st.integers(2, 48), block_k=st.integers(2, 48))
-def test_gradients_float64_match_reference(cfg, block_q, block_k):
-    cfg = {**cfg, "block_q": block_q, "block_k": block_k}  # blocks of one row are covered by the forward test
-    q, k, v = make_qkv(
-        cfg["b"], cfg["h_kv"] * cfg["group"], cfg["h_kv"], cfg["n_q"], cfg["n_k"], cfg["d"], seed=cfg["seed"]
-    )
-    do = torch.randn(q.shape, dtype=F64, generator=torch.Generator().manual_seed(cfg["seed"] + 1))
-    o_ref, _, g_ref = reference(q, k, v, cfg["causal"], do)
-    o, grads = flash_grads(q, k, v, cfg["causal"], do, cfg["block_q"], cfg["block_k"])
+@given(t=attention_tilings(min_len=1), seed=seeds, block_q=st.integers(2, 50), block_k=st.integers(2, 50))
+def test_gradients_float64_match_reference(t, seed, block_q, block_k):
+    q, k, v = tiling_qkv(t, seed=seed)
+    do = torch.randn(q.shape, dtype=F64, generator=torch.Generator().manual_seed(seed + 1))
+    o_ref, _, g_ref = reference(q, k, v, t.causal, do)
+    # Blocks of at least two rows here (t's may have one): blocks of one row are covered by the forward test.
+    o, grads = flash_grads(q, k, v, t.causal, do, block_q, block_k)
     assert rel_err(o, o_ref) < 1e-10
     for name, g, r in zip("qkv", grads, g_ref):
         assert g.shape == r.shape and g.dtype == F64
@@ -120,22 +92,13 @@ def test_gradients_float64_match_reference(cfg, block_q, block_k):
 
 
 @settings(max_examples=25, deadline=None)
-@given(cfg=shapes)
-def test_float32_matches_reference_to_1e5_relative(cfg):
-    q, k, v = make_qkv(
-        cfg["b"],
-        cfg["h_kv"] * cfg["group"],
-        cfg["h_kv"],
-        cfg["n_q"],
-        cfg["n_k"],
-        cfg["d"],
-        dtype=torch.float32,
-        seed=cfg["seed"],
-    )
-    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(cfg["seed"] + 1))
-    o_ref, lse_ref, g_ref = reference(q, k, v, cfg["causal"], do)
-    _, lse = flash_attention_forward(q, k, v, cfg["causal"], None, cfg["block_q"], cfg["block_k"])
-    o, grads = flash_grads(q, k, v, cfg["causal"], do, cfg["block_q"], cfg["block_k"])
+@given(t=attention_tilings(min_len=1), seed=seeds)
+def test_float32_matches_reference_to_1e5_relative(t, seed):
+    q, k, v = tiling_qkv(t, dtype=torch.float32, seed=seed)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1))
+    o_ref, lse_ref, g_ref = reference(q, k, v, t.causal, do)
+    _, lse = flash_attention_forward(q, k, v, t.causal, None, t.block_q, t.block_k)
+    o, grads = flash_grads(q, k, v, t.causal, do, t.block_q, t.block_k)
     assert o.dtype == torch.float32 and lse.dtype == torch.float32
     assert rel_err(o, o_ref) < 1e-5
     assert rel_err(lse, lse_ref) < 1e-5

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refimpl.attention import (
+    AttentionTiling,
     IOCounter,
     block_sizes_for_sram,
     flash1_forward_io,
@@ -25,45 +26,9 @@ from refimpl.attention import (
     standard_attention_io,
 )
 from refimpl.attention.memory import allocation_events
-
-sizes = st.fixed_dictionaries(
-    {
-        "batch": st.integers(1, 2),
-        "heads_kv": st.integers(1, 2),
-        "group": st.sampled_from([1, 2, 4]),
-        "n_q": st.integers(0, 45),
-        "n_k": st.integers(0, 45),
-        "d": st.sampled_from([1, 3, 8]),
-        "block_q": st.integers(1, 50),
-        "block_k": st.integers(1, 50),
-        "causal": st.booleans(),
-    }
-)
+from tests.strategies_attention import attention_tilings, make_qkv, tiling_qkv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tensors(cfg):
-    g = torch.Generator().manual_seed(0)
-    h_q = cfg["heads_kv"] * cfg["group"]
-    q = torch.randn(cfg["batch"], h_q, cfg["n_q"], cfg["d"], generator=g)
-    k = torch.randn(cfg["batch"], cfg["heads_kv"], cfg["n_k"], cfg["d"], generator=g)
-    v = torch.randn(cfg["batch"], cfg["heads_kv"], cfg["n_k"], cfg["d"], generator=g)
-    return q, k, v
-
-
-def formula_args(cfg):
-    return (
-        cfg["batch"],
-        cfg["heads_kv"] * cfg["group"],
-        cfg["heads_kv"],
-        cfg["n_q"],
-        cfg["n_k"],
-        cfg["d"],
-        cfg["block_q"],
-        cfg["block_k"],
-        cfg["causal"],
-    )
 
 
 def assert_counts(counter: IOCounter, expected) -> None:
@@ -78,36 +43,33 @@ def assert_counts(counter: IOCounter, expected) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(cfg=sizes)
-def test_fa2_forward_and_backward_counts_equal_closed_forms(cfg):
-    q, k, v = tensors(cfg)
+@given(t=attention_tilings())
+def test_fa2_forward_and_backward_counts_equal_closed_forms(t):
+    q, k, v = tiling_qkv(t, dtype=torch.float32)
     io = IOCounter()
-    o, lse = flash_attention_forward(q, k, v, cfg["causal"], None, cfg["block_q"], cfg["block_k"], io=io)
-    assert_counts(io, flash2_forward_io(*formula_args(cfg)))
+    o, lse = flash_attention_forward(q, k, v, t.causal, None, t.block_q, t.block_k, io=io)
+    assert_counts(io, flash2_forward_io(t))
     io_b = IOCounter()
-    flash_attention_backward(
-        q, k, v, o, lse, torch.ones_like(o), cfg["causal"], None, cfg["block_q"], cfg["block_k"], io=io_b
-    )
-    assert_counts(io_b, flash2_backward_io(*formula_args(cfg)))
+    flash_attention_backward(q, k, v, o, lse, torch.ones_like(o), t.causal, None, t.block_q, t.block_k, io=io_b)
+    assert_counts(io_b, flash2_backward_io(t))
 
 
 @settings(max_examples=30, deadline=None)
-@given(cfg=sizes)
-def test_fa1_forward_counts_equal_closed_form(cfg):
-    q, k, v = tensors(cfg)
+@given(t=attention_tilings())
+def test_fa1_forward_counts_equal_closed_form(t):
+    q, k, v = tiling_qkv(t, dtype=torch.float32)
     io = IOCounter()
-    flash_attention_forward(q, k, v, cfg["causal"], None, cfg["block_q"], cfg["block_k"], loop_order="fa1", io=io)
-    assert_counts(io, flash1_forward_io(*formula_args(cfg)))
+    flash_attention_forward(q, k, v, t.causal, None, t.block_q, t.block_k, loop_order="fa1", io=io)
+    assert_counts(io, flash1_forward_io(t))
 
 
 @settings(max_examples=25, deadline=None)
-@given(cfg=sizes, return_lse=st.booleans())
-def test_standard_attention_counts_equal_closed_form(cfg, return_lse):
-    q, k, v = tensors(cfg)
+@given(t=attention_tilings(), return_lse=st.booleans())
+def test_standard_attention_counts_equal_closed_form(t, return_lse):
+    q, k, v = tiling_qkv(t, dtype=torch.float32)
     io = IOCounter()
-    naive_attention(q, k, v, cfg["causal"], return_lse=return_lse, io=io)
-    b, h_q, _, n_q, n_k, d = formula_args(cfg)[:6]
-    assert_counts(io, standard_attention_io(b, h_q, n_q, n_k, d, return_lse))
+    naive_attention(q, k, v, t.causal, return_lse=return_lse, io=io)
+    assert_counts(io, standard_attention_io(t.batch, t.heads_q, t.n_q, t.n_k, t.d, return_lse))
 
 
 @pytest.mark.parametrize(("n", "d"), [(64, 8), (256, 16), (1000, 64)])
@@ -120,12 +82,12 @@ def test_causal_fa2_forward_closed_form_for_divisible_sizes(t, block, d):
     # N = T B with B_r = B_c = B: query block i reads i + 1 key blocks, so K and V are each read
     # B d (1 + 2 + ... + T) = d N (T + 1) / 2 elements, about half of the T N d read without the mask.
     n = t * block
-    q, k, v = tensors({"batch": 1, "heads_kv": 1, "group": 1, "n_q": n, "n_k": n, "d": d})
+    q, k, v = make_qkv(1, 1, 1, n, n, d, dtype=torch.float32)
     io = IOCounter()
     flash_attention_forward(q, k, v, True, None, block, block, io=io)
     assert io.reads["K"] == io.reads["V"] == d * n * (t + 1) // 2
     assert io.reads["Q"] == io.writes["O"] == n * d and io.writes["L"] == n
-    full = flash2_forward_io(1, 1, 1, n, n, d, block, block)
+    full = flash2_forward_io(AttentionTiling(1, 1, 1, n, n, d, block, block))
     assert full.reads["K"] == t * n * d
 
 
@@ -140,13 +102,13 @@ def test_sram_blocks_fit_and_fa2_io_is_theta_n2_d2_over_m(d, m_over_d):
     assert sram_footprint(block_q, block_k, d) <= m
     assert block_q >= m // (6 * d), "B_r = Theta(M / d)"
     for n in (4096, 16384):
-        total = flash2_forward_io(1, 1, 1, n, n, d, block_q, block_k).total
+        total = flash2_forward_io(AttentionTiling(1, 1, 1, n, n, d, block_q, block_k)).total
         ratio = total / (n * n * d * d / m)
         # K and V are read ceil(N / B_r) times: 2 N d ceil(N / B_r) ~ 2 (5d + 2) N^2 d / M ~ 10 N^2 d^2 / M.
         assert 10 <= ratio <= 14, (d, m, n, ratio)
     # Doubling the SRAM halves the traffic (up to rounding of the block size and the linear Q, O terms).
-    big = flash2_forward_io(1, 1, 1, 16384, 16384, d, *block_sizes_for_sram(2 * m, d)).total
-    small = flash2_forward_io(1, 1, 1, 16384, 16384, d, block_q, block_k).total
+    big = flash2_forward_io(AttentionTiling(1, 1, 1, 16384, 16384, d, *block_sizes_for_sram(2 * m, d))).total
+    small = flash2_forward_io(AttentionTiling(1, 1, 1, 16384, 16384, d, block_q, block_k)).total
     assert 1.8 <= small / big <= 2.2
 
 
@@ -156,7 +118,7 @@ def test_counted_traffic_scales_quadratically_in_n_for_fixed_sram():
     counts = []
     for n in (128, 256):
         io = IOCounter()
-        q, k, v = tensors({"batch": 1, "heads_kv": 1, "group": 1, "n_q": n, "n_k": n, "d": d})
+        q, k, v = make_qkv(1, 1, 1, n, n, d, dtype=torch.float32)
         flash_attention_forward(q, k, v, False, None, block_q, block_k, io=io)
         counts.append(io.total)
     assert 3.5 < counts[1] / counts[0] < 4.0  # Theta(N^2) plus a linear term
@@ -168,7 +130,9 @@ def test_block_sizes_for_sram_validates():
     with pytest.raises(TypeError, match="d must be an int"):
         block_sizes_for_sram(1000, 2.0)
     with pytest.raises(ValueError, match="heads_kv must divide heads_q"):
-        flash2_forward_io(1, 3, 2, 10, 10, 4, 2, 2)
+        AttentionTiling(1, 3, 2, 10, 10, 4, 2, 2)
+    with pytest.raises(ValueError, match="block_k must be >= 1"):
+        AttentionTiling(1, 2, 1, 10, 10, 4, 2, 0)
     with pytest.raises(ValueError, match="n_q must be >= 0"):
         standard_attention_io(1, 1, -1, 3, 4)
 
@@ -179,7 +143,7 @@ def test_block_sizes_for_sram_validates():
 @settings(max_examples=30, deadline=None)
 @given(n_q=st.integers(1, 40), n_k=st.integers(1, 40), block_q=st.integers(1, 12), block_k=st.integers(1, 12))
 def test_causal_visits_exactly_the_tiles_with_a_visible_entry(n_q, n_k, block_q, block_k):
-    q, k, v = tensors({"batch": 1, "heads_kv": 1, "group": 1, "n_q": n_q, "n_k": n_k, "d": 2})
+    q, k, v = make_qkv(1, 1, 1, n_q, n_k, 2, dtype=torch.float32)
     offset = n_k - n_q
     needed, diagonal = set(), set()
     for qb, i0 in enumerate(range(0, n_q, block_q)):
@@ -201,7 +165,7 @@ def test_causal_visits_exactly_the_tiles_with_a_visible_entry(n_q, n_k, block_q,
 
 def test_causal_square_visits_t_t_plus_1_over_2_tiles_and_records_statistics():
     t, block = 6, 4
-    q, k, v = tensors({"batch": 1, "heads_kv": 1, "group": 1, "n_q": t * block, "n_k": t * block, "d": 4})
+    q, k, v = make_qkv(1, 1, 1, t * block, t * block, 4, dtype=torch.float32)
     io = IOCounter(record=True)
     o, lse = flash_attention_forward(q, k, v, True, None, block, block, io=io)
     assert len(io.visits) == t * (t + 1) // 2
@@ -239,7 +203,7 @@ def test_naive_memory_is_quadratic_tiled_is_linear():
     d, block = 16, 128  # few tiles: the profiler that records the allocations is slow per operation
     naive, tiled = [], []
     for n in (256, 512, 1024):
-        q, k, v = tensors({"batch": 1, "heads_kv": 1, "group": 1, "n_q": n, "n_k": n, "d": d})
+        q, k, v = make_qkv(1, 1, 1, n, n, d, dtype=torch.float32)
         naive.append(peak_memory(lambda: naive_attention(q, k, v)))  # noqa: B023
         tiled.append(peak_memory(lambda: flash_attention_forward(q, k, v, False, None, block, block)))  # noqa: B023
         # Standard attention holds S and P, N^2 floats each.
@@ -255,9 +219,7 @@ def test_backward_memory_tiled_linear_naive_quadratic():
     d, block = 16, 256
     tiled, naive = [], []
     for n in (1024, 2048):
-        q, k, v = (
-            t.requires_grad_() for t in tensors({"batch": 1, "heads_kv": 1, "group": 1, "n_q": n, "n_k": n, "d": d})
-        )
+        q, k, v = (t.requires_grad_() for t in make_qkv(1, 1, 1, n, n, d, dtype=torch.float32))
         tiled.append(peak_memory(lambda: flash_attention(q, k, v, True, None, block, block).sum().backward()))  # noqa: B023
         naive.append(peak_memory(lambda: naive_attention(q, k, v, True).sum().backward()))  # noqa: B023
         assert tiled[-1] < naive[-1] / 4

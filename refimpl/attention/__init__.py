@@ -10,7 +10,7 @@ Chapter: ``chapters/flash_attention.ipynb``. Papers: Dao et al. 2022 (FlashAtten
 ``flash_attention_backward``       the tiled backward by recomputation, returns ``(dQ, dK, dV)``
 ``online_softmax``                 softmax of a row read block by block
 ``llm_attention``                  ``attn_fn(q, k, v)`` for the book's LLM (causal, tiled)
-``IOCounter`` and ``*_io``         HBM<->SRAM traffic, counted and in closed form (``io_count``)
+``IOCounter`` and ``*_io``         HBM<->SRAM traffic, counted and in closed form for an ``AttentionTiling``
 ``peak_memory``                    peak extra CPU memory of a call (``memory``)
 ``triton_flash_attention``         the same algorithm as a Triton kernel (``triton_kernels``, imported lazily)
 =================================  ==========================================================================
@@ -26,6 +26,7 @@ from typing import Any
 
 from refimpl.attention.common import SUPPORTED_DTYPES, accumulation_dtype, causal_visible, check_attention_inputs
 from refimpl.attention.io_count import (
+    AttentionTiling,
     IOCount,
     IOCounter,
     TileVisit,
@@ -51,6 +52,7 @@ _LAZY = {"triton_flash_attention": "refimpl.attention.triton_kernels", "triton_k
 
 __all__ = [
     "SUPPORTED_DTYPES",
+    "AttentionTiling",
     "FlashAttentionFunction",
     "IOCount",
     "IOCounter",

@@ -25,6 +25,7 @@ from torch import Tensor
 from refimpl._checks import check_int, check_positive_int
 
 __all__ = [
+    "AttentionTiling",
     "IOCount",
     "IOCounter",
     "TileVisit",
@@ -125,96 +126,99 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def keys_loaded_per_query_block(n_q: int, n_k: int, block_q: int, block_k: int, causal: bool) -> list[int]:
-    """Key rows the FA2-order forward loads for each query block (the causal loop stops at the diagonal).
+@dataclass(frozen=True)
+class AttentionTiling:
+    """One tiled attention call: the sizes of ``q: (batch, heads_q, n_q, d)`` and ``k, v: (batch, heads_kv, n_k,
+    d)``, the blocks of ``block_q`` query rows (``B_r``) and ``block_k`` key rows (``B_c``), and the causal mask.
 
-    Query block ``[i0, i1)`` needs keys ``[0, min(N_k, i1 + N_k - N_q))``; whole key blocks are loaded, so the
-    count rounds that end up to a multiple of ``block_k`` (capped at ``N_k``).
+    Validated on construction (``heads_kv`` must divide ``heads_q``; lengths may be 0); the closed-form counts
+    :func:`flash2_forward_io`, :func:`flash1_forward_io` and :func:`flash2_backward_io` take one.
     """
-    out = []
-    for i0 in range(0, n_q, block_q):
-        i1 = min(i0 + block_q, n_q)
-        end = min(n_k, max(0, i1 + n_k - n_q)) if causal else n_k
-        out.append(min(n_k, _ceil_div(end, block_k) * block_k))
-    return out
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    n_q: int
+    n_k: int
+    d: int
+    block_q: int
+    block_k: int
+    causal: bool = False
+
+    def __post_init__(self) -> None:
+        _check_sizes(self.batch, self.heads_q, self.heads_kv, self.n_q, self.n_k, self.d)
+        check_positive_int("block_q", self.block_q)
+        check_positive_int("block_k", self.block_k)
+
+    @property
+    def offset(self) -> int:
+        """Bottom-right causal alignment: query ``i`` sees key ``j`` iff ``j <= i + offset``, ``offset = N_k - N_q``."""
+        return self.n_k - self.n_q
+
+    def keys_loaded_per_query_block(self) -> list[int]:
+        """Key rows the FA2-order forward loads for each query block (the causal loop stops at the diagonal).
+
+        Query block ``[i0, i1)`` needs keys ``[0, min(N_k, i1 + N_k - N_q))``; whole key blocks are loaded, so the
+        count rounds that end up to a multiple of ``block_k`` (capped at ``N_k``).
+        """
+        out = []
+        for i0 in range(0, self.n_q, self.block_q):
+            i1 = min(i0 + self.block_q, self.n_q)
+            end = min(self.n_k, max(0, i1 + self.offset)) if self.causal else self.n_k
+            out.append(min(self.n_k, _ceil_div(end, self.block_k) * self.block_k))
+        return out
+
+    def query_rows_per_key_block(self) -> list[int]:
+        """Query rows the key-outer loops (FA1 forward, FA2 backward) load for each key block.
+
+        Key block ``[j0, j1)`` is seen by queries ``i >= j0 - (N_k - N_q)``; whole query blocks are loaded, so the
+        first row rounds down to a multiple of ``block_q``.
+        """
+        out = []
+        for j0 in range(0, self.n_k, self.block_k):
+            first = j0 - self.offset if self.causal else 0
+            out.append(0 if first >= self.n_q else self.n_q - (max(0, first) // self.block_q) * self.block_q)
+        return out
 
 
-def query_rows_per_key_block(n_q: int, n_k: int, block_q: int, block_k: int, causal: bool) -> list[int]:
-    """Query rows the key-outer loops (FA1 forward, FA2 backward) load for each key block.
-
-    Key block ``[j0, j1)`` is seen by queries ``i >= j0 - (N_k - N_q)``; whole query blocks are loaded, so the
-    first row rounds down to a multiple of ``block_q``.
-    """
-    out = []
-    for j0 in range(0, n_k, block_k):
-        first = j0 - (n_k - n_q) if causal else 0
-        out.append(0 if first >= n_q else n_q - (max(0, first) // block_q) * block_q)
-    return out
-
-
-def _key_outer_counts(
-    batch: int, heads_q: int, heads_kv: int, n_q: int, n_k: int, d: int, block_q: int, block_k: int, causal: bool
-) -> tuple[int, int, int]:
-    """Checked sizes of a key-outer loop (FA1 forward, FA2 backward): ``(per_row, rows, kv_elems)``, the query
-    rows it moves over all key blocks and heads, the query rows ``B H N_q`` and the elements of K (or V)."""
-    _check_sizes(batch, heads_q, heads_kv, n_q, n_k, d)
-    block_q, block_k = check_positive_int("block_q", block_q), check_positive_int("block_k", block_k)
-    if causal:
-        q_rows = sum(query_rows_per_key_block(n_q, n_k, block_q, block_k, causal))
+def _key_outer_counts(t: AttentionTiling) -> tuple[int, int, int]:
+    """Sizes of a key-outer loop (FA1 forward, FA2 backward): ``(per_row, rows, kv_elems)``, the query rows it
+    moves over all key blocks and heads, the query rows ``B H N_q`` and the elements of K (or V)."""
+    if t.causal:
+        q_rows = sum(t.query_rows_per_key_block())
     else:
-        q_rows = _ceil_div(n_k, block_k) * n_q  # T_c passes over all query rows
-    return batch * heads_q * q_rows, batch * heads_q * n_q, batch * heads_kv * n_k * d
+        q_rows = _ceil_div(t.n_k, t.block_k) * t.n_q  # T_c passes over all query rows
+    return t.batch * t.heads_q * q_rows, t.batch * t.heads_q * t.n_q, t.batch * t.heads_kv * t.n_k * t.d
 
 
-def flash2_forward_io(
-    batch: int,
-    heads_q: int,
-    heads_kv: int,
-    n_q: int,
-    n_k: int,
-    d: int,
-    block_q: int,
-    block_k: int,
-    causal: bool = False,
-) -> IOCount:
+def flash2_forward_io(t: AttentionTiling) -> IOCount:
     """HBM traffic of the FA2-order forward (Dao 2023, Algorithm 1) as implemented in ``tiled.py``.
 
     Each query block ``Q_i`` is read once and ``O_i``, ``L_i`` written once; every key block it needs is read:
     ``K, V: B H_kv d sum_i keys_i`` with ``keys_i = N_k`` without masking, so ``T_r N_k`` in total with
     ``T_r = ceil(N_q / B_r)``. With ``B_r = Theta(M / d)`` this is ``Theta(N^2 d^2 / M)``.
     """
-    _check_sizes(batch, heads_q, heads_kv, n_q, n_k, d)
-    block_q, block_k = check_positive_int("block_q", block_q), check_positive_int("block_k", block_k)
-    if causal:
-        key_rows = sum(keys_loaded_per_query_block(n_q, n_k, block_q, block_k, causal))
+    if t.causal:
+        key_rows = sum(t.keys_loaded_per_query_block())
     else:
-        key_rows = _ceil_div(n_q, block_q) * n_k  # T_r passes over all of K and V
-    q_elems = batch * heads_q * n_q * d
-    kv_elems = batch * heads_kv * key_rows * d
+        key_rows = _ceil_div(t.n_q, t.block_q) * t.n_k  # T_r passes over all of K and V
+    q_elems = t.batch * t.heads_q * t.n_q * t.d
+    kv_elems = t.batch * t.heads_kv * key_rows * t.d
     return IOCount(
         reads={"Q": q_elems, "K": kv_elems, "V": kv_elems},
-        writes={"O": q_elems, "L": batch * heads_q * n_q},
+        writes={"O": q_elems, "L": t.batch * t.heads_q * t.n_q},
     )
 
 
-def flash1_forward_io(
-    batch: int,
-    heads_q: int,
-    heads_kv: int,
-    n_q: int,
-    n_k: int,
-    d: int,
-    block_q: int,
-    block_k: int,
-    causal: bool = False,
-) -> IOCount:
+def flash1_forward_io(t: AttentionTiling) -> IOCount:
     """HBM traffic of the FA1-order forward (Dao et al. 2022, Algorithm 1) as implemented in ``tiled.py``.
 
     K and V are read once; for every (key block, query block) pair the loop reads ``Q_i, O_i, l_i, m_i`` and
     writes ``O_i, l_i, m_i`` back. Plus the initialisation ``O = 0, l = 0, m = -inf`` (line 2) and a last pass
     reading ``m, l`` and writing ``L = m + log l``. Without masking the pairs number ``T_c T_r``.
     """
-    per_row, rows, kv_elems = _key_outer_counts(batch, heads_q, heads_kv, n_q, n_k, d, block_q, block_k, causal)
+    per_row, rows, kv_elems = _key_outer_counts(t)
+    d = t.d
     return IOCount(
         reads={
             "K": kv_elems,
@@ -228,24 +232,15 @@ def flash1_forward_io(
     )
 
 
-def flash2_backward_io(
-    batch: int,
-    heads_q: int,
-    heads_kv: int,
-    n_q: int,
-    n_k: int,
-    d: int,
-    block_q: int,
-    block_k: int,
-    causal: bool = False,
-) -> IOCount:
+def flash2_backward_io(t: AttentionTiling) -> IOCount:
     """HBM traffic of the FA2-order backward (Dao 2023, Algorithm 2) as implemented in ``tiled.py``.
 
     Preprocessing ``D = rowsum(dO * O)`` reads ``dO, O`` and writes ``D``. The loop reads each ``K_j, V_j`` once
     and writes ``dK_j, dV_j`` once; for each visited (key block, query block) pair it reads
     ``Q_i, dO_i, L_i, D_i`` and reads and writes the float32 accumulator ``dQ_i`` (FA2's atomic add).
     """
-    per_row, rows, kv_elems = _key_outer_counts(batch, heads_q, heads_kv, n_q, n_k, d, block_q, block_k, causal)
+    per_row, rows, kv_elems = _key_outer_counts(t)
+    d = t.d
     return IOCount(
         reads={
             "dO": rows * d + per_row * d,

@@ -270,8 +270,13 @@ def _fa2_backward(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_blocks(block_q: int, block_k: int) -> tuple[int, int]:
-    return check_positive_int("block_q", block_q), check_positive_int("block_k", block_k)
+def _check_inputs(
+    q: Tensor, k: Tensor, v: Tensor, scale: float | None, block_q: int, block_k: int
+) -> tuple[float, int, int]:
+    """What every public function here checks first; returns ``(scale, block_q, block_k)`` (see
+    :func:`~refimpl.attention.common.check_attention_inputs` for the default scale)."""
+    scale, _ = check_attention_inputs(q, k, v, scale)
+    return scale, check_positive_int("block_q", block_q), check_positive_int("block_k", block_k)
 
 
 def flash_attention_forward(
@@ -297,8 +302,7 @@ def flash_attention_forward(
     sees no key gets ``O = 0``, ``L = +inf``. ``io``: an :class:`IOCounter` that receives the loop's traffic.
     Raises ``TypeError``/``ValueError`` on bad inputs.
     """
-    scale, _ = check_attention_inputs(q, k, v, scale)
-    block_q, block_k = _check_blocks(block_q, block_k)
+    scale, block_q, block_k = _check_inputs(q, k, v, scale, block_q, block_k)
     loop = {"fa2": _fa2_forward, "fa1": _fa1_forward}[check_choice("loop_order", loop_order, ("fa2", "fa1"))]
     with torch.no_grad():
         return loop(q, k, v, bool(causal), scale, block_q, block_k, io if io is not None else IOCounter())
@@ -325,8 +329,7 @@ def flash_attention_backward(
     log-sum-exp; ``D = rowsum(dO * O)`` replaces the softmax Jacobian's row sums (``dS = P * (dP - D)``).
     Gradients have the shapes and dtypes of ``q, k, v``; GQA sums ``dK, dV`` over each group's query heads.
     """
-    scale, _ = check_attention_inputs(q, k, v, scale)
-    block_q, block_k = _check_blocks(block_q, block_k)
+    scale, block_q, block_k = _check_inputs(q, k, v, scale, block_q, block_k)
     check_tensor("o", o, ndim=4)
     check_tensor("do", do, ndim=4, floating=True)
     check_tensor("lse", lse, ndim=3, floating=True)
@@ -367,6 +370,5 @@ def flash_attention(
     log-sum-exp plus one tile, forward and backward. Conventions (causal alignment, fully masked rows, float32
     accumulation) are in :mod:`refimpl.attention.common`. Raises ``TypeError``/``ValueError`` on bad inputs.
     """
-    scale, _ = check_attention_inputs(q, k, v, scale)
-    block_q, block_k = _check_blocks(block_q, block_k)
+    scale, block_q, block_k = _check_inputs(q, k, v, scale, block_q, block_k)
     return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, block_q, block_k)

@@ -36,8 +36,9 @@ __all__ = [
     "triton_flash_attention_forward",
 ]
 
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x log2(e))
-LN2 = 0.6931471805599453  # ln(2): back from base 2 to natural log
+# Constants the kernels read (a kernel can read a global only if it is a constexpr).
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x log2(e))
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): back from base 2 to natural log
 
 
 def interpreting() -> bool:
@@ -56,56 +57,85 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# What the kernels share: the head a program owns, blocks of rows, score tiles. Triton inlines these
+# functions into each kernel; a constexpr argument (HEAD_DIM, BLOCK_*, CAUSAL, ...) stays a constexpr.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _program_head(n_heads):
+    """``(bh, b, h)``: the (batch, head) pair ``bh = b * n_heads + h`` of this program (grid axis 1)."""
+    bh = tl.program_id(1)
+    return bh, bh // n_heads, bh % n_heads
+
+
+@triton.jit
+def _rows(head, start, n, stride_n, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``start .. start + BLOCK`` of the head that begins at element ``head`` of a ``(B, H, N, d)`` tensor:
+    the row indices ``(BLOCK,)``, the element offsets and the in-bounds mask ``(BLOCK, BLOCK_D)`` (rows past ``n``
+    and the padding of ``d`` up to ``BLOCK_D`` are out)."""
+    rows = start + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    offsets = head + rows[:, None] * stride_n + cols[None, :]
+    mask = (rows[:, None] < n) & (cols[None, :] < HEAD_DIM)
+    return rows, offsets, mask
+
+
+@triton.jit
+def _load_kv(K, V, head, start, n_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, MASKED: tl.constexpr):
+    """``K_j, V_j: (BLOCK_N, BLOCK_D)``, keys ``start .. start + BLOCK_N`` of one KV head (zero out of bounds),
+    after their key indices, offsets and mask (see :func:`_rows`). ``MASKED=False``: a tile inside the
+    sequence, whose rows need no bounds check."""
+    cols, offsets, mask = _rows(head, start, n_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D)
+    if not MASKED:
+        mask = tl.arange(0, BLOCK_D)[None, :] < HEAD_DIM  # only the padding of d
+    k = tl.load(K + offsets, mask=mask, other=0.0)
+    v = tl.load(V + offsets, mask=mask, other=0.0)
+    return cols, offsets, mask, k, v
+
+
+@triton.jit
+def _key_end(start_m, n_q, n_k, offset, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """Keys at or past this index are unseen by every query of the block ``start_m .. start_m + BLOCK_M``:
+    ``N_k``, or with the causal mask one past the diagonal of the block's last row (clamped to ``[0, N_k]``)."""
+    end = n_k
+    if CAUSAL:
+        end = tl.minimum(n_k, tl.maximum(tl.minimum(start_m + BLOCK_M, n_q) + offset, 0))
+    return end
+
+
+@triton.jit
+def _scores(a, b, q_pos, k_pos, n_k, offset, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION, UPCAST):
+    """A score tile in base 2, ``scale log2(e) a b^T``, ``-inf`` where a query does not see a key: ``S_i^(j)`` for
+    ``a, b = Q_i, K_j`` (positions ``q_pos: (BLOCK_M, 1)``, ``k_pos: (1, BLOCK_N)``) or its transpose for
+    ``a, b = K_j, Q_i`` (``q_pos: (1, BLOCK_M)``, ``k_pos: (BLOCK_N, 1)``). ``MASKED=False``: a tile that every
+    query sees whole (inside the sequence, left of the causal diagonal) needs no mask."""
+    s = _dot(a, tl.trans(b), PRECISION, UPCAST) * qk_scale
+    if MASKED:
+        visible = k_pos < n_k
+        if CAUSAL:  # bottom-right aligned: query i sees key j iff j <= i + offset
+            visible = visible & (k_pos <= q_pos + offset)
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _fwd_inner(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    stride_kn,
-    offs_m,
-    offs_n,
-    offs_d,
-    lo,
-    hi,
-    n_k,
-    offset,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        if MASKED:
-            kv_mask = (cols[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
-        else:  # a whole tile inside the sequence
-            kv_mask = offs_d[None, :] < HEAD_DIM
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # S_i^(j) log2(e), (BLOCK_M, BLOCK_N)
-        if MASKED:
-            visible = cols[None, :] < n_k
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # running max
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw no key yet: exp2(-inf) = 0
-        p = tl.math.exp2(s - m_use[:, None])  # P~ = exp(S - m)
-        alpha = tl.math.exp2(m_i - m_use)  # exp(m_old - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
-        m_i = m_new
-    return acc, l_i, m_i
+def _online_softmax_update(acc, l_i, m_i, s, v, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One key block of the online softmax (Algorithm 1, lines 8-10) in base 2: the score tile
+    ``s: (BLOCK_M, BLOCK_N)`` and values ``v: (BLOCK_N, BLOCK_D)`` update the unnormalised output
+    ``acc: (BLOCK_M, BLOCK_D)``, the running sum ``l_i`` and maximum ``m_i`` (``(BLOCK_M,)`` each)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # running max
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw no key yet: exp2(-inf) = 0
+    p = tl.math.exp2(s - m_use[:, None])  # P~ = exp(S - m)
+    alpha = tl.math.exp2(m_i - m_use)  # exp(m_old - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -134,91 +164,55 @@ def _attn_fwd(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // h_q
-    h = pid_bh % h_q
-    h_kv = h // group  # grouped-query attention: query head h reads KV head h // G
+    start_m = tl.program_id(0) * BLOCK_M
+    bh, b, h = _program_head(h_q)
+    kv_head = b * stride_kb + (h // group) * stride_kh  # grouped-query attention: query head h reads KV head h // G
     offset = n_k - n_q  # bottom-right causal: query i sees keys j <= i + offset
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
-    q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]  # O has Q's layout
-    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
-    k_base = K + b * stride_kb + h_kv * stride_kh
-    v_base = V + b * stride_kb + h_kv * stride_kh
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e)
+    rows, q_off, q_mask = _rows(b * stride_qb + h * stride_qh, start_m, n_q, stride_qn, HEAD_DIM, BLOCK_M, BLOCK_D)
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)  # O has Q's layout: q_off addresses O_i too
+    qk_scale = sm_scale * LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = _key_end(start_m, n_q, n_k, offset, BLOCK_M, CAUSAL)  # key blocks past the diagonal: never visited
     full_end = (n_k // BLOCK_N) * BLOCK_N  # tiles before this lie entirely inside the sequence
-    if CAUSAL:
-        last_row = tl.minimum((pid_m + 1) * BLOCK_M, n_q)
-        hi = tl.minimum(n_k, tl.maximum(last_row + offset, 0))  # key blocks past the diagonal: skipped
-        lo = (tl.maximum(pid_m * BLOCK_M + offset + 1, 0) // BLOCK_N) * BLOCK_N  # seen whole by every row
+    lo = full_end
+    if CAUSAL:  # tiles before lo lie left of the diagonal for every row of the block, too
+        lo = (tl.maximum(start_m + offset + 1, 0) // BLOCK_N) * BLOCK_N
         lo = tl.minimum(tl.minimum(lo, hi), full_end)
-    else:
-        hi = n_k
-        lo = full_end
-    acc, l_i, m_i = _fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_base,
-        v_base,
-        stride_kn,
-        offs_m,
-        offs_n,
-        offs_d,
-        0,
-        lo,
-        n_k,
-        offset,
-        qk_scale,
-        HEAD_DIM,
-        BLOCK_N,
-        False,
-        CAUSAL,
-        PRECISION,
-        UPCAST,
-    )
-    acc, l_i, m_i = _fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_base,
-        v_base,
-        stride_kn,
-        offs_m,
-        offs_n,
-        offs_d,
-        lo,
-        hi,
-        n_k,
-        offset,
-        qk_scale,
-        HEAD_DIM,
-        BLOCK_N,
-        True,
-        CAUSAL,
-        PRECISION,
-        UPCAST,
-    )
+    for start_n in range(0, lo, BLOCK_N):  # stage 1: tiles every row sees whole, no mask
+        cols, _, _, k, v = _load_kv(K, V, kv_head, start_n, n_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, False)
+        s = _scores(q, k, rows[:, None], cols[None, :], n_k, offset, qk_scale, False, CAUSAL, PRECISION, UPCAST)
+        acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, s, v, PRECISION, UPCAST)
+    for start_n in range(lo, hi, BLOCK_N):  # stage 2: the causal diagonal and the ragged end, masked
+        cols, _, _, k, v = _load_kv(K, V, kv_head, start_n, n_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, True)
+        s = _scores(q, k, rows[:, None], cols[None, :], n_k, offset, qk_scale, True, CAUSAL, PRECISION, UPCAST)
+        acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, s, v, PRECISION, UPCAST)
     # One rescale at the end; a row that saw no key: O = 0, L = +inf.
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     tl.store(Out + q_off, o.to(Out.dtype.element_ty), mask=q_mask)
-    tl.store(L + pid_bh * n_q + offs_m, lse, mask=offs_m < n_q)
+    tl.store(L + bh * n_q + rows, lse, mask=rows < n_q)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_query_block(Q, DO, L, Delta, head, bh, start, n_q, stride_qn, HEAD_DIM, BLOCK_M, BLOCK_D):
+    """What the backward reads per query block (Algorithm 2, line 8) of head ``bh``: ``Q_i, dO_i:
+    (BLOCK_M, BLOCK_D)`` and ``L_i, D_i: (BLOCK_M,)``, after the query indices, offsets and mask (see
+    :func:`_rows`). Rows past ``n_q`` get ``L = +inf``, so ``P = 0`` there."""
+    rows, offsets, mask = _rows(head, start, n_q, stride_qn, HEAD_DIM, BLOCK_M, BLOCK_D)
+    q = tl.load(Q + offsets, mask=mask, other=0.0)
+    do = tl.load(DO + offsets, mask=mask, other=0.0)
+    lse = tl.load(L + bh * n_q + rows, mask=rows < n_q, other=float("inf"))
+    delta = tl.load(Delta + bh * n_q + rows, mask=rows < n_q, other=0.0)
+    return rows, offsets, mask, q, do, lse, delta
 
 
 @triton.jit
@@ -235,17 +229,13 @@ def _attn_bwd_preprocess(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // h_q
-    h = pid_bh % h_q
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
-    off = b * stride_b + h * stride_h + offs_m[:, None] * stride_n + offs_d[None, :]
+    bh, b, h = _program_head(h_q)
+    rows, off, mask = _rows(
+        b * stride_b + h * stride_h, tl.program_id(0) * BLOCK_M, n_q, stride_n, HEAD_DIM, BLOCK_M, BLOCK_D
+    )
     o = tl.load(Out + off, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + pid_bh * n_q + offs_m, tl.sum(o * do, 1), mask=offs_m < n_q)  # D = rowsum(dO * O)
+    tl.store(Delta + bh * n_q + rows, tl.sum(o * do, 1), mask=rows < n_q)  # D = rowsum(dO * O)
 
 
 @triton.jit
@@ -278,40 +268,27 @@ def _attn_bwd_dkdv(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)  # over B * H_kv
-    b = pid_bh // h_kv
-    hk = pid_bh % h_kv
+    start_n = tl.program_id(0) * BLOCK_N
+    bh_kv, b, hk = _program_head(h_kv)  # grid axis 1 over B * H_kv (L and D are indexed per query head)
     offset = n_k - n_q
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_n[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
-    kv_off = b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    kv_head = b * stride_kb + hk * stride_kh
+    cols, kv_off, kv_mask, k, v = _load_kv(K, V, kv_head, start_n, n_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     lo = 0
     if CAUSAL:  # query blocks above the diagonal never see this key block
-        lo = (tl.maximum(pid_n * BLOCK_N - offset, 0) // BLOCK_M) * BLOCK_M
+        lo = (tl.maximum(start_n - offset, 0) // BLOCK_M) * BLOCK_M
     for g in range(0, group):  # every query head that reads this KV head adds to its dK, dV
         h = hk * group + g
-        bh = b * h_q + h
+        q_head = b * stride_qb + h * stride_qh
         for start_m in range(lo, n_q, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q_mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
-            q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-            q = tl.load(Q + q_off, mask=q_mask, other=0.0)
-            do = tl.load(DO + q_off, mask=q_mask, other=0.0)
-            lse = tl.load(L + bh * n_q + offs_m, mask=offs_m < n_q, other=float("inf"))
-            delta = tl.load(Delta + bh * n_q + offs_m, mask=offs_m < n_q, other=0.0)
-            s_t = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale  # S^T, (BLOCK_N, BLOCK_M)
-            visible = offs_n[:, None] < n_k
-            if CAUSAL:
-                visible = visible & (offs_n[:, None] <= offs_m[None, :] + offset)
-            s_t = tl.where(visible, s_t, float("-inf"))
-            p_t = tl.math.exp2(s_t - lse[None, :] * 1.4426950408889634)  # P^T = exp(S - L)^T, recomputed
+            rows, _, _, q, do, lse, delta = _load_query_block(
+                Q, DO, L, Delta, q_head, b * h_q + h, start_m, n_q, stride_qn, HEAD_DIM, BLOCK_M, BLOCK_D
+            )
+            # S^T log2(e), (BLOCK_N, BLOCK_M)
+            s_t = _scores(k, q, rows[None, :], cols[:, None], n_k, offset, qk_scale, True, CAUSAL, PRECISION, UPCAST)
+            p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)  # P^T = exp(S - L)^T, recomputed
             dv += _dot(p_t.to(do.dtype), do, PRECISION, UPCAST)  # dV_j += P^T dO_i
             dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST)  # dP^T = V_j dO_i^T
             ds_t = p_t * (dp_t - delta[None, :])  # dS^T = P^T * (dP^T - D_i)
@@ -348,39 +325,20 @@ def _attn_bwd_dq(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)  # over B * H_q
-    b = pid_bh // h_q
-    h = pid_bh % h_q
-    hk = h // group
+    start_m = tl.program_id(0) * BLOCK_M
+    bh, b, h = _program_head(h_q)
+    kv_head = b * stride_kb + (h // group) * stride_kh
     offset = n_k - n_q
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
-    q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
-    do = tl.load(DO + q_off, mask=q_mask, other=0.0)
-    lse = tl.load(L + pid_bh * n_q + offs_m, mask=offs_m < n_q, other=float("inf"))
-    delta = tl.load(Delta + pid_bh * n_q + offs_m, mask=offs_m < n_q, other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_kb + hk * stride_kh
-    qk_scale = sm_scale * 1.4426950408889634
+    rows, q_off, q_mask, q, do, lse, delta = _load_query_block(
+        Q, DO, L, Delta, b * stride_qb + h * stride_qh, bh, start_m, n_q, stride_qn, HEAD_DIM, BLOCK_M, BLOCK_D
+    )
+    qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    hi = n_k
-    if CAUSAL:
-        hi = tl.minimum(n_k, tl.maximum(tl.minimum((pid_m + 1) * BLOCK_M, n_q) + offset, 0))
+    hi = _key_end(start_m, n_q, n_k, offset, BLOCK_M, CAUSAL)  # key blocks past the diagonal: skipped
     for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kv_mask = (cols[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        visible = cols[None, :] < n_k
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
-        s = tl.where(visible, s, float("-inf"))
-        p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)  # P = exp(S - L), recomputed
+        cols, _, _, k, v = _load_kv(K, V, kv_head, start_n, n_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, True)
+        s = _scores(q, k, rows[:, None], cols[None, :], n_k, offset, qk_scale, True, CAUSAL, PRECISION, UPCAST)
+        p = tl.math.exp2(s - lse[:, None] * LOG2E)  # P = exp(S - L), recomputed
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)  # dP = dO_i V_j^T
         ds = p * (dp - delta[:, None])  # dS = P * (dP - D_i)
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)  # dQ_i += dS K_j
