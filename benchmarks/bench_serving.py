@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # read once, when torch loads OpenMP
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
