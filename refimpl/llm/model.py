@@ -11,11 +11,11 @@ One block (Touvron et al. 2023, sec. 2.2), for a residual stream ``x: (B, T, d_m
     logits = RMSNorm(x) E^T                          # output head tied to the embedding E
 
 Weights are stored as ``(in, out)`` matrices and applied as ``x @ W``, as in the equations, through
-:func:`refimpl.llm.matvec.matvec`: a decode step (a few rows ``x``) is bound by reading the weights, and that
-function reads them at the memory's speed where the BLAS reads them at about half of it. With many rows
-(prefill) it is ``x @ W``. The tied embedding is stored once, as the output head ``(d, V)``; the embedding
-lookup reads columns of it. The three input projections of attention are one matrix ``wqkv`` and the two of SwiGLU
-one ``w_gate_up``: one product instead of three (two) per step.
+:func:`linear`, i.e. :func:`refimpl.llm.matvec.matvec`: a decode step (a few rows ``x``) is bound by reading
+the weights, and that function reads them at the memory's speed where the BLAS reads them at about half of
+it; with many rows (prefill) it is ``x @ W``. The tied embedding is stored once, as the output head
+``(d, V)``; the embedding lookup reads columns of it. The three input projections of attention are one
+matrix ``wqkv`` and the two of SwiGLU one ``w_gate_up``: one product instead of three (two) per step.
 
 The attention hook: with ``caches=None`` the block calls ``attn_fn(q, k, v)`` (causal, default
 :func:`causal_attention`); with caches it calls ``cache.update`` then ``cache.attend`` (:mod:`refimpl.llm.cache`).
@@ -38,7 +38,7 @@ from refimpl.llm.gguf_file import find_gguf, read_config, read_tensors, read_tok
 from refimpl.llm.matvec import matvec
 from refimpl.llm.tokenizer import Tokenizer
 
-__all__ = ["Block", "Llama", "apply_rope", "causal_attention", "load_model", "rms_norm", "rope_cos_sin"]
+__all__ = ["Block", "Llama", "apply_rope", "causal_attention", "linear", "load_model", "rms_norm", "rope_cos_sin"]
 
 AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -49,6 +49,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     PyTorch's fused ``F.rms_norm`` computes exactly this formula in one operation instead of six (a test
     checks it against the formula written out)."""
     return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def linear(x: Tensor, w: Tensor | Any) -> Tensor:
+    """``x @ w`` for a weight ``w: (in, out)``, through :func:`~refimpl.llm.matvec.matvec`; a weight that is a
+    layer object rather than a tensor (``refimpl.quant``'s ``QuantLinear``, which transforms its input first)
+    computes ``x @ w`` itself."""
+    return matvec(x, w) if isinstance(w, Tensor) else x @ w
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
@@ -124,7 +131,7 @@ class Block(nn.Module):
         b, t, _ = x.shape
         h = rms_norm(x, self.attn_norm, c.norm_eps)
         # one product for the three projections; heads: H_q query, H_kv key, H_kv value
-        qkv = matvec(h, self.wqkv).view(b, t, c.n_heads + 2 * c.n_kv_heads, c.head_dim).transpose(1, 2)
+        qkv = linear(h, self.wqkv).view(b, t, c.n_heads + 2 * c.n_kv_heads, c.head_dim).transpose(1, 2)
         qk = apply_rope(qkv[:, : c.n_heads + c.n_kv_heads], cos, sin)  # RoPE before caching: keys carry position
         q, k = qk.split([c.n_heads, c.n_kv_heads], dim=1)  # (B, H_q, T, D), (B, H_kv, T, D)
         v = qkv[:, c.n_heads + c.n_kv_heads :]  # (B, H_kv, T, D)
@@ -135,10 +142,10 @@ class Block(nn.Module):
         else:
             cache.update(k, v, positions)
             o = cache.attend(q, positions, self.scale)  # (B, H_q, T, D)
-        x = x + matvec(o.transpose(1, 2).reshape(b, t, c.q_dim), self.wo)
+        x = x + linear(o.transpose(1, 2).reshape(b, t, c.q_dim), self.wo)
         h = rms_norm(x, self.ffn_norm, c.norm_eps)
-        gate, up = matvec(h, self.w_gate_up).chunk(2, dim=-1)  # (B, T, F) each
-        return x + matvec(F.silu(gate) * up, self.w_down)
+        gate, up = linear(h, self.w_gate_up).chunk(2, dim=-1)  # (B, T, F) each
+        return x + linear(F.silu(gate) * up, self.w_down)
 
 
 class Llama(nn.Module):
@@ -258,7 +265,7 @@ class Llama(nn.Module):
     @torch.inference_mode()
     def logits(self, h: Tensor) -> Tensor:
         """Output head: ``h: (..., d_model) -> (..., vocab_size)``, ``h E^T`` with ``E`` the embedding."""
-        return matvec(h, self.head)
+        return linear(h, self.head)
 
     def forward(
         self,

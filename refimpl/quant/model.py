@@ -26,6 +26,7 @@ from torch import Tensor
 
 from refimpl._checks import check_float, check_int, check_tensor
 from refimpl.llm.config import LlamaConfig
+from refimpl.llm.matvec import matvec
 from refimpl.llm.model import Llama
 from refimpl.quant.hadamard import RandomizedHadamard
 from refimpl.quant.outliers import smoothquant_scales
@@ -70,7 +71,7 @@ class QuantLinear:
             self.inputs.append(x2.detach().clone())
         if self.act_quant is not None:
             x2 = self.act_quant(x2)
-        return (x2 @ self.weight).reshape(*lead, self.weight.shape[1])
+        return matvec(x2, self.weight).reshape(*lead, self.weight.shape[1])  # x2 @ W, as the model's products
 
 
 class UntiedLlama(Llama):
