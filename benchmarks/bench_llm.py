@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from _common import report  # noqa: E402
 
 from refimpl.llm import corpus, load_model  # noqa: E402
-from refimpl.llm.matvec import blas_only, kernel_available, matvec  # noqa: E402
+from refimpl.llm.matvec import blas_only, kernel_available, kernel_matvec, matvec  # noqa: E402
 from refimpl.llm.perf import decode_bytes, forward_flops, time_decode, time_matvecs  # noqa: E402
 from refimpl.roofline import measure  # noqa: E402
 
@@ -101,6 +101,14 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     batch_bytes = c.decode_weight_bytes() + args.rows * mean_context * c.kv_bytes_per_token()
     batch_bound_s = max(batch_bytes / bandwidth, args.rows * forward_flops(c, 1, mean_context) / peak)
 
+    # the kernel against the BLAS by rows, on every weight matrix of a step (where MAX_ROWS comes from)
+    mats = [model.head] + [w for b in model.blocks for w in (b.wqkv, b.wo, b.w_gate_up, b.w_down)]
+    kernel_vs_blas = {}
+    for n_rows in (1, 8) if args.quick else (1, 8, 16, 32, 64):
+        xs = {w.shape[0]: torch.randn(n_rows, w.shape[0]) for w in mats}
+        s_kernel = measure.time_fn(lambda xs=xs: [kernel_matvec(xs[w.shape[0]], w) for w in mats], repeats=3)
+        s_blas = measure.time_fn(lambda xs=xs: [xs[w.shape[0]] @ w for w in mats], repeats=3)
+        kernel_vs_blas[f"matvec_time_vs_blas_rows_{n_rows}"] = s_kernel / s_blas
     tiny_x, tiny_w = torch.ones(1, 4), torch.ones(4, 16)  # a product whose time is the call and its threads' wake-up
     s_call = measure.time_fn(lambda: [matvec(tiny_x, tiny_w) for _ in range(100)], repeats=5) / 100
 
@@ -135,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         "batch_decode_roofline_fraction": batch_bound_s / s_batch,
         "batch_decode_speedup_vs_batch1": args.rows * s_decode / s_batch,
         "batch_decode_speedup_vs_blas": s_batch_blas / s_batch,
+        **kernel_vs_blas,
     }
     return report(values)
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refimpl.llm import matvec as mv
-from refimpl.llm.matvec import MAX_ROWS, blas_only, kernel_available, matvec
+from refimpl.llm.matvec import MAX_ROWS, blas_only, kernel_available, kernel_matvec, matvec
 
 needs_kernel = pytest.mark.skipif(not kernel_available(), reason="no C compiler with OpenMP here")
 
@@ -103,6 +103,40 @@ def test_inputs_the_kernel_does_not_cover_are_x_at_w(case: str) -> None:
     if case == "autograd":
         y.sum().backward()
         assert torch.allclose(w.grad, x.sum(0)[:, None].expand_as(w))
+
+
+@needs_kernel
+def test_kernel_matvec_runs_the_kernel_beyond_max_rows() -> None:
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(2 * MAX_ROWS + 3, 37, generator=g), torch.randn(37, 29, generator=g)
+    exact, bound = _float64_bound(x, w)
+    y = kernel_matvec(x, w)
+    assert ((y.double() - exact).abs() <= bound).all()
+    assert torch.equal(y[:MAX_ROWS], matvec(x[:MAX_ROWS], w))  # the same kernel that matvec runs
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("x", "w", "error", "match"),
+    [
+        (torch.ones(2, 4, dtype=torch.float64), torch.ones(4, 3, dtype=torch.float64), TypeError, "x must have dtype"),
+        (torch.ones(2, 4), torch.ones(3, 4).t(), ValueError, "w contiguous"),
+        (torch.ones(2, 5), torch.ones(4, 3), ValueError, r"x must have shape \(\.\.\., 4\)"),
+    ],
+)
+def test_kernel_matvec_rejects_what_the_kernel_does_not_take(x, w, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        kernel_matvec(x, w)
+
+
+def test_kernel_matvec_without_the_kernel_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REFIMPL_MATVEC", "0")
+    mv._library.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="not available"):
+            kernel_matvec(torch.ones(1, 2), torch.ones(2, 2))
+    finally:
+        mv._library.cache_clear()
 
 
 def test_non_contiguous_x_is_multiplied_as_its_values() -> None:

@@ -37,11 +37,13 @@ from torch import Tensor
 
 from refimpl._checks import check_tensor
 
-__all__ = ["MAX_ROWS", "blas_only", "kernel_available", "kernel_source", "matvec"]
+__all__ = ["MAX_ROWS", "blas_only", "kernel_available", "kernel_matvec", "kernel_source", "matvec"]
 
 MAX_ROWS = 16
-"""Rows up to which :func:`matvec` uses the kernel; from about this many rows on the product is no longer bound
-by reading ``W`` and the BLAS's blocked matrix product is the faster one (measured on the book's CPU)."""
+"""Rows up to which :func:`matvec` uses the kernel. With more rows the product is no longer bound by reading
+``W`` and the BLAS's blocked matrix product catches up; on the book's 2-core VM the crossover moved between
+about 12 and 48 rows from run to run, with where the host ran its two cores (``python benchmarks/bench_llm.py``
+prints ``matvec_time_vs_blas_rows_N``)."""
 
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
@@ -110,24 +112,46 @@ def blas_only() -> Iterator[None]:
         _blas_only = before
 
 
-def matvec(x: Tensor, w: Tensor) -> Tensor:
-    """``x @ w`` for ``x: (..., in)`` and ``w: (in, out)``; returns ``(..., out)``.
-
-    Up to :data:`MAX_ROWS` rows of float32 on the CPU (outside autograd), through the C kernel: the same
-    products as ``x @ w``, summed in another order (within float32 rounding of it). Otherwise ``x @ w``.
-    """
+def _check(x: Tensor, w: Tensor) -> int:
+    """Validate ``x: (..., in)`` against ``w: (in, out)``; return the number of rows of ``x``."""
     check_tensor("w", w, ndim=2)
     check_tensor("x", x)
     if x.dim() == 0 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"x must have shape (..., {w.shape[0]}) to multiply w {tuple(w.shape)}, got {tuple(x.shape)}")
-    n_in, n_out = w.shape
-    rows = x.numel() // n_in if n_in else 0
-    lib = None if _blas_only else _library()
+    return x.numel() // w.shape[0] if w.shape[0] else 0
+
+
+def matvec(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w`` for ``x: (..., in)`` and ``w: (in, out)``; returns ``(..., out)``.
+
+    Up to :data:`MAX_ROWS` rows of float32 on the CPU (outside autograd), through the C kernel
+    (:func:`kernel_matvec`): the same products as ``x @ w``, summed in another order (within float32 rounding
+    of it). Otherwise ``x @ w``.
+    """
+    rows = _check(x, w)
     fits = x.dtype == w.dtype == torch.float32 and x.device.type == w.device.type == "cpu"
     recording = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    if lib is None or not fits or recording or not 0 < rows <= MAX_ROWS or n_out == 0 or not w.is_contiguous():
+    use_kernel = not _blas_only and _library() is not None and fits and not recording and w.is_contiguous()
+    if not use_kernel or not 0 < rows <= MAX_ROWS or w.shape[1] == 0:
         return x @ w
-    xc = x.reshape(rows, n_in).contiguous()  # (rows, in)
+    return kernel_matvec(x, w)
+
+
+def kernel_matvec(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w`` through the C kernel for any number of rows (float32 on the CPU, ``w`` contiguous, no graph):
+    what :func:`matvec` calls, for measuring the kernel beyond :data:`MAX_ROWS`. Raises ``RuntimeError`` where
+    the kernel is not available and ``ValueError`` / ``TypeError`` for inputs it does not take."""
+    rows = _check(x, w)
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the matvec kernel is not available here (no C compiler with OpenMP, or REFIMPL_MATVEC=0)")
+    check_tensor("x", x, dtypes=[torch.float32])
+    check_tensor("w", w, dtypes=[torch.float32])
+    if x.device.type != "cpu" or w.device.type != "cpu" or not w.is_contiguous():
+        raise ValueError(f"x and w must be on the CPU and w contiguous, got {x.device}, {w.device}, {w.stride()}")
+    n_in, n_out = w.shape
+    xc = x.detach().reshape(rows, n_in).contiguous()  # (rows, in)
     y = torch.empty(rows, n_out, dtype=torch.float32)  # (rows, out)
-    lib.matvec(xc.data_ptr(), w.data_ptr(), y.data_ptr(), rows, n_in, n_out, torch.get_num_threads())
+    if rows and n_out:
+        lib.matvec(xc.data_ptr(), w.data_ptr(), y.data_ptr(), rows, n_in, n_out, torch.get_num_threads())
     return y.view(*x.shape[:-1], n_out)
