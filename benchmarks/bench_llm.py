@@ -9,6 +9,8 @@ FLOPs / FLOP/s)`` tokens/s.
 Every decode time is also measured with the products on the BLAS (``refimpl.llm.matvec.blas_only``: ``x @ W``
 through MKL, the decoder before its C matvec), in the same rounds: ``*_blas`` lines and ``*_speedup_vs_blas``
 ratios are the before/after.
+``weights_sum_bandwidth_GBps`` is how fast ``torch.sum`` reads the same weight matrices (the simplest stream over
+exactly the step's bytes) and ``matvec_vs_weights_sum`` the products' speed against it.
 ``decode_read_roofline_fraction`` puts the step under the read-only ceiling instead (``measure.read_bandwidth``:
 a sum or a matrix-vector product streaming one array): decode mostly reads, and on this CPU a read stream runs
 faster than a copy, so this is the stricter of the two fractions.
@@ -72,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     rows = ids[: args.context * args.rows].view(args.rows, args.context)  # (rows, context): disjoint slices
     bandwidth = read_bandwidth = peak = 0.0
     s_decode = s_matvecs = s_prefill = s_batch = float("inf")
-    s_decode_blas = s_matvecs_blas = s_batch_blas = float("inf")
+    s_decode_blas = s_matvecs_blas = s_batch_blas = s_sum = float("inf")
+    mats = [model.head] + [w for b in model.blocks for w in (b.wqkv, b.wo, b.w_gate_up, b.w_down)]
     # Interleaved rounds: on a machine shared with other processes the load changes from second to second, so
     # the ceilings and the model are measured in turn, each round, and each keeps its best over the rounds.
     for _ in range(args.repeats):
@@ -84,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         torch.set_num_threads(model_threads)
         s_decode = min(s_decode, time_decode(model, ids[: args.context], args.steps, repeats=1))
         s_matvecs = min(s_matvecs, time_matvecs(model, repeats=2))  # the weight reads alone
+        s_sum = min(s_sum, measure.time_fn(lambda: [w.sum() for w in mats], repeats=2))  # the same bytes, summed
         # prefill: one forward of T tokens through fresh caches (what generation does)
         s_prefill = min(s_prefill, measure.time_fn(lambda: model(ids[None, :t], model.new_caches(), 0), repeats=1))
         s_batch = min(s_batch, time_decode(model, rows, args.steps, repeats=1))  # rows decoded together
@@ -102,7 +106,6 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     batch_bound_s = max(batch_bytes / bandwidth, args.rows * forward_flops(c, 1, mean_context) / peak)
 
     # the kernel against the BLAS by rows, on every weight matrix of a step (where MAX_ROWS comes from)
-    mats = [model.head] + [w for b in model.blocks for w in (b.wqkv, b.wo, b.w_gate_up, b.w_down)]
     kernel_vs_blas = {}
     for n_rows in (1, 8) if args.quick else (1, 8, 16, 32, 64):
         xs = {w.shape[0]: torch.randn(n_rows, w.shape[0]) for w in mats}
@@ -128,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         "decode_read_roofline_fraction": bytes_per_token / read_bandwidth / s_decode,
         "decode_matvecs_ms": s_matvecs * 1e3,
         "matvec_bandwidth_GBps": c.decode_weight_bytes() / s_matvecs / 1e9,
+        "weights_sum_bandwidth_GBps": c.decode_weight_bytes() / s_sum / 1e9,
+        "matvec_vs_weights_sum": s_sum / s_matvecs,
         "decode_ms_per_token_blas": s_decode_blas * 1e3,
         "decode_roofline_fraction_blas": 1 / s_decode_blas / decode_bound,
         "decode_speedup_vs_blas": s_decode_blas / s_decode,
