@@ -12,8 +12,8 @@ ratios are the before/after.
 ``weights_sum_bandwidth_GBps`` is how fast ``torch.sum`` reads the same weight matrices (the simplest stream over
 exactly the step's bytes) and ``matvec_vs_weights_sum`` the products' speed against it.
 ``decode_read_roofline_fraction`` puts the step under the read-only ceiling instead (``measure.read_bandwidth``:
-a sum or a matrix-vector product streaming one array): decode mostly reads, and on this CPU a read stream runs
-faster than a copy, so this is the stricter of the two fractions.
+a sum or a matrix-vector product streaming one array): decode mostly reads, and on this CPU a read stream
+usually runs at least as fast as a copy, so this is usually the stricter of the two fractions.
 Both ceilings are measured in the same run with ``refimpl.roofline.measure`` (STREAM copy bandwidth, best fp32
 matmul), in rounds interleaved with the model's timings, so the printed fractions are ratios of measurements
 taken side by side on the same machine.
@@ -46,7 +46,7 @@ from _common import report  # noqa: E402
 
 from refimpl.llm import corpus, load_model  # noqa: E402
 from refimpl.llm.matvec import blas_only, kernel_available, kernel_matvec, matvec  # noqa: E402
-from refimpl.llm.perf import decode_bytes, forward_flops, time_decode, time_matvecs  # noqa: E402
+from refimpl.llm.perf import decode_bytes, forward_flops, time_decode, time_matvecs, weight_matrices  # noqa: E402
 from refimpl.roofline import measure  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     bandwidth = read_bandwidth = peak = 0.0
     s_decode = s_matvecs = s_prefill = s_batch = float("inf")
     s_decode_blas = s_matvecs_blas = s_batch_blas = s_sum = float("inf")
-    mats = [model.head] + [w for b in model.blocks for w in (b.wqkv, b.wo, b.w_gate_up, b.w_down)]
+    mats = weight_matrices(model)
     # Interleaved rounds: on a machine shared with other processes the load changes from second to second, so
     # the ceilings and the model are measured in turn, each round, and each keeps its best over the rounds.
     for _ in range(args.repeats):
@@ -109,9 +109,14 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     kernel_vs_blas = {}
     for n_rows in (1, 8) if args.quick else (1, 8, 16, 32, 64):
         xs = {w.shape[0]: torch.randn(n_rows, w.shape[0]) for w in mats}
-        s_kernel = measure.time_fn(lambda xs=xs: [kernel_matvec(xs[w.shape[0]], w) for w in mats], repeats=3)
-        s_blas = measure.time_fn(lambda xs=xs: [xs[w.shape[0]] @ w for w in mats], repeats=3)
-        kernel_vs_blas[f"matvec_time_vs_blas_rows_{n_rows}"] = s_kernel / s_blas
+        s = measure.time_interleaved(  # side by side: the same machine state for both
+            {
+                "kernel": lambda xs=xs: [kernel_matvec(xs[w.shape[0]], w) for w in mats],
+                "blas": lambda xs=xs: [xs[w.shape[0]] @ w for w in mats],
+            },
+            repeats=3,
+        )
+        kernel_vs_blas[f"matvec_time_vs_blas_rows_{n_rows}"] = s["kernel"] / s["blas"]
     tiny_x, tiny_w = torch.ones(1, 4), torch.ones(4, 16)  # a product whose time is the call and its threads' wake-up
     s_call = measure.time_fn(lambda: [matvec(tiny_x, tiny_w) for _ in range(100)], repeats=5) / 100
 

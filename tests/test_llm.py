@@ -489,6 +489,18 @@ def test_benchmark_quick_prints_numbers(run_benchmark):
 
 
 @needs_model
+def test_weight_matrices_are_the_products_of_a_step(llm):
+    from refimpl.llm.perf import weight_matrices
+
+    model, _ = llm
+    c = model.config
+    mats = weight_matrices(model)
+    assert len(mats) == 1 + 4 * c.n_layers and mats[0] is model.head
+    matrix_params = sum(v for k, v in c.layer_params().items() if not k.endswith("norm")) * c.n_layers
+    assert sum(w.numel() for w in mats) == matrix_params + c.vocab_size * c.d_model
+
+
+@needs_model
 def test_forward_flops_match_torch_flop_counter(llm):
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 

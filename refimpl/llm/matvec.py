@@ -3,7 +3,7 @@
 A decode step multiplies each weight matrix ``W: (in, out)`` by one row per sequence. That reads every weight
 once for 2 FLOPs per row (Williams et al. 2009: far left of the ridge point), so the step can be no faster
 than ``weight bytes / memory bandwidth`` and a good product runs at the bandwidth. On the book's 2-core AMD
-CPU, MKL's ``x @ W`` (``torch.matmul``) does not: it reads ``(in, out)`` weights at about half the STREAM
+CPU, MKL's ``x @ W`` (``torch.matmul``) does not: it reads ``(in, out)`` weights well below the STREAM
 bandwidth with one row, and slower still with two to sixteen rows (`python benchmarks/bench_llm.py` prints
 both). :func:`matvec` runs a short C loop instead (``kernels/matvec.c``): the rows of ``W`` are cut into two
 halves, each summed in a pass of its own and the two added, so that two threads each stream one contiguous
@@ -14,9 +14,10 @@ The C file is compiled on first use with the system's C compiler (``cc -O3 -marc
 ``$REFIMPL_CACHE`` (default ``~/.cache/refimpl``) and loaded with ``ctypes``; it shares torch's OpenMP runtime
 and uses ``torch.get_num_threads()`` threads. Where there is no compiler, or for inputs it does not cover
 (not float32 on the CPU, more than :data:`MAX_ROWS` rows, a graph to record), :func:`matvec` is ``x @ w``.
-``REFIMPL_MATVEC=0`` turns the kernel off, and ``with blas_only():`` inside a block (a before/after measurement
-in one run). Each output sums its terms in
-input order whatever the batch or thread count, so a row's result does not depend on the rows beside it.
+``REFIMPL_MATVEC=0`` turns the kernel off everywhere, and ``with blas_only():`` inside one block (a before/after
+measurement in one run). Each output sums the same terms in the same order (first half, second half, then their
+sum) whatever the batch or thread count, so a row's result depends neither on the rows beside it nor on the
+threads.
 """
 
 from __future__ import annotations
@@ -131,17 +132,17 @@ def matvec(x: Tensor, w: Tensor) -> Tensor:
     of it). Otherwise ``x @ w``.
     """
     rows = _check(x, w)
-    fits = x.dtype == w.dtype == torch.float32 and x.device.type == w.device.type == "cpu"
+    lib = None if _blas_only else _library()
+    fits = x.dtype == w.dtype == torch.float32 and x.device.type == w.device.type == "cpu" and w.is_contiguous()
     recording = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    use_kernel = not _blas_only and _library() is not None and fits and not recording and w.is_contiguous()
-    if not use_kernel or not 0 < rows <= MAX_ROWS or w.shape[1] == 0:
+    if lib is None or not fits or recording or not 0 < rows <= MAX_ROWS or w.shape[1] == 0:
         return x @ w
-    return kernel_matvec(x, w)
+    return _run(lib, x, w, rows)
 
 
 def kernel_matvec(x: Tensor, w: Tensor) -> Tensor:
     """``x @ w`` through the C kernel for any number of rows (float32 on the CPU, ``w`` contiguous, no graph):
-    what :func:`matvec` calls, for measuring the kernel beyond :data:`MAX_ROWS`. Raises ``RuntimeError`` where
+    what :func:`matvec` runs, for measuring the kernel beyond :data:`MAX_ROWS`. Raises ``RuntimeError`` where
     the kernel is not available and ``ValueError`` / ``TypeError`` for inputs it does not take."""
     rows = _check(x, w)
     lib = _library()
@@ -151,6 +152,11 @@ def kernel_matvec(x: Tensor, w: Tensor) -> Tensor:
     check_tensor("w", w, dtypes=[torch.float32])
     if x.device.type != "cpu" or w.device.type != "cpu" or not w.is_contiguous():
         raise ValueError(f"x and w must be on the CPU and w contiguous, got {x.device}, {w.device}, {w.stride()}")
+    return _run(lib, x, w, rows)
+
+
+def _run(lib: ctypes.CDLL, x: Tensor, w: Tensor, rows: int) -> Tensor:
+    """The kernel call itself, on inputs already checked: ``x: (..., in)`` with ``rows`` rows, ``w: (in, out)``."""
     n_in, n_out = w.shape
     xc = x.detach().reshape(rows, n_in).contiguous()  # (rows, in)
     y = torch.empty(rows, n_out, dtype=torch.float32)  # (rows, out): the first half of W's rows, then all

@@ -12,7 +12,7 @@ One block (Touvron et al. 2023, sec. 2.2), for a residual stream ``x: (B, T, d_m
 
 Weights are stored as ``(in, out)`` matrices and applied as ``x @ W``, as in the equations, through
 :func:`linear`, i.e. :func:`refimpl.llm.matvec.matvec`: a decode step (a few rows ``x``) is bound by reading
-the weights, and that function reads them at the memory's speed where the BLAS reads them at about half of
+the weights, and that function reads them at about the memory's speed where the BLAS reads them well below
 it; with many rows (prefill) it is ``x @ W``. The tied embedding is stored once, as the output head
 ``(d, V)``; the embedding lookup reads columns of it. The three input projections of attention are one
 matrix ``wqkv`` and the two of SwiGLU one ``w_gate_up``: one product instead of three (two) per step.

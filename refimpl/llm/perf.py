@@ -16,7 +16,7 @@ from refimpl._checks import check_int, check_positive_int, check_tensor
 from refimpl.llm.config import LlamaConfig
 from refimpl.llm.matvec import matvec
 
-__all__ = ["decode_bytes", "forward_flops", "time_decode", "time_matvecs"]
+__all__ = ["decode_bytes", "forward_flops", "time_decode", "time_matvecs", "weight_matrices"]
 
 
 def forward_flops(config: LlamaConfig, t: int, context: int = 0, causal: bool = True) -> float:
@@ -68,13 +68,19 @@ def time_decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, repeat
     return best
 
 
+def weight_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every weight matrix a decode step multiplies by, in ``(in, out)`` layout: the output head, then the 4 of
+    each block (``wqkv``, ``wo``, ``w_gate_up``, ``w_down``)."""
+    return [model.head] + [w for b in model.blocks for w in (b.wqkv, b.wo, b.w_gate_up, b.w_down)]
+
+
 def time_matvecs(model: torch.nn.Module, repeats: int = 3) -> float:
     """Seconds for the matrix-vector products of one decode step alone: ``x @ W`` (:func:`matvec`, as the model
     computes it) for every weight matrix of the model once (the 4 per block and the output head), with a random
     ``x: (1, in)``; the fastest of ``repeats`` runs. Compared with :func:`time_decode` it splits a step into
     reading weights and the rest."""
     repeats = check_positive_int("repeats", repeats)
-    mats = [model.head] + [w for b in model.blocks for w in (b.wqkv, b.wo, b.w_gate_up, b.w_down)]
+    mats = weight_matrices(model)
     xs = {w.shape[0]: torch.randn(1, w.shape[0]) for w in mats}
     best = float("inf")
     with torch.inference_mode():
