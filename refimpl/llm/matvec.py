@@ -133,7 +133,7 @@ def matvec(x: Tensor, w: Tensor) -> Tensor:
     """
     rows = _check(x, w)
     lib = None if _blas_only else _library()
-    fits = x.dtype == w.dtype == torch.float32 and x.device.type == w.device.type == "cpu" and w.is_contiguous()
+    fits = x.dtype == w.dtype == torch.float32 and x.is_cpu and w.is_cpu and w.is_contiguous()
     recording = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
     if lib is None or not fits or recording or not 0 < rows <= MAX_ROWS or w.shape[1] == 0:
         return x @ w
@@ -150,18 +150,21 @@ def kernel_matvec(x: Tensor, w: Tensor) -> Tensor:
         raise RuntimeError("the matvec kernel is not available here (no C compiler with OpenMP, or REFIMPL_MATVEC=0)")
     check_tensor("x", x, dtypes=[torch.float32])
     check_tensor("w", w, dtypes=[torch.float32])
-    if x.device.type != "cpu" or w.device.type != "cpu" or not w.is_contiguous():
+    if not (x.is_cpu and w.is_cpu and w.is_contiguous()):
         raise ValueError(f"x and w must be on the CPU and w contiguous, got {x.device}, {w.device}, {w.stride()}")
     return _run(lib, x, w, rows)
 
 
 def _run(lib: ctypes.CDLL, x: Tensor, w: Tensor, rows: int) -> Tensor:
-    """The kernel call itself, on inputs already checked: ``x: (..., in)`` with ``rows`` rows, ``w: (in, out)``."""
+    """The kernel call itself, on inputs already checked: ``x: (..., in)`` with ``rows`` rows, ``w: (in, out)``.
+    About 120 calls make a decode step, so this does only what the call needs (no copy, reshape or view of an
+    ``x`` that is already contiguous: the kernel reads its ``rows`` rows of ``in`` floats from the pointer)."""
     n_in, n_out = w.shape
-    xc = x.detach().reshape(rows, n_in).contiguous()  # (rows, in)
-    y = torch.empty(rows, n_out, dtype=torch.float32)  # (rows, out): the first half of W's rows, then all
-    partial = torch.empty(rows, n_out, dtype=torch.float32)  # (rows, out): the second half
+    x = x if x.is_contiguous() else x.contiguous()
+    y = torch.empty(*x.shape[:-1], n_out, dtype=torch.float32)  # (..., out): W's first half of rows, then all
+    partial = torch.empty_like(y)  # (..., out): the second half
     if rows and n_out:
-        threads = torch.get_num_threads()
-        lib.matvec(xc.data_ptr(), w.data_ptr(), y.data_ptr(), partial.data_ptr(), rows, n_in, n_out, threads)
-    return y.view(*x.shape[:-1], n_out)
+        lib.matvec(
+            x.data_ptr(), w.data_ptr(), y.data_ptr(), partial.data_ptr(), rows, n_in, n_out, torch.get_num_threads()
+        )
+    return y
