@@ -520,6 +520,8 @@ def test_cli_perplexity_and_generate(tmp_path, capsys):
     assert main(["perplexity", str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["generate", ""]) == 2
+    assert main(["generate", "Hi", "--temperature", "-1"]) == 2
+    assert "temperature must be >= 0.0, got -1.0" in capsys.readouterr().err
     assert parse_cache_args(["budget=128", "name=abc", "ratio=0.5"]) == {"budget": 128, "name": "abc", "ratio": 0.5}
     with pytest.raises(ValueError, match="key=value"):
         parse_cache_args(["budget"])
