@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import report  # noqa: E402
 
-from refimpl.serving.cluster import POLICIES, RooflineCost, load_sweep, paired_change, policy_sweep  # noqa: E402
+from refimpl.serving.cluster import POLICIES, LinearCost, load_sweep, paired_change, policy_sweep  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     args = p.parse_args(argv)
     if args.quick:
         args.requests, args.seeds, args.sweep_rates = 150, 2, "25,75"
-    cost = RooflineCost("llama-2-7b", args.hardware)
+    cost = LinearCost.from_roofline("llama-2-7b", args.hardware)
 
     sweep = policy_sweep(range(args.seeds), args.requests, args.rate, args.instances, args.blocks, cost)
     values: dict[str, float] = {"requests": args.requests, "rate_per_s": args.rate, "seeds": args.seeds}

@@ -73,16 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, tokenizer = load_model(args.model)
         factory = cache_factory(args.cache, model.config, **cache_kwargs)
         if args.command == "generate":
-            from refimpl.llm.generate import generate
+            from refimpl.llm.generate import Sampling, generate
 
             generate(
                 model,
                 tokenizer,
                 args.prompt,
                 args.max_new_tokens,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                seed=args.seed,
+                sampling=Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
                 cache=factory,
                 chat=args.chat,
                 stream=lambda s: print(s, end="", flush=True),

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from refimpl.llm import corpus, gguf_file
 from refimpl.llm.cache import FullCache
 from refimpl.llm.config import LlamaConfig
-from refimpl.llm.generate import generate, generate_ids, top_p_filter
+from refimpl.llm.generate import Sampling, generate, generate_ids, top_p_filter
 from refimpl.llm.model import apply_rope, causal_attention, load_model, rms_norm, rope_cos_sin
 from refimpl.llm.perplexity import evaluate, evaluate_many, evaluate_one_shot
 
@@ -224,6 +224,47 @@ def test_top_p_filter_errors():
         top_p_filter(torch.tensor([1.0]), 0.0)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    logits=st.lists(st.floats(-8.0, 8.0), min_size=2, max_size=12),
+    temperature=st.floats(0.05, 4.0),
+    top_p=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**31),
+)
+def test_sampling_next_token_draws_from_the_nucleus(logits, temperature, top_p, seed):
+    x = torch.tensor(logits, dtype=torch.float32)
+    assert Sampling().next_token(x, torch.Generator()) == int(x.argmax()), "temperature 0: the argmax"
+    s = Sampling(temperature, top_p, seed)
+    allowed = top_p_filter(torch.softmax(x.double() / temperature, -1), top_p) > 0
+    draws = [s.next_token(x, torch.Generator().manual_seed(seed + i)) for i in range(8)]
+    assert all(allowed[t] for t in draws), "every draw lies in the nucleus"
+    again = [s.next_token(x, torch.Generator().manual_seed(seed + i)) for i in range(8)]
+    assert draws == again, "the same generator state draws the same tokens"
+
+
+def test_sampling_is_a_validated_frozen_value():
+    s = Sampling(temperature=1, top_p=0.5, seed=3)
+    assert (s.temperature, s.top_p, s.seed) == (1.0, 0.5, 3) and isinstance(s.temperature, float)
+    assert s == Sampling(1.0, 0.5, 3) and Sampling() == Sampling(temperature=0.0, top_p=1.0, seed=0)
+    with pytest.raises(AttributeError):
+        s.temperature = 2.0  # frozen
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "message"),
+    [
+        ({"temperature": -1.0}, ValueError, "temperature must be >= 0.0, got -1.0"),
+        ({"temperature": float("inf")}, ValueError, "temperature must be finite"),
+        ({"temperature": 1.0, "top_p": 0.0}, ValueError, "top_p must be > 0.0, got 0.0"),
+        ({"top_p": 1.5}, ValueError, "top_p must be <= 1.0, got 1.5"),
+        ({"seed": 1.5}, TypeError, "seed must be an int, got float 1.5"),
+    ],
+)
+def test_sampling_rejects_bad_fields(fields, error, message):
+    with pytest.raises(error, match=message):
+        Sampling(**fields)
+
+
 # ------------------------------------------------------------------------------------------------ tokenizer
 
 
@@ -338,9 +379,11 @@ def test_greedy_generation_is_coherent_and_streams(llm):
 def test_sampling_is_seeded_and_top_p_small_is_greedy(llm):
     model, tok = llm
     prompt = tok.encode("Once upon a time")
-    a = generate_ids(model, prompt, 6, temperature=1.0, seed=3)
-    assert a == generate_ids(model, prompt, 6, temperature=1.0, seed=3)
-    assert generate_ids(model, prompt, 6, temperature=1.0, top_p=1e-6, seed=1) == generate_ids(model, prompt, 6)
+    a = generate_ids(model, prompt, 6, sampling=Sampling(temperature=1.0, seed=3))
+    assert a == generate_ids(model, prompt, 6, sampling=Sampling(temperature=1.0, seed=3))
+    tiny_p = Sampling(temperature=1.0, top_p=1e-6, seed=1)
+    assert generate_ids(model, prompt, 6, sampling=tiny_p) == generate_ids(model, prompt, 6)
+    assert generate(model, tok, "Once upon a time", 6, sampling=Sampling(temperature=1.0, seed=3)) == tok.decode(a)
 
 
 @needs_model
@@ -363,8 +406,10 @@ def test_generate_bad_inputs(llm):
         generate(model, tok, "Hi", 0)
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len=8192"):
         generate(model, tok, "Hi", 8192)
-    with pytest.raises(ValueError, match="temperature must be >= 0.0"):
-        generate(model, tok, "Hi", 2, temperature=-1.0)
+    with pytest.raises(TypeError, match="sampling must be a Sampling, got dict"):
+        generate(model, tok, "Hi", 2, sampling={"temperature": 1.0})
+    with pytest.raises(TypeError, match="positional"):
+        generate_ids(model, [1], 2, Sampling())  # the options are keyword-only
     with pytest.raises(ValueError, match="cache must be a cache factory or 30 KVCache objects"):
         generate(model, tok, "Hi", 2, cache="nope")
     with pytest.raises(ValueError, match="token ids must be in"):
@@ -475,6 +520,8 @@ def test_cli_perplexity_and_generate(tmp_path, capsys):
     assert main(["perplexity", str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["generate", ""]) == 2
+    assert main(["generate", "Hi", "--temperature", "-1"]) == 2
+    assert "temperature must be >= 0.0, got -1.0" in capsys.readouterr().err
     assert parse_cache_args(["budget=128", "name=abc", "ratio=0.5"]) == {"budget": 128, "name": "abc", "ratio": 0.5}
     with pytest.raises(ValueError, match="key=value"):
         parse_cache_args(["budget"])

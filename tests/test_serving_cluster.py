@@ -5,6 +5,8 @@ hand-made cases; migration; bad inputs."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -15,7 +17,6 @@ from refimpl.serving.cluster import (
     POLICIES,
     Instance,
     LinearCost,
-    RooflineCost,
     SimRequest,
     StepLog,
     UnitCost,
@@ -123,7 +124,7 @@ def test_workload_deterministic_and_heavy_tailed():
 @pytest.mark.parametrize("policy", POLICIES)
 def test_simulate_deterministic_and_conserving(policy):
     reqs = poisson_workload(300, 50.0, 1)
-    cost = RooflineCost()
+    cost = LinearCost.from_roofline()
     a = simulate(reqs, 3, 400, policy=policy, cost=cost)
     b = simulate(reqs, 3, 400, policy=policy, cost=cost)
     assert a.summary() == b.summary()
@@ -178,7 +179,7 @@ def test_migration_moves_blocks_between_instances():
 def test_roofline_cost_matches_analyzer():
     from refimpl.roofline import Workload, analyze
 
-    cost = RooflineCost("llama-2-7b", "a100-80gb")
+    cost = LinearCost.from_roofline("llama-2-7b", "a100-80gb")
     for b, s in ((1, 256), (8, 1024), (64, 512)):
         exact = analyze("llama-2-7b", "a100-80gb", Workload(stage="decode", batch=b, seq=s)).time
         assert cost.step_time(0, b, b * s) == pytest.approx(exact, rel=0.02)
@@ -228,8 +229,25 @@ def test_linear_cost_fit_recovers_coefficients():
         assert getattr(fitted, name) == pytest.approx(getattr(true, name), rel=1e-6), name
     with pytest.raises(ValueError, match="at least 4 steps"):
         LinearCost.fit(steps[:3], [1.0] * 3)
-    with pytest.raises(ValueError, match="t_kv"):
+    with pytest.raises(ValueError, match="t_kv must be >= 0.0, got -1.0"):
         LinearCost(0.0, 0.0, -1.0, 0.0)
+    with pytest.raises(ValueError, match="link_bandwidth must be > 0.0, got 0.0"):
+        LinearCost(0.0, 0.0, 0.0, 0.0, link_bandwidth=0.0)
+    with pytest.raises(ValueError, match="kv_bytes_per_token must be >= 0.0"):
+        LinearCost(0.0, 0.0, 0.0, 0.0, kv_bytes_per_token=-2.0)
+    with pytest.raises(TypeError):
+        LinearCost(0.0, 0.0, 0.0, 0.0, 2.0)  # kv_bytes_per_token and link_bandwidth are keyword-only
+
+
+def test_linear_cost_is_a_frozen_value():
+    cost = LinearCost(1, 0.5, 0.0, 2, link_bandwidth=4)
+    assert (cost.t_weights, cost.link_bandwidth) == (1.0, 4.0) and isinstance(cost.t_weights, float)
+    assert cost == LinearCost(1.0, 0.5, 0.0, 2.0, link_bandwidth=4.0) and "t_prefill=2.0" in repr(cost)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cost.t_kv = 1.0
+    with pytest.raises(ValueError, match="t_seq must be >= 0.0"):
+        dataclasses.replace(cost, t_seq=-0.1)  # replace validates again
+    assert cost.step_time(3, 2, 10) == 1.0 + 2 * 0.5 + 3 * 2.0 and cost.migration_seconds(8) == 2.0
 
 
 def test_run_timed_and_replay(tiny):  # noqa: F811
@@ -283,7 +301,7 @@ def test_tpot_and_fragmentation_on_hand_made_cases():
 
 
 def test_load_sweep_stacks_policy_sweeps_and_paired_change():
-    cost = RooflineCost()
+    cost = LinearCost.from_roofline()
     sweep = load_sweep([20.0, 40.0], [0, 1], 40, 2, 300, cost)
     for p in POLICIES:
         assert sweep[p]["ttft_p99"].shape == (2, 2)

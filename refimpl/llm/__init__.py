@@ -7,7 +7,7 @@
 ``refimpl.llm.model``          the decoder (:class:`Llama`) and :func:`load_model`
 ``refimpl.llm.matvec``         ``x @ W`` for a decode step's few rows: a C loop that reads ``W`` at memory speed
 ``refimpl.llm.cache``          the KV-cache interface (:class:`KVCache`) and :class:`FullCache`
-``refimpl.llm.generate``       :func:`generate`: greedy / temperature + top-p sampling, streaming
+``refimpl.llm.generate``       :func:`generate`: greedy or temperature + top-p :class:`Sampling`, streaming
 ``refimpl.llm.perplexity``     :func:`evaluate_many`: perplexity of cache configurations, step by step
 ``refimpl.llm.corpus``         the fixed evaluation corpus (CPython's pydoc topics)
 ``refimpl.llm.perf``           FLOPs and bytes of a forward call, measured decode speed
@@ -23,7 +23,7 @@ Command line: ``python -m refimpl.llm generate "PROMPT"`` and ``python -m refimp
 
 from refimpl.llm.cache import CacheFactory, FullCache, KVCache, grouped_attention, make_caches
 from refimpl.llm.config import LlamaConfig
-from refimpl.llm.generate import generate, generate_ids
+from refimpl.llm.generate import Sampling, generate, generate_ids
 from refimpl.llm.gguf_file import find_gguf, read_config
 from refimpl.llm.model import Llama, load_model
 from refimpl.llm.perplexity import (
@@ -46,6 +46,7 @@ __all__ = [
     "LlamaConfig",
     "PerplexityResult",
     "RowCaches",
+    "Sampling",
     "Tokenizer",
     "evaluate",
     "evaluate_many",

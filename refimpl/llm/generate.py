@@ -1,14 +1,15 @@
 """Text generation: prefill the prompt through the KV cache, then decode one token per step.
 
-Decoding picks the next token greedily (``temperature=0``) or samples it from the softmax at a temperature,
-restricted to the nucleus: the smallest set of most likely tokens whose probability reaches ``top_p``
-(Holtzman et al. 2020, sec. 3.1, eq. 2-3). Generation stops at an end-of-sequence token or after
-``max_new_tokens``.
+Decoding picks the next token as a :class:`Sampling` says: greedily (``temperature=0``, the default) or by a
+draw from the softmax at a temperature, restricted to the nucleus: the smallest set of most likely tokens whose
+probability reaches ``top_p`` (Holtzman et al. 2020, sec. 3.1, eq. 2-3), from a generator seeded by ``seed``.
+Generation stops at an end-of-sequence token or after ``max_new_tokens``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -18,7 +19,7 @@ from refimpl.llm.cache import CacheFactory, FullCache, KVCache, make_caches
 from refimpl.llm.model import Llama
 from refimpl.llm.tokenizer import Tokenizer
 
-__all__ = ["generate", "generate_ids", "sample_next", "top_p_filter"]
+__all__ = ["Sampling", "generate", "generate_ids", "top_p_filter"]
 
 
 def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
@@ -40,14 +41,32 @@ def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
     return kept / kept.sum(-1, keepdim=True)
 
 
-def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Next token from ``logits: (V,)``: argmax if ``temperature == 0``, else a draw from
-    ``top_p_filter(softmax(logits / temperature), top_p)``."""
-    if temperature == 0.0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
-    probs = top_p_filter(probs, top_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+@dataclass(frozen=True)
+class Sampling:
+    """How each next token is picked: greedily (``temperature = 0``, the default) or by a draw from
+    ``top_p_filter(softmax(logits / temperature), top_p)`` with a generator seeded by ``seed``.
+
+    Frozen and validated on construction: raises ``ValueError`` naming the field for a negative or non-finite
+    ``temperature`` or a ``top_p`` outside ``(0, 1]``, ``TypeError`` for a ``seed`` that is not an int.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        top_p = check_float("top_p", self.top_p, min_value=0.0, max_value=1.0, min_inclusive=False)
+        object.__setattr__(self, "temperature", check_float("temperature", self.temperature, min_value=0.0))
+        object.__setattr__(self, "top_p", top_p)  # frozen: normalize once, here
+        object.__setattr__(self, "seed", check_int("seed", self.seed))
+
+    def next_token(self, logits: Tensor, generator: torch.Generator) -> int:
+        """Next token from ``logits: (V,)``: the argmax if ``temperature == 0``, else a draw by ``generator``."""
+        if self.temperature == 0.0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.double() / self.temperature, dim=-1)
+        probs = top_p_filter(probs, self.top_p)
+        return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _fresh_caches(model: Llama, cache: CacheFactory | Sequence[KVCache]) -> list[KVCache]:
@@ -66,36 +85,36 @@ def generate_ids(
     model: Llama,
     prompt_ids: Sequence[int],
     max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
+    *,
+    sampling: Sampling = Sampling(),
     cache: CacheFactory | Sequence[KVCache] = FullCache,
     stop_ids: Sequence[int] = (),
     on_token: Callable[[int], None] | None = None,
 ) -> list[int]:
     """Generate up to ``max_new_tokens`` token ids after ``prompt_ids``; returns the new ids.
 
+    ``sampling``: how each token is picked (:class:`Sampling`; default greedy).
     ``cache``: a factory of one layer's cache (``FullCache``, ``lambda: KIVICache(bits=2)``) or one fresh cache
     object per layer. Generation stops after emitting any id in ``stop_ids`` (that id included).
     ``on_token(id)`` is called for every new id as it is produced.
 
     Raises ``ValueError`` for an empty prompt, ids outside the vocabulary, a prompt plus ``max_new_tokens``
-    longer than ``max_seq_len``, bad sampling parameters, or cache objects that are not one fresh cache per layer.
+    longer than ``max_seq_len``, or cache objects that are not one fresh cache per layer; ``TypeError`` for a
+    ``sampling`` that is not a :class:`Sampling`.
     """
     prompt = [int(i) for i in prompt_ids]
     if not prompt:
         raise ValueError("prompt must hold at least one token, got an empty prompt")
     max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
-    temperature = check_float("temperature", temperature, min_value=0.0)
-    top_p = check_float("top_p", top_p, min_value=0.0, max_value=1.0, min_inclusive=False)
-    seed = check_int("seed", seed)
+    if not isinstance(sampling, Sampling):
+        raise TypeError(f"sampling must be a Sampling, got {type(sampling).__name__} {sampling!r}")
     if len(prompt) + max_new_tokens > model.config.max_seq_len:
         raise ValueError(
             f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"max_seq_len={model.config.max_seq_len}"
         )
     caches = _fresh_caches(model, cache)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(sampling.seed)
     stop = set(stop_ids)
 
     ids = torch.tensor([prompt])  # (1, T_prompt)
@@ -103,7 +122,7 @@ def generate_ids(
     out: list[int] = []
     pos = len(prompt)
     while True:
-        nxt = sample_next(logits, temperature, top_p, generator)
+        nxt = sampling.next_token(logits, generator)
         out.append(nxt)
         if on_token is not None:
             on_token(nxt)
@@ -118,9 +137,8 @@ def generate(
     tokenizer: Tokenizer,
     prompt: str,
     max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
+    *,
+    sampling: Sampling = Sampling(),
     cache: CacheFactory | Sequence[KVCache] = FullCache,
     stream: Callable[[str], None] | None = None,
     chat: bool = False,
@@ -156,9 +174,7 @@ def generate(
         model,
         prompt_ids,
         max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
+        sampling=sampling,
         cache=cache,
         stop_ids=tokenizer.stop_ids,
         on_token=on_token,

@@ -7,10 +7,10 @@ decode step lacks blocks), but on block *counts*; each step's duration comes fro
 latencies are **model arithmetic**, not measurements.
 
 - :func:`poisson_workload`: a seeded Poisson arrival process with heavy-tailed (Pareto) prompt and output lengths;
-- :class:`LinearCost`: a step time linear in the step's work, fitted to measured steps (:meth:`LinearCost.fit`);
-  :class:`RooflineCost`: the step time of Llama-2-7B on an A100/H100, a linear fit to
-  :func:`refimpl.roofline.analyze` (weights read once per step, plus KV reads per cached token, plus prefill
-  compute per prompt token); :class:`UnitCost`: every step takes 1 (for checking against the real engine);
+- :class:`LinearCost`: a step time linear in the step's work, fitted to measured steps (:meth:`LinearCost.fit`)
+  or to the roofline model (:meth:`LinearCost.from_roofline`: the step time of Llama-2-7B on an A100/H100, a
+  linear fit to :func:`refimpl.roofline.analyze`: weights read once per step, plus KV reads per cached token,
+  plus prefill compute per prompt token); :class:`UnitCost`: every step takes 1 (for checking against the real engine);
 - :func:`simulate`: an event heap (arrivals, step ends, migration ends) over the instances, with a dispatch
   policy: ``"round_robin"``, ``"least_loaded"`` (at arrival, the instance with the most free blocks less its
   queue's demand: INFaaS-like load-aware placement, Romero et al. 2021) or ``"llumnix"`` (dispatch to the
@@ -41,7 +41,7 @@ import heapq
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -57,7 +57,6 @@ __all__ = [
     "ClusterResult",
     "Instance",
     "LinearCost",
-    "RooflineCost",
     "SimRequest",
     "StepLog",
     "UnitCost",
@@ -141,6 +140,7 @@ class UnitCost:
         return self.migration_time
 
 
+@dataclass(frozen=True)
 class LinearCost:
     """A step time linear in the step's work:
 
@@ -148,26 +148,26 @@ class LinearCost:
 
     (``t_weights`` a fixed cost per step, e.g. reading all weights once; ``t_seq`` per decoded sequence; ``t_kv``
     per cached token read by attention; ``t_prefill`` per prefilled token). A migration moves
-    ``kv_tokens * kv_bytes_per_token`` bytes over ``link_bandwidth`` bytes/s. :meth:`fit` estimates the
-    coefficients from measured steps (least squares).
+    ``kv_tokens * kv_bytes_per_token`` bytes over ``link_bandwidth`` bytes/s. Two constructors estimate the
+    coefficients: :meth:`fit` from measured steps (least squares), :meth:`from_roofline` from the roofline model.
+
+    Frozen and validated on construction: raises ``ValueError`` naming the field for a negative (or non-finite)
+    coefficient or ``kv_bytes_per_token``, or a ``link_bandwidth`` that is not positive.
     """
 
-    def __init__(
-        self,
-        t_weights: float,
-        t_seq: float,
-        t_kv: float,
-        t_prefill: float,
-        *,
-        kv_bytes_per_token: float = 1.0,
-        link_bandwidth: float = 1.0,
-    ) -> None:
-        self.t_weights = check_float("t_weights", t_weights, min_value=0.0)
-        self.t_seq = check_float("t_seq", t_seq, min_value=0.0)
-        self.t_kv = check_float("t_kv", t_kv, min_value=0.0)
-        self.t_prefill = check_float("t_prefill", t_prefill, min_value=0.0)
-        self.kv_bytes_per_token = check_float("kv_bytes_per_token", kv_bytes_per_token, min_value=0.0)
-        self.link_bandwidth = check_float("link_bandwidth", link_bandwidth, min_value=0.0, min_inclusive=False)
+    t_weights: float
+    t_seq: float
+    t_kv: float
+    t_prefill: float
+    _: KW_ONLY
+    kv_bytes_per_token: float = 1.0
+    link_bandwidth: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("t_weights", "t_seq", "t_kv", "t_prefill", "kv_bytes_per_token"):
+            object.__setattr__(self, name, check_float(name, getattr(self, name), min_value=0.0))  # frozen
+        bandwidth = check_float("link_bandwidth", self.link_bandwidth, min_value=0.0, min_inclusive=False)
+        object.__setattr__(self, "link_bandwidth", bandwidth)
 
     @classmethod
     def fit(cls, steps: Sequence[StepLog], seconds: Sequence[float]) -> LinearCost:
@@ -180,31 +180,24 @@ class LinearCost:
         coef = np.linalg.lstsq(x, np.asarray(seconds, dtype=float), rcond=None)[0]  # (4,)
         return cls(*(max(float(c), 0.0) for c in coef))
 
-    def step_time(self, prefill_tokens: int, n_decode: int, kv_tokens: int) -> float:
-        return self.t_weights + n_decode * self.t_seq + kv_tokens * self.t_kv + prefill_tokens * self.t_prefill
-
-    def migration_seconds(self, kv_tokens: int) -> float:
-        return kv_tokens * self.kv_bytes_per_token / self.link_bandwidth
-
-
-class RooflineCost(LinearCost):
-    """The :class:`LinearCost` of ``model`` on ``hardware`` (model arithmetic), fitted to
-    :func:`refimpl.roofline.analyze`: ``t_weights`` the batch-1 decode step at context 1 (all weights read once),
-    ``t_kv`` the extra time per cached token read by attention, ``t_seq`` the extra per decoded sequence, and
-    ``t_prefill`` the time per prompt token of a 1024-token prefill (compute-bound). A migration goes over
-    ``link_bandwidth`` bytes/s (default: the hardware's host link, i.e. PCIe; NVLink would be faster).
-    """
-
-    def __init__(self, model: str = "llama-2-7b", hardware: str = "h100-sxm", link_bandwidth: float | None = None):
+    @classmethod
+    def from_roofline(
+        cls, model: str = "llama-2-7b", hardware: str = "h100-sxm", link_bandwidth: float | None = None
+    ) -> LinearCost:
+        """The cost of ``model`` on ``hardware`` (model arithmetic), fitted to :func:`refimpl.roofline.analyze`:
+        ``t_weights`` the batch-1 decode step at context 1 (all weights read once), ``t_kv`` the extra time per
+        cached token read by attention, ``t_seq`` the extra per decoded sequence, and ``t_prefill`` the time per
+        prompt token of a 1024-token prefill (compute-bound). A migration moves the model's fp16 KV bytes per
+        token over ``link_bandwidth`` bytes/s (default: the hardware's host link, i.e. PCIe; NVLink would be
+        faster)."""
         from refimpl.roofline import Workload, analyze, get_model, kv_cache_bytes, load_hardware
 
         def t(stage: str, batch: int, seq: int) -> float:
             return analyze(model, hardware, Workload(stage=stage, batch=batch, seq=seq)).time
 
-        self.model, self.hardware = model, hardware
         t_weights = t("decode", 1, 1)
         bw = load_hardware(hardware).host_link_bandwidth if link_bandwidth is None else link_bandwidth
-        super().__init__(
+        return cls(
             t_weights=t_weights,
             t_seq=(t("decode", 16, 1) - t_weights) / 15,
             t_kv=(t("decode", 1, 4097) - t_weights) / 4096,
@@ -212,6 +205,12 @@ class RooflineCost(LinearCost):
             kv_bytes_per_token=kv_cache_bytes(get_model(model), Workload(stage="decode", batch=1, seq=1)),
             link_bandwidth=bw,
         )
+
+    def step_time(self, prefill_tokens: int, n_decode: int, kv_tokens: int) -> float:
+        return self.t_weights + n_decode * self.t_seq + kv_tokens * self.t_kv + prefill_tokens * self.t_prefill
+
+    def migration_seconds(self, kv_tokens: int) -> float:
+        return kv_tokens * self.kv_bytes_per_token / self.link_bandwidth
 
 
 @dataclass
@@ -421,6 +420,7 @@ def simulate(
     """Serve ``requests`` (copied, not changed) on ``n_instances`` instances of ``num_blocks`` blocks each
     (``max_batched_tokens``: the instances' chunked-prefill budget, as the engine's).
 
+    ``cost``: the step and migration times (default :meth:`LinearCost.from_roofline`: Llama-2-7B on an H100).
     ``policy`` chooses the dispatch (see the module docstring); ``"llumnix"`` also migrates every
     ``migrate_interval`` seconds from instances with freeness below ``migrate_low`` to those above
     ``migrate_high``. Deterministic: ties go to the lowest instance index and simultaneous events run in the
@@ -429,7 +429,7 @@ def simulate(
     n_instances = check_positive_int("n_instances", n_instances)
     policy = check_choice("policy", policy, POLICIES)
     migrate_interval = check_float("migrate_interval", migrate_interval, min_value=0.0, min_inclusive=False)
-    cost = RooflineCost() if cost is None else cost
+    cost = LinearCost.from_roofline() if cost is None else cost
     instances = [Instance(i, num_blocks, block_size, max_batch_size, max_batched_tokens) for i in range(n_instances)]
     reqs = [SimRequest(r.request_id, r.arrival_time, r.prompt_len, r.output_len) for r in requests]
     if len({r.request_id for r in reqs}) != len(reqs):
@@ -574,7 +574,7 @@ def policy_sweep(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Every policy on the same trace per seed: ``{policy: {metric: (len(seeds),) values}}`` with the metrics
     of :meth:`ClusterResult.summary`; ``kwargs`` go to :func:`simulate`."""
-    cost = RooflineCost() if cost is None else cost
+    cost = LinearCost.from_roofline() if cost is None else cost
     out: dict[str, dict[str, list[float]]] = {p: {} for p in POLICIES}
     for seed in seeds:
         trace = poisson_workload(n_requests, rate, seed)
@@ -597,7 +597,7 @@ def load_sweep(
     """:func:`policy_sweep` at each arrival rate: ``{policy: {metric: (len(rates), len(seeds)) values}}``."""
     if not rates:
         raise ValueError("rates must hold at least one arrival rate")
-    cost = RooflineCost() if cost is None else cost
+    cost = LinearCost.from_roofline() if cost is None else cost
     per_rate = [policy_sweep(seeds, n_requests, r, n_instances, num_blocks, cost, **kwargs) for r in rates]
     return {p: {k: np.stack([s[p][k] for s in per_rate]) for k in per_rate[0][p]} for p in POLICIES}
 

@@ -15,6 +15,8 @@ verify against it. :func:`roofline_speedup` computes ``c`` and ``v`` from the ro
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from refimpl._checks import check_float, check_int
 from refimpl.roofline import ModelConfig, Workload, analyze, get_model
 from refimpl.speculative.verify import expected_tokens_per_step
@@ -45,19 +47,30 @@ def best_gamma(alpha: float, c: float, v_of: list[float]) -> int:
     return max(range(len(v_of)), key=lambda g: expected_speedup(alpha, g, c, v_of[g]))
 
 
-def verify_time(target: ModelConfig | str, hardware: str, k: int, batch: int = 1, seq: int = 1024) -> float:
-    """Roofline seconds of one target forward over ``k`` new tokens per sequence, ``batch`` sequences, context
-    ``seq`` (fp16; :func:`refimpl.roofline.analyze`).
+def _decode_workload(workload: Workload) -> Workload:
+    """``workload`` if it is a decode :class:`~refimpl.roofline.Workload`; else ``TypeError``/``ValueError``."""
+    if not isinstance(workload, Workload):
+        raise TypeError(f"workload must be a refimpl.roofline.Workload, got {type(workload).__name__}")
+    if workload.stage != "decode":
+        raise ValueError(f"workload must be a decode workload (stage='decode'), got stage={workload.stage!r}")
+    return workload
 
-    Every operator but attention is costed as a decode step of ``batch * k`` rows; attention reads each
-    sequence's KV cache once, as in a decode step at ``batch`` (its FLOPs grow ``k``-fold but stay far below the
-    ridge point at these sizes). ``k = 1`` is a decode step. Model arithmetic, not a measurement.
+
+def verify_time(target: ModelConfig | str, hardware: str, k: int, workload: Workload = Workload()) -> float:
+    """Roofline seconds of one target forward over ``k`` new tokens per sequence of a decode ``workload``
+    (:class:`refimpl.roofline.Workload`, default: one sequence at context 1024 in fp16; its dtype, weight and KV
+    bits apply as in :func:`refimpl.roofline.analyze`).
+
+    Every operator but attention is costed as a decode step of ``workload.batch * k`` rows; attention reads each
+    sequence's KV cache once, as in a decode step at ``workload.batch`` (its FLOPs grow ``k``-fold but stay far
+    below the ridge point at these sizes). ``k = 1`` is a decode step. Model arithmetic, not a measurement.
+    Raises ``ValueError`` for ``k < 1`` or a workload whose stage is not ``"decode"``.
     """
     k = check_int("k", k, min_value=1)
-    one = analyze(target, hardware, Workload(stage="decode", batch=batch, seq=seq))
+    one = analyze(target, hardware, _decode_workload(workload))
     if k == 1:
         return one.time
-    wide = analyze(target, hardware, Workload(stage="decode", batch=batch * k, seq=seq))
+    wide = analyze(target, hardware, replace(workload, batch=workload.batch * k))
     return wide.time - wide.time_by_operator()["attention"] + one.time_by_operator()["attention"]
 
 
@@ -67,17 +80,16 @@ def roofline_speedup(
     hardware: str,
     alpha: float,
     gamma: int,
-    *,
-    batch: int = 1,
-    seq: int = 1024,
+    workload: Workload = Workload(),
 ) -> float:
     """Predicted speed-up of ``draft`` + ``target`` over plain decoding of ``target`` on ``hardware``:
     :func:`expected_speedup` with ``c`` a draft decode step and ``v`` a :func:`verify_time` of ``gamma + 1``
-    tokens, both relative to a target decode step at the same ``batch`` and ``seq``. Model arithmetic."""
+    tokens, both relative to a target decode step of the same decode ``workload`` (batch, context, precisions;
+    default: one sequence at context 1024 in fp16). Model arithmetic."""
     gamma = check_int("gamma", gamma, min_value=0)
-    t1 = verify_time(target, hardware, 1, batch, seq)
-    td = verify_time(draft, hardware, 1, batch, seq)
-    return expected_speedup(alpha, gamma, td / t1, verify_time(target, hardware, gamma + 1, batch, seq) / t1)
+    t1 = verify_time(target, hardware, 1, workload)
+    td = verify_time(draft, hardware, 1, workload)
+    return expected_speedup(alpha, gamma, td / t1, verify_time(target, hardware, gamma + 1, workload) / t1)
 
 
 def predicted_cache_ttft(
