@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refimpl.caches import make_caches
+from refimpl.eviction import ScissorhandsCache
 from refimpl.kivi import (
     KIVICache,
     bits_per_element,
@@ -23,6 +24,7 @@ from refimpl.kivi import (
     quantize_groups,
     unpack_codes,
 )
+from refimpl.kivi.quant import check_packing
 from refimpl.llm.cache import FullCache, grouped_attention
 
 BITS = (2, 4, 8)
@@ -560,3 +562,23 @@ def test_keys_values_are_copies_and_attention_reads_the_working_buffer() -> None
             assert torch.equal(stream.tensor(), want)
     for x, y in zip(held, before):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda bits, g: check_packing(bits, g),
+        lambda bits, g: KIVICache(bits=bits, group_size=g, residual_length=0),
+        lambda bits, g: ScissorhandsCache(budget=64, bits=bits, group_size=g),
+    ],
+    ids=["check_packing", "KIVICache", "ScissorhandsCache"],
+)
+def test_every_quantized_store_checks_bits_and_packing_alike(make) -> None:
+    """One check (``kivi.quant.check_packing``) serves the quantizer, the KIVI cache and the evicting caches."""
+    with pytest.raises(ValueError, match="bits"):
+        make(5, 32)
+    with pytest.raises(ValueError, match="group_size"):
+        make(2, 0)
+    with pytest.raises(ValueError, match=r"multiple of 8 to pack codes, got 3 \* 2"):
+        make(2, 3)
+    make(2, 4)  # 4 codes of 2 bits: one byte

@@ -119,12 +119,9 @@ class EvictionCache(KVCache):
                 f"{need}, got budget={self.budget}"
             )
         if bits is not None:
-            from refimpl.kivi.quant import BITS  # only a quantized cache needs the KIVI module
+            from refimpl.kivi.quant import check_packing  # only a quantized cache needs the KIVI module
 
-            check_choice("bits", bits, BITS)
-            group_size = check_positive_int("group_size", group_size)
-            if group_size * bits % 8:
-                raise ValueError(f"group_size * bits must be a multiple of 8, got group_size={group_size}")
+            group_size = check_packing(bits, group_size)
         self.bits, self.group_size = bits, group_size
         self._store: dict[str, Tensor] = {}  # what is held per token, token axis 2: k, v or their codes
         self._dtype: torch.dtype | None = None  # dtype the keys and values arrived in

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from refimpl._checks import check_choice, check_int, check_positive_int
-from refimpl.kivi.quant import AXES, BITS, QuantizedTensor, dequantize, quantize
+from refimpl.kivi.quant import AXES, BITS, QuantizedTensor, check_packing, dequantize, quantize
 from refimpl.llm.cache import FULL_PRECISION_PREFILL, KVCache, check_step
 
 __all__ = ["ORDERS", "KIVICache", "QuantizedStream", "bits_per_element", "n_quantized"]
@@ -271,14 +271,11 @@ class KIVICache(KVCache):
         stat_dtype: torch.dtype | None = torch.float16,
         order: str = "attend_then_quantize",
     ) -> None:
-        check_choice("bits", bits, BITS)
+        g = check_packing(bits, group_size)
         check_choice("order", order, ORDERS)
-        g = check_positive_int("group_size", group_size)
         r = check_int("residual_length", residual_length, min_value=0)
         check_choice("key_axis", key_axis, AXES)
         check_choice("value_axis", value_axis, AXES)
-        if g * bits % 8:
-            raise ValueError(f"group_size * bits must be a multiple of 8 to pack codes, got {g} * {bits}")
         if r % g:
             raise ValueError(f"residual_length must be a multiple of group_size={g}, got {r}")
         floating = isinstance(stat_dtype, torch.dtype) and stat_dtype.is_floating_point

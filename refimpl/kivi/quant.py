@@ -39,6 +39,7 @@ __all__ = [
     "AXES",
     "BITS",
     "QuantizedTensor",
+    "check_packing",
     "dequantize",
     "dequantize_groups",
     "fake_quantize",
@@ -79,6 +80,16 @@ class QuantizedTensor:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
 
 
+def check_packing(bits: int, group_size: int) -> int:
+    """Check the options every quantized KV store shares: ``bits`` in :data:`BITS` and a ``group_size`` whose
+    ``G * bits`` codes pack into whole bytes; return ``group_size``. Raises ``ValueError`` naming the argument."""
+    check_choice("bits", bits, BITS)
+    group_size = check_positive_int("group_size", group_size)
+    if group_size * bits % 8:
+        raise ValueError(f"group_size * bits must be a multiple of 8 to pack codes, got {group_size} * {bits}")
+    return group_size
+
+
 def quantize(
     x: Tensor,
     bits: int,
@@ -94,11 +105,8 @@ def quantize(
     argument on any violated requirement.
     """
     check_tensor("x", x, ndim=4, floating=True)
-    check_choice("bits", bits, BITS)
-    group_size = check_positive_int("group_size", group_size)
+    group_size = check_packing(bits, group_size)
     check_choice("axis", axis, AXES)
-    if group_size * bits % 8:
-        raise ValueError(f"group_size * bits must be a multiple of 8 to pack, got group_size={group_size}")
     b, h, t, d = x.shape
     g = group_size
     if axis == "token":
