@@ -16,6 +16,11 @@
  */
 #include <omp.h>
 
+/* Columns of a quadruple of w's rows taken at a time: 4 x 1024 floats (16 KB) are read from memory for the first
+ * row of x and from L1 for the others (with whole rows, 4 rows of w outgrow L1 and every row of x re-reads them
+ * from L2). The order of the sums is the same for every CHUNK. */
+#define CHUNK 1024
+
 /* out[r, c0:c1] = sum over i in [i0, i1) of x[r, i] w[i, c0:c1], in order of i */
 static void sum_rows(const float *x, const float *w, float *out, long rows, long n_in, long n_out, long i0,
                      long i1, long c0, long c1) {
@@ -24,11 +29,14 @@ static void sum_rows(const float *x, const float *w, float *out, long rows, long
     long i = i0;
     for (; i + 4 <= i1; i += 4) {
         const float *w0 = w + i * n_out, *w1 = w0 + n_out, *w2 = w1 + n_out, *w3 = w2 + n_out;
-        for (long r = 0; r < rows; r++) {
-            const float *xr = x + r * n_in + i;
-            const float x0 = xr[0], x1 = xr[1], x2 = xr[2], x3 = xr[3];
-            float *o = out + r * n_out;
-            for (long c = c0; c < c1; c++) o[c] += x0 * w0[c] + x1 * w1[c] + x2 * w2[c] + x3 * w3[c];
+        for (long cc = c0; cc < c1; cc += CHUNK) { /* CHUNK columns of the quadruple stay in L1 for every row */
+            const long ce = cc + CHUNK < c1 ? cc + CHUNK : c1;
+            for (long r = 0; r < rows; r++) {
+                const float *xr = x + r * n_in + i;
+                const float x0 = xr[0], x1 = xr[1], x2 = xr[2], x3 = xr[3];
+                float *o = out + r * n_out;
+                for (long c = cc; c < ce; c++) o[c] += x0 * w0[c] + x1 * w1[c] + x2 * w2[c] + x3 * w3[c];
+            }
         }
     }
     for (; i < i1; i++) { /* the last (i1 - i0) % 4 rows of w */
