@@ -325,8 +325,9 @@ def _attn_bwd_dq(
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_triton_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> tuple[float, int]:
-    scale, group = check_attention_inputs(q, k, v, scale)
+def _check_triton_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> float:
+    """What the Triton entry points check first (also dtype and device); returns the softmax scale."""
+    scale, _ = check_attention_inputs(q, k, v, scale)
     if q.dtype not in TRITON_DTYPES:
         raise TypeError(f"q must have dtype in {list(TRITON_DTYPES)} for the Triton kernel, got {q.dtype}")
     if q.device.type != "cuda" and not interpreting():
@@ -334,7 +335,7 @@ def _check_triton_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -
             f"q must be a CUDA tensor for the Triton kernel, got device {q.device}; on a CPU, set "
             "TRITON_INTERPRET=1 in the environment before importing triton to run the kernels in the interpreter"
         )
-    return scale, group
+    return scale
 
 
 def _config(d: int, block_m: int | None, block_n: int | None) -> tuple[int, int, int, int, int]:
@@ -372,20 +373,20 @@ def _forward(
     v: Tensor,
     causal: bool,
     scale: float,
-    group: int,
     block_m: int | None,
     block_n: int | None,
 ) -> tuple[Tensor, Tensor]:
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the kernels address contiguous tensors
     b, h_q, n_q, d = q.shape
-    n_k = k.shape[2]
+    h_kv, n_k = k.shape[1], k.shape[2]
     bm, bn, bd, warps, stages = _config(d, block_m, block_n)
     o = torch.empty_like(q)
     lse = torch.empty(b, h_q, n_q, dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse.fill_(float("inf"))
     grid = (triton.cdiv(n_q, bm), b * h_q)
-    _attn_fwd[grid](q, k, v, o, lse, scale, group, n_q, n_k, **_meta(d, bm, bn, bd, causal, warps, stages))
+    meta = _meta(d, bm, bn, bd, causal, warps, stages)
+    _attn_fwd[grid](q, k, v, o, lse, scale, h_q // h_kv, n_q, n_k, **meta)  # G = H_q / H_kv query heads per KV head
     return o, lse
 
 
@@ -398,7 +399,6 @@ def _backward(
     do: Tensor,
     causal: bool,
     scale: float,
-    group: int,
     block_m: int | None,
     block_n: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -412,6 +412,7 @@ def _backward(
     if not interpreting():  # the backward keeps more tiles alive: smaller tiles than the forward
         bm, bn = min(bm, 64), min(bn, 64)
     delta = torch.empty(b, h_q, n_q, dtype=torch.float32, device=q.device)
+    group = h_q // h_kv
     grid_q = (triton.cdiv(n_q, bm), b * h_q)
     _attn_bwd_preprocess[grid_q](o, do, delta, n_q, HEAD_DIM=d, BLOCK_M=bm, BLOCK_D=bd)
     meta = _meta(d, bm, bn, bd, causal, warps, stages)
@@ -443,9 +444,9 @@ def triton_flash_attention_forward(
     CUDA device, or on the CPU under ``TRITON_INTERPRET=1``. ``block_m, block_n``: tile sizes (powers of two
     >= 16); by default 16 in the interpreter, ``128 x 64`` on a GPU. Raises ``TypeError``/``ValueError``.
     """
-    scale, group = _check_triton_inputs(q, k, v, scale)
+    scale = _check_triton_inputs(q, k, v, scale)
     with torch.no_grad():
-        return _forward(q, k, v, bool(causal), scale, group, block_m, block_n)
+        return _forward(q, k, v, bool(causal), scale, block_m, block_n)
 
 
 def triton_flash_attention(
@@ -462,6 +463,6 @@ def triton_flash_attention(
     Shapes: ``q: (B, H_q, N_q, d)``, ``k, v: (B, H_kv, N_k, d)``; returns ``(B, H_q, N_q, d)`` in ``q.dtype``.
     See :func:`triton_flash_attention_forward` for devices, dtypes and tile sizes.
     """
-    scale, group = _check_triton_inputs(q, k, v, scale)
+    scale = _check_triton_inputs(q, k, v, scale)
     _config(q.shape[-1], block_m, block_n)  # validate the tile sizes before launching
-    return TritonFlashAttentionFunction.apply(q, k, v, bool(causal), scale, group, block_m, block_n)
+    return TritonFlashAttentionFunction.apply(q, k, v, bool(causal), scale, block_m, block_n)
