@@ -129,6 +129,25 @@ def test_kernel_low_precision_large_logits(dtype, tol):
 
 
 @kernel_case
+def test_kernel_batches_and_strided_inputs():
+    """Batch > 1 with GQA (the kernels find each head from the sizes alone) and inputs in the (B, N, H, d) layout of
+    a model's projections, viewed as (B, H, N, d) (not contiguous), with a non-contiguous incoming gradient."""
+    from refimpl.attention.triton_kernels import triton_flash_attention
+
+    g = torch.Generator().manual_seed(3)
+    q, do = (torch.randn(3, 21, 4, 16, generator=g, dtype=torch.float64) for _ in range(2))  # (B, N, H_q, d)
+    k, v = (torch.randn(3, 26, 2, 16, generator=g, dtype=torch.float64) for _ in range(2))  # (B, N_k, H_kv, d)
+    q, k, v, do = (t.float().to(DEVICE).transpose(1, 2) for t in (q, k, v, do))
+    assert not q.is_contiguous() and not do.is_contiguous()
+    o_ref, _, g_ref = _reference(q, k, v, do, True)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    o = triton_flash_attention(q, k, v, True, None, 16, 16)
+    assert _rel_err(o, o_ref) < 1e-5
+    for name, grad, r in zip("qkv", torch.autograd.grad(o, (q, k, v), do), g_ref):
+        assert grad.shape == r.shape and _rel_err(grad, r) < 1e-5, f"d{name}"
+
+
+@kernel_case
 def test_kernel_matches_the_pytorch_tiled_loop():
     from refimpl.attention import flash_attention_forward
     from refimpl.attention.triton_kernels import triton_flash_attention_forward

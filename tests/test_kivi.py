@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes
 
 from refimpl.caches import make_caches
 from refimpl.eviction import ScissorhandsCache
@@ -58,11 +59,11 @@ def test_pack_matches_naive_bit_layout(bits: int) -> None:
 @settings(max_examples=40, deadline=None)
 @given(
     bits=st.sampled_from(BITS),
-    lead=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+    lead=array_shapes(min_dims=0, max_dims=3, max_side=4),  # leading dims of the codes tensor
     n_bytes=st.integers(1, 9),
     seed=st.integers(0, 2**16),
 )
-def test_pack_unpack_round_trip_exact(bits: int, lead: list[int], n_bytes: int, seed: int) -> None:
+def test_pack_unpack_round_trip_exact(bits: int, lead: tuple[int, ...], n_bytes: int, seed: int) -> None:
     n = n_bytes * 8 // bits
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**bits, (*lead, n), generator=g, dtype=torch.uint8)

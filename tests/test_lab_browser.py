@@ -33,36 +33,45 @@ def _notebook(path: Path, cells: list) -> Path:
 
 @pytest.mark.slow
 def test_a_notebook_with_eval_prose_and_a_widget_passes_and_each_defect_fails(tmp_path: Path) -> None:
-    good = _notebook(
-        tmp_path / "good.ipynb",
-        [
-            md("# Good"),
-            code(GLUED),
-            md('Ratio {eval}`f"{glued.ratio:.1%}"`, count {eval}`glued.n`, see {cite:p}`williams2009roofline`.'),
-            code(WIDGET.format("'n is', n")),
-            code('from refimpl.display import references\n\nreferences("good.ipynb")'),
-        ],
-    )
-    bad = _notebook(
-        tmp_path / "bad.ipynb",
-        [
-            md("# Bad"),
-            code(GLUED),
+    good_cells = [
+        md("# A chapter"),
+        code(GLUED),
+        md('Ratio {eval}`f"{glued.ratio:.1%}"`, count {eval}`glued.n`, see {cite:p}`williams2009roofline`.'),
+        code(WIDGET.format("'n is', n")),
+        code('from refimpl.display import references\n\nreferences("good.ipynb")'),
+    ]
+    # The bad notebook is the good one with a defect in place of cells 2-4 and one more cell after them; each defect
+    # with what the check must say about it.
+    defects = [
+        (
+            2,
             md("Ratio {glue:text}`ratio:.1%`, count {eval}`glued.n`, see {cite:p}`williams2009roofline`."),
-            code(WIDGET.format("'always the same'")),
+            ["raw markup in the prose", "{glue:text}"],
+        ),
+        (3, code(WIDGET.format("'always the same'")), ["widget 0: its output did not change"]),
+        (
+            4,  # in place of the cell that lists the cited works
             code("raise ValueError('a failing cell')"),
-            md("After the failure: {eval}`glued.n + 1`."),
-        ],
-    )
+            [
+                "error/stderr output in a cell",
+                "a failing cell",
+                "does not list the cited works ['williams2009roofline']",
+            ],
+        ),
+        (5, md("After the failure: {eval}`glued.n + 1`."), ["shows no value: glued.n + 1"]),
+    ]
+    bad_cells = list(good_cells)
+    for i, cell, _ in defects:
+        bad_cells[i : i + 1] = [cell]  # replaces cell i, or appends at the end
+    good = _notebook(tmp_path / "good.ipynb", good_cells)
+    bad = _notebook(tmp_path / "bad.ipynb", bad_cells)
     reports = check_notebooks([good, bad], timeout_s=90)  # one JupyterLab for both
     report = reports["good.ipynb"]
     assert report["problems"] == [] and report["evals"] == 2 and report["widgets"] == 1, report
     problems = "\n".join(reports["bad.ipynb"]["problems"])
-    assert "raw markup in the prose" in problems and "{glue:text}" in problems, problems
-    assert "widget 0: its output did not change" in problems, problems
-    assert "error/stderr output in a cell" in problems and "a failing cell" in problems, problems
-    assert "shows no value: glued.n + 1" in problems, problems
-    assert "does not list the cited works ['williams2009roofline']" in problems, problems
+    for _, _, messages in defects:
+        for message in messages:
+            assert message in problems, (message, problems)
 
 
 @pytest.mark.slow

@@ -45,6 +45,12 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _choose(max_n: int) -> st.SearchStrategy[tuple[int, int]]:
+    """``(n, k)`` with ``1 <= k <= n <= max_n``: ``k`` experts chosen out of ``n`` (top-k of ``e``, or the experts
+    a token takes in each group of ``size``)."""
+    return st.integers(1, max_n).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n)))
+
+
 def _problem(n: int, e: int, d: int = 4, h: int = 8, seed: int = 0, dtype: torch.dtype = F64):
     g = _gen(seed)
     x = torch.randn(n, d, generator=g, dtype=F64).to(dtype)
@@ -133,16 +139,13 @@ def test_first_choices_win_over_second_choices() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(
-    e=st.integers(1, 8),
-    k_frac=st.floats(0, 1),
+    ek=_choose(8),
     n=st.integers(0, 40),
     cf=st.floats(0.05, 3.0),
     seed=st.integers(0, 2**16),
 )
-def test_dropped_count_is_overflow_and_kept_are_queue_heads(
-    e: int, k_frac: float, n: int, cf: float, seed: int
-) -> None:
-    k = 1 + int(k_frac * (e - 1))
+def test_dropped_count_is_overflow_and_kept_are_queue_heads(ek: tuple[int, int], n: int, cf: float, seed: int) -> None:
+    e, k = ek
     logits = torch.randn(n, e, generator=_gen(seed))
     routing = top_k_gating(logits, k).routing()
     capacity = expert_capacity(n, e, k, cf)
@@ -212,13 +215,12 @@ def test_null_expert_real_gates_renormalized() -> None:
 @settings(max_examples=30, deadline=None)
 @given(
     groups=st.integers(1, 4),
-    size=st.integers(1, 4),
-    per=st.integers(1, 4),
+    size_per=_choose(4),
     n=st.integers(0, 30),
     seed=st.integers(0, 999),
 )
-def test_moge_same_count_per_group(groups: int, size: int, per: int, n: int, seed: int) -> None:
-    per = min(per, size)
+def test_moge_same_count_per_group(groups: int, size_per: tuple[int, int], n: int, seed: int) -> None:
+    size, per = size_per  # ``per`` of the ``size`` experts of each group
     e, k = groups * size, groups * per
     logits = torch.randn(n, e, generator=_gen(seed), dtype=F64)
     gate = grouped_top_k_gating(logits, k, groups)
@@ -304,14 +306,13 @@ def _routings(logits: torch.Tensor, k: int, cf: float | None) -> list[tuple[Rout
 
 @settings(max_examples=30, deadline=None)
 @given(
-    e=st.integers(1, 6),
-    k_frac=st.floats(0, 1),
+    ek=_choose(6),
     n=st.integers(0, 24),
     cf=st.one_of(st.none(), st.floats(0.2, 2.5)),
     seed=st.integers(0, 2**16),
 )
-def test_dispatch_paths_equal_reference(e: int, k_frac: float, n: int, cf: float | None, seed: int) -> None:
-    k = 1 + int(k_frac * (e - 1))
+def test_dispatch_paths_equal_reference(ek: tuple[int, int], n: int, cf: float | None, seed: int) -> None:
+    e, k = ek
     x, w1, w2, logits = _problem(n, e, seed=seed)
     for routing, capacity in _routings(logits, k, cf):
         reference = _naive_moe(x, routing, w1, w2)
