@@ -12,8 +12,8 @@ ratios are the before/after.
 ``weights_sum_bandwidth_GBps`` is how fast ``torch.sum`` reads the same weight matrices (the simplest stream over
 exactly the step's bytes) and ``matvec_vs_weights_sum`` the products' speed against it.
 ``decode_read_roofline_fraction`` puts the step under the read-only ceiling instead (``measure.read_bandwidth``:
-a sum or a matrix-vector product streaming one array): decode mostly reads, and on this CPU a read stream
-usually runs at least as fast as a copy, so this is usually the stricter of the two fractions.
+a sum or a matrix-vector product streaming one array): decode mostly reads. On the book's VM a read stream ran
+faster than a copy in some runs and slower in others, so either fraction may be the stricter.
 Both ceilings are measured in the same run with ``refimpl.roofline.measure`` (STREAM copy bandwidth, best fp32
 matmul), in rounds interleaved with the model's timings, so the printed fractions are ratios of measurements
 taken side by side on the same machine.
